@@ -1,0 +1,183 @@
+"""The op contract of adamerge_fast. Every op has the same semantics on every backend.
+
+Plain-torch semantics (``K`` task vectors, accumulation in fp32, or fp64 when an input is fp64)::
+
+    merge(base[*S], deltas[K, *S], coef[K])        = base + sum_k coef[k] * deltas[k]          -> [*S]
+    merge_many([b_i], [d_i], coefs[n, K])          = [merge(b_i, d_i, coefs[i]) for i]
+    merged_linear(x[*, in], w0[out, in], tau_w[K, out, in], coef_w[K],
+                  b0[out]|None, tau_b[K, out]|None, coef_b[K]|None)
+                                                   = x @ merge(w0, tau_w, coef_w).T + merge(b0, tau_b, coef_b)
+    entropy(logits[N, C])                          = -(softmax(logits) * log_softmax(logits)).sum(-1)  -> [N]
+
+All are differentiable. The fast paths are the coefficient gradients:
+``d coef[k] = <grad, deltas[k]>`` and, for ``merged_linear``, ``d coef_w[k] = <dy^T x, tau_w[k]>`` computed
+without allocating the ``[out, in]`` weight gradient on fused backends; the merged weight is recomputed in
+backward, never saved. Task vectors may be stored in bf16/fp16 below an fp32 ``w0``.
+
+``backend``: ``"auto"`` (default; or the ``ADAMERGE_BACKEND`` environment variable), ``"reference"``,
+``"cpu"`` (C++ extension), ``"triton"``, ``"cuda"``. See :mod:`adamerge_fast.ops._backend`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from . import _library
+from ._backend import (
+    AUTO_ORDER,
+    BACKEND_NAMES,
+    Backend,
+    BackendUnavailableError,
+    backend_status,
+    get_backend,
+    register_backend,
+    resolve,
+)
+from .reference import ReferenceBackend
+
+__all__ = [
+    "merge",
+    "merge_many",
+    "merged_linear",
+    "entropy",
+    "resolve",
+    "backend_status",
+    "get_backend",
+    "register_backend",
+    "Backend",
+    "BackendUnavailableError",
+    "BACKEND_NAMES",
+    "AUTO_ORDER",
+]
+
+
+def _load_triton():
+    from .triton_backend import TritonBackend
+
+    return TritonBackend()
+
+
+def _load_ext(name):
+    def factory():
+        from .cpp_backend import make_backend
+
+        return make_backend(name)
+
+    return factory
+
+
+register_backend("reference", ReferenceBackend)
+register_backend("cpu", _load_ext("cpu"))
+register_backend("cuda", _load_ext("cuda"))
+register_backend("triton", _load_triton)
+
+_FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name}: expected a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOAT:
+        raise TypeError(f"{name}: expected a floating dtype (fp16/bf16/fp32/fp64), got {t.dtype}")
+
+
+def _check_merge_args(where: str, base: Tensor, deltas: Tensor, coef: Tensor, coef_name: str = "coef") -> None:
+    _check_float(f"{where}: base", base)
+    _check_float(f"{where}: deltas", deltas)
+    _check_float(f"{where}: {coef_name}", coef)
+    if deltas.dim() != base.dim() + 1 or tuple(deltas.shape[1:]) != tuple(base.shape):
+        raise ValueError(
+            f"{where}: deltas must have shape [K, *base.shape] = [K, {', '.join(map(str, base.shape))}], "
+            f"got {list(deltas.shape)}"
+        )
+    K = deltas.shape[0]
+    if K < 1:
+        raise ValueError(f"{where}: need at least one task vector (deltas has K=0)")
+    if coef.shape != (K,):
+        raise ValueError(f"{where}: {coef_name} must have shape [K]=[{K}], got {list(coef.shape)}")
+    for n, t in (("deltas", deltas), (coef_name, coef)):
+        if t.device != base.device:
+            raise ValueError(f"{where}: {n} is on {t.device} but base is on {base.device}")
+
+
+def merge(base: Tensor, deltas: Tensor, coef: Tensor, *, backend: str | None = None) -> Tensor:
+    """``base[*S] + sum_k coef[k] * deltas[k]`` with ``deltas[K, *S]``, ``coef[K]`` -> ``[*S]`` (base dtype)."""
+    _check_merge_args("merge", base, deltas, coef)
+    be = resolve(backend, "merge", base.device)
+    return _library.merge_op(base, deltas, coef, be)
+
+
+def merge_many(
+    bases: Sequence[Tensor], deltas: Sequence[Tensor], coefs: Tensor, *, backend: str | None = None
+) -> list[Tensor]:
+    """``[merge(bases[i], deltas[i], coefs[i]) for i]`` in one call; ``coefs`` is ``[n, K]``."""
+    bases, deltas = list(bases), list(deltas)
+    if len(bases) != len(deltas):
+        raise ValueError(f"merge_many: {len(bases)} bases but {len(deltas)} deltas")
+    if not bases:
+        return []
+    _check_float("merge_many: coefs", coefs)
+    if coefs.dim() != 2 or coefs.shape[0] != len(bases):
+        raise ValueError(f"merge_many: coefs must have shape [n={len(bases)}, K], got {list(coefs.shape)}")
+    for i, (b, d) in enumerate(zip(bases, deltas)):
+        _check_merge_args(f"merge_many[{i}]", b, d, coefs[i], "coefs[i]")
+    be = resolve(backend, "merge_many", bases[0].device)
+    return _library.merge_many_op(bases, deltas, coefs, be)
+
+
+def merged_linear(
+    x: Tensor,
+    w0: Tensor,
+    tau_w: Tensor,
+    coef_w: Tensor,
+    b0: Optional[Tensor] = None,
+    tau_b: Optional[Tensor] = None,
+    coef_b: Optional[Tensor] = None,
+    *,
+    backend: str | None = None,
+) -> Tensor:
+    """``x[*, in] @ (w0 + sum_k coef_w[k] tau_w[k]).T + (b0 + sum_k coef_b[k] tau_b[k])`` -> ``[*, out]``.
+
+    ``w0[out, in]``, ``tau_w[K, out, in]``, ``coef_w[K]``; ``b0[out]`` or None; ``tau_b[K, out]`` and
+    ``coef_b[K]`` both given or both None (then the bias ``b0`` is not merged). Output in ``x.dtype``; under
+    autocast ``x`` is first cast to the autocast dtype, like ``nn.Linear``.
+    """
+    _check_float("merged_linear: x", x)
+    _check_merge_args("merged_linear(weight)", w0, tau_w, coef_w, "coef_w")
+    if w0.dim() != 2:
+        raise ValueError(f"merged_linear: w0 must be [out, in], got {list(w0.shape)}")
+    out_f, in_f = w0.shape
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"merged_linear: x must be [*, in={in_f}], got {list(x.shape)}")
+    if x.device != w0.device:
+        raise ValueError(f"merged_linear: x is on {x.device} but w0 is on {w0.device}")
+    if (tau_b is None) != (coef_b is None):
+        raise ValueError("merged_linear: tau_b and coef_b must be given together")
+    if tau_b is not None:
+        if b0 is None:
+            raise ValueError("merged_linear: tau_b given without b0")
+        _check_merge_args("merged_linear(bias)", b0, tau_b, coef_b, "coef_b")
+    if b0 is not None and tuple(b0.shape) != (out_f,):
+        raise ValueError(f"merged_linear: b0 must be [out={out_f}], got {list(b0.shape)}")
+    if torch.is_autocast_enabled(x.device.type):
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    be = resolve(backend, "merged_linear", x.device)
+    lead = x.shape[:-1]
+    y = _library.merged_linear_op(x.reshape(-1, in_f), w0, tau_w, coef_w, b0, tau_b, coef_b, be)
+    return y.reshape(*lead, out_f)
+
+
+def entropy(logits: Tensor, *, backend: str | None = None) -> Tensor:
+    """Softmax entropy per row: ``logits[N, C]`` -> ``[N]`` (fp32; fp64 for fp64 logits).
+
+    Stable for large logits; ``-inf`` entries contribute 0. Leading dims are flattened: ``[*, C] -> [*]``.
+    """
+    _check_float("entropy: logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] < 1:
+        raise ValueError(f"entropy: logits must be [N, C] with C >= 1, got {list(logits.shape)}")
+    be = resolve(backend, "entropy", logits.device)
+    lead = logits.shape[:-1]
+    return _library.entropy_op(logits.reshape(-1, logits.shape[-1]), be).reshape(lead)

@@ -1,0 +1,69 @@
+"""The reference backend: plain torch. It is the test oracle's twin and the fallback on every device.
+
+Semantics of every kernel are in :class:`adamerge_fast.ops._backend.Backend`. Accumulation is fp32 (fp64
+when any input is fp64); task vectors may be stored in bf16/fp16 below an fp32 base.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import Backend, acc_dtype
+
+
+def _flat(t: torch.Tensor, k: int | None = None) -> torch.Tensor:
+    return t.reshape(-1) if k is None else t.reshape(k, -1)
+
+
+def merge(base: torch.Tensor, deltas: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
+    # base [*S], deltas [K, *S], coef [K] -> [*S] in base.dtype
+    K = deltas.shape[0]
+    acc = acc_dtype(base.dtype, deltas.dtype, coef.dtype)
+    c = coef.to(acc)
+    if deltas.dtype == acc:
+        # one matrix-vector product over all K task vectors: [N, K] @ [K]
+        out = torch.addmv(_flat(base).to(acc), _flat(deltas, K).t(), c)
+    else:  # low-precision task vectors: upcast one at a time (never K full-size fp32 copies)
+        out = _flat(base).to(acc, copy=True)
+        for k in range(K):
+            out.add_(_flat(deltas[k]).to(acc) * c[k])
+    return out.reshape(base.shape).to(base.dtype)
+
+
+def dcoef(grad: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    # grad [*S], deltas [K, *S] -> [K]: <grad, deltas[k]>
+    K = deltas.shape[0]
+    acc = acc_dtype(grad.dtype, deltas.dtype)
+    g = _flat(grad).to(acc)
+    if deltas.dtype == acc:
+        return torch.mv(_flat(deltas, K), g)
+    return torch.stack([torch.dot(_flat(deltas[k]).to(acc), g) for k in range(K)])
+
+
+def entropy_fwd(logits: torch.Tensor) -> torch.Tensor:
+    # logits [N, C] -> H [N] in fp32 (fp64 for fp64 input); -inf entries contribute 0 (p log p -> 0)
+    acc = acc_dtype(logits.dtype)
+    logp = torch.log_softmax(logits.to(acc), dim=-1)
+    p = logp.exp()
+    plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=acc, device=logits.device))
+    return -plogp.sum(-1)
+
+
+def entropy_bwd(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    # dH/dz = -p * (log p + H), scaled per row by grad [N]; returned in logits.dtype
+    acc = acc_dtype(logits.dtype)
+    logp = torch.log_softmax(logits.to(acc), dim=-1)
+    p = logp.exp()
+    h = -torch.where(p > 0, p * logp, torch.zeros((), dtype=acc, device=logits.device)).sum(-1, keepdim=True)
+    d = torch.where(p > 0, -p * (logp + h), torch.zeros((), dtype=acc, device=logits.device))
+    return (d * grad.to(acc).unsqueeze(-1)).to(logits.dtype)
+
+
+class ReferenceBackend(Backend):
+    name = "reference"
+
+    def unavailable_reason(self, device):
+        return None
+
+    merge = staticmethod(merge)
+    dcoef = staticmethod(dcoef)
