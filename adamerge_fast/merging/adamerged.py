@@ -1,0 +1,423 @@
+"""``AdaMergedModel``: a drop-in ``nn.Module`` running ``theta_0 + sum_k lambda_k tau_k`` with learnable lambda.
+
+How the forward runs (DESIGN.md, "the data path"):
+
+- ``nn.Linear`` layers become :class:`MergedLinear` and call :func:`adamerge_fast.ops.merged_linear` on
+  ``W0`` and the stacked task vectors — no merged weight is kept, and on fused backends none is ever built.
+- ``nn.MultiheadAttention`` (open_clip's attention) becomes :class:`MergedMultiheadAttention`: the packed
+  in-projection and the out-projection go through ``merged_linear``, attention through
+  ``scaled_dot_product_attention``.
+- every other parameter (LayerNorm, biases of other modules, embeddings, convolutions, ...) is merged by one
+  :func:`adamerge_fast.ops.merge_many` call per forward and fed to the module through
+  ``torch.func.functional_call`` — so any module works.
+
+The coefficient table matches the official AdaMerging code: one row per parameter tensor in
+``pretrained.named_parameters()`` order (one row in total for task-wise), one column per task.
+``raw_coefficients`` is the trainable parameter; ``coefficients`` is it clamped to ``clamp``; the
+pretrained model's coefficient is fixed at 1.
+"""
+
+from __future__ import annotations
+
+import copy as _copy
+import hashlib
+from typing import Any, Literal, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from ..io import CheckpointError, save_safetensors
+from .static import ties_split
+from .task_vectors import Source, check_task_vectors, task_vectors as make_task_vectors
+
+
+class _CoefContext:
+    """Holds the clamped coefficient table during one forward; read by the merged layers."""
+
+    coefs: torch.Tensor | None = None
+
+    def get(self) -> torch.Tensor:
+        if self.coefs is None:
+            raise RuntimeError("merged layers run only inside AdaMergedModel.forward")
+        return self.coefs
+
+
+class MergedLinear(nn.Module):
+    """``nn.Linear`` whose weight is ``W0 + sum_k c[w_row, k] tau_w[k]`` (and bias likewise)."""
+
+    def __init__(self, ctx, w0, tau_w, w_row, b0=None, tau_b=None, b_row=None, backend="auto"):
+        super().__init__()
+        self._ctx = ctx
+        self.register_buffer("w0", w0, persistent=False)  # [out, in]
+        self.register_buffer("tau_w", tau_w, persistent=False)  # [K, out, in]
+        self.register_buffer("b0", b0, persistent=False)  # [out] | None
+        self.register_buffer("tau_b", tau_b, persistent=False)  # [K, out] | None
+        self.w_row, self.b_row, self.backend = w_row, b_row, backend
+
+    def forward(self, x):
+        c = self._ctx.get()
+        cb = c[self.b_row] if self.tau_b is not None else None
+        return ops.merged_linear(x, self.w0, self.tau_w, c[self.w_row], self.b0, self.tau_b, cb, backend=self.backend)
+
+    def extra_repr(self):
+        return f"in={self.w0.shape[1]}, out={self.w0.shape[0]}, K={self.tau_w.shape[0]}, row={self.w_row}"
+
+
+class MergedMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (packed in-projection, no bias_k/bias_v, no add_zero_attn) on merged
+    projections, with ``scaled_dot_product_attention``. Same call signature and return value."""
+
+    def __init__(self, mha: nn.MultiheadAttention, in_proj: MergedLinear, out_proj: MergedLinear):
+        super().__init__()
+        self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
+        self.batch_first, self.dropout = mha.batch_first, mha.dropout
+        self.in_proj, self.out_proj = in_proj, out_proj
+
+    def _project(self, t, lo, hi):
+        p = self.in_proj
+        c = p._ctx.get()
+        tb = p.tau_b[:, lo:hi] if p.tau_b is not None else None
+        b0 = p.b0[lo:hi] if p.b0 is not None else None
+        cb = c[p.b_row] if tb is not None else None
+        return ops.merged_linear(t, p.w0[lo:hi], p.tau_w[:, lo:hi], c[p.w_row], b0, tb, cb, backend=p.backend)
+
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        key_padding_mask=None,
+        need_weights=True,
+        attn_mask=None,
+        average_attn_weights=True,
+        is_causal=False,
+    ):
+        E, H = self.embed_dim, self.num_heads
+        if not self.batch_first:  # work in [N, L, E]
+            query, key, value = (t.transpose(0, 1) if t.dim() == 3 else t for t in (query, key, value))
+        unbatched = query.dim() == 2
+        if unbatched:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+        if query is key and key is value:
+            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        else:
+            q, k, v = self._project(query, 0, E), self._project(key, E, 2 * E), self._project(value, 2 * E, 3 * E)
+        N, L, S = q.shape[0], q.shape[1], k.shape[1]
+        q, k, v = (t.reshape(N, -1, H, E // H).transpose(1, 2) for t in (q, k, v))  # [N, H, L|S, D]
+        mask = None
+        if attn_mask is not None:
+            m = attn_mask.reshape(N, H, L, S) if attn_mask.dim() == 3 else attn_mask
+            mask = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(q.dtype)
+        if key_padding_mask is not None:
+            kp = key_padding_mask.reshape(N, 1, 1, S)
+            kp = torch.zeros(kp.shape, dtype=q.dtype, device=q.device).masked_fill(kp, float("-inf")) if kp.dtype == torch.bool else kp.to(q.dtype)
+            mask = kp if mask is None else mask + kp
+        causal = bool(is_causal) and mask is None
+        p = self.dropout if self.training else 0.0
+        if need_weights:
+            scores = q @ k.transpose(-2, -1) / (E // H) ** 0.5
+            if mask is not None:
+                scores = scores + mask
+            if causal:
+                scores = scores.masked_fill(torch.ones(L, S, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+            w = torch.softmax(scores, dim=-1)
+            o = F.dropout(w, p) @ v
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal)
+            w = None
+        o = self.out_proj(o.transpose(1, 2).reshape(N, L, E))
+        if unbatched:
+            o = o.squeeze(0)
+        elif not self.batch_first:
+            o = o.transpose(0, 1)
+        if w is not None:
+            w = w.mean(1) if average_attn_weights else w
+            if unbatched:
+                w = w.squeeze(0)
+        return o, w
+
+
+def _rewritable_mha(m: nn.Module) -> bool:
+    return (
+        isinstance(m, nn.MultiheadAttention)
+        and m._qkv_same_embed_dim
+        and m.bias_k is None
+        and not m.add_zero_attn
+        and type(m.out_proj) in _LINEARS
+    )
+
+
+_LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+
+
+def _meta_template(module: nn.Module) -> nn.Module:
+    """A structural copy of ``module`` whose tensors live on the meta device (no memory)."""
+    memo: dict[int, Any] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        mt = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(mt, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else mt
+    return _copy.deepcopy(module, memo)
+
+
+def _set_child(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule at ``path`` (the root itself for ``""``); return the (new) root."""
+    if not path:
+        return new
+    parent, _, name = path.rpartition(".")
+    (root.get_submodule(parent) if parent else root)._modules[name] = new
+    return root
+
+
+class AdaMergedModel(nn.Module):
+    """The merged model ``theta_0 + sum_k lambda_k tau_k`` with learnable ``lambda``.
+
+    Args:
+        pretrained: the pretrained ``nn.Module`` (``theta_0``). Copied unless ``copy=False``.
+        finetuned: fine-tuned models/state dicts/checkpoint paths (one per task), or ``None`` if
+            ``task_vectors`` is given.
+        task_vectors: stacked task vectors ``{name: [K, *shape]}`` for every floating parameter.
+        granularity: ``"layer"`` (one coefficient per parameter tensor per task) or ``"task"`` (one per task).
+        init: initial coefficient (0.3 as the paper), a float or a ``[rows, K]`` tensor.
+        clamp: ``(lo, hi)`` applied in the forward (``None``: no clamp).
+        ties: AdaMerging++: ``True`` or a dict of :func:`ties_split` options (``k``, ``scope``) applied to the
+            task vectors first.
+        task_vector_dtype: storage dtype for the task vectors (e.g. ``torch.bfloat16``).
+        backend: op backend (``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``).
+        task_names: names of the K tasks (for tables and plots).
+    """
+
+    def __init__(
+        self,
+        pretrained: nn.Module,
+        finetuned: Sequence[Source] | None = None,
+        *,
+        task_vectors: Mapping[str, torch.Tensor] | None = None,
+        granularity: Literal["task", "layer"] = "layer",
+        init: float | torch.Tensor = 0.3,
+        clamp: tuple[float, float] | None = (0.0, 1.0),
+        ties: bool | Mapping[str, Any] | None = None,
+        task_vector_dtype: torch.dtype | None = None,
+        backend: str = "auto",
+        task_names: Sequence[str] | None = None,
+        copy: bool = True,
+        trust_pickle: bool = False,
+    ):
+        super().__init__()
+        if granularity not in ("task", "layer"):
+            raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
+        if (finetuned is None) == (task_vectors is None):
+            raise ValueError("give exactly one of finetuned=... or task_vectors=...")
+        named = [(n, p) for n, p in pretrained.named_parameters() if torch.is_floating_point(p)]
+        if not named:
+            raise ValueError("pretrained model has no floating-point parameters to merge")
+        names = [n for n, _ in named]
+        base_sd = dict(named)
+        if task_vectors is None:
+            tv = make_task_vectors(pretrained, finetuned, keys=names, dtype=task_vector_dtype, trust_pickle=trust_pickle)
+        else:
+            check_task_vectors(task_vectors, base_sd, names)
+            tv = {n: task_vectors[n].detach().to(device=base_sd[n].device, dtype=task_vector_dtype or task_vectors[n].dtype) for n in names}
+        if ties:
+            tv = ties_split(tv, **({} if ties is True else dict(ties)))
+        tv = {n: t.contiguous() for n, t in tv.items()}
+        K = next(iter(tv.values())).shape[0]
+        self.num_tasks, self.granularity, self.clamp_range, self.backend = K, granularity, clamp, backend
+        self.param_names = names
+        self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(K)]
+        if len(self.task_names) != K:
+            raise ValueError(f"task_names has {len(self.task_names)} names for {K} tasks")
+
+        rows = len(names) if granularity == "layer" else 1
+        if isinstance(init, torch.Tensor):
+            if tuple(init.shape) != (rows, K):
+                raise ValueError(f"init must have shape [{rows}, {K}], got {list(init.shape)}")
+            raw = init.detach().float().clone()
+        else:
+            raw = torch.full((rows, K), float(init))
+        self.raw_coefficients = nn.Parameter(raw.to(next(iter(base_sd.values())).device))
+
+        object.__setattr__(self, "_template", _meta_template(pretrained))
+        # every name under which each parameter is reachable (tied weights have several)
+        row_of_id = {id(p): i for i, (_, p) in enumerate(named)}
+        self._aliases = {n: row_of_id[id(p)] for n, p in pretrained.named_parameters(remove_duplicate=False) if id(p) in row_of_id}
+
+        skel = _copy.deepcopy(pretrained) if copy else pretrained
+        skel.requires_grad_(False)
+        sk = dict(skel.named_parameters())
+        self._ctx = _CoefContext()
+        row = (lambda i: i) if granularity == "layer" else (lambda i: 0)
+        idx = {n: i for i, n in enumerate(names)}
+
+        def merged_linear_of(lin: nn.Module, wname: str, bname: str) -> MergedLinear:
+            w, b = idx[wname], idx.get(bname)
+            return MergedLinear(
+                self._ctx, sk[wname].detach(), tv[wname], row(w),
+                None if lin.bias is None else lin.bias.detach(),
+                None if b is None else tv[bname], None if b is None else row(b), backend,
+            )
+
+        handled: set[str] = set()
+        self._rewritten: list[str] = []
+        for path, m in list(skel.named_modules()):
+            if any(path.startswith(h + ".") or h == "" for h in self._rewritten):
+                continue
+            pre = path + "." if path else ""
+            if _rewritable_mha(m) and pre + "in_proj_weight" in idx:
+                inp = MergedLinear(
+                    self._ctx, sk[pre + "in_proj_weight"].detach(), tv[pre + "in_proj_weight"], row(idx[pre + "in_proj_weight"]),
+                    None if m.in_proj_bias is None else m.in_proj_bias.detach(),
+                    tv.get(pre + "in_proj_bias") if m.in_proj_bias is not None else None,
+                    row(idx[pre + "in_proj_bias"]) if m.in_proj_bias is not None else None, backend,
+                )
+                outp = merged_linear_of(m.out_proj, pre + "out_proj.weight", pre + "out_proj.bias")
+                skel = _set_child(skel, path, MergedMultiheadAttention(m, inp, outp))
+                handled |= {pre + s for s in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")}
+                self._rewritten.append(path)
+            elif type(m) in _LINEARS and pre + "weight" in idx:
+                bname = pre + "bias"
+                if m.bias is not None and bname not in idx:  # bias tied elsewhere: keep the module generic
+                    continue
+                skel = _set_child(skel, path, merged_linear_of(m, pre + "weight", bname))
+                handled |= {pre + "weight", bname}
+                self._rewritten.append(path)
+
+        # every other parameter: a non-persistent buffer of the skeleton (the base), merged by merge_many
+        self._other = [n for n in names if n not in handled]
+        self._other_rows = [row(idx[n]) for n in self._other]
+        self.register_buffer("_other_rows_t", torch.tensor(self._other_rows, dtype=torch.long, device=raw.device), persistent=False)
+        for full, p in list(skel.named_parameters(remove_duplicate=False)):
+            mod_path, _, pn = full.rpartition(".")
+            mod = skel.get_submodule(mod_path) if mod_path else skel
+            del mod._parameters[pn]
+            mod.register_buffer(pn, p.detach(), persistent=False)
+        self._tv_other = nn.Module()
+        for i, n in enumerate(self._other):
+            self._tv_other.register_buffer(f"t{i}", tv[n], persistent=False)
+        self.skeleton = skel
+        self._cache: list | None = None
+        self._row_index = idx
+
+    # -------------------------------------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        self._cache = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _other_tensors(self):
+        if self._cache is None:
+            bases = [self.skeleton.get_buffer(n) for n in self._other]
+            deltas = [self._tv_other.get_buffer(f"t{i}") for i in range(len(self._other))]
+            self._cache = [bases, deltas]
+        return self._cache
+
+    @property
+    def coefficients(self) -> torch.Tensor:
+        """The clamped coefficient table ``[rows, K]`` (rows = parameter tensors, or 1 for task-wise)."""
+        if self.clamp_range is None:
+            return self.raw_coefficients
+        lo, hi = self.clamp_range
+        return self.raw_coefficients.clamp(lo, hi)
+
+    def forward(self, *args, **kwargs):
+        coefs = self.coefficients
+        self._ctx.coefs = coefs
+        try:
+            params = {}
+            if self._other:
+                bases, deltas = self._other_tensors()
+                merged = ops.merge_many(bases, deltas, coefs[self._other_rows_t], backend=self.backend)
+                params = dict(zip(self._other, merged))
+            return torch.func.functional_call(self.skeleton, params, args, kwargs)
+        finally:
+            self._ctx.coefs = None
+
+    # -------------------------------------------------------------------------------------------------
+    def _row_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """(base, task vectors [K, ...], coefficient row) of parameter ``name``."""
+        if name in self._other:
+            i = self._other.index(name)
+            bases, deltas = self._other_tensors()
+            return bases[i], deltas[i], self._other_rows[i]
+        mod_path, _, leaf = name.rpartition(".")
+        if leaf in ("in_proj_weight", "in_proj_bias"):
+            m = self.skeleton.get_submodule(mod_path).in_proj
+            leaf = leaf[len("in_proj_"):]
+        else:
+            m = self.skeleton.get_submodule(mod_path)
+        if leaf == "weight":
+            return m.w0, m.tau_w, m.w_row
+        return m.b0, m.tau_b, m.b_row
+
+    @torch.no_grad()
+    def merged_state_dict(self) -> dict[str, torch.Tensor]:
+        """The merged model's full state dict (the pretrained architecture's keys), materialized once."""
+        coefs = self.coefficients.detach()
+        merged = {}
+        for name in self.param_names:
+            base, tau, r = self._row_tensors(name)
+            merged[name] = ops.merge(base, tau, coefs[r], backend=self.backend)
+        out = {}
+        for key in self._template.state_dict(keep_vars=True):
+            if key in self._aliases:
+                out[key] = merged[self.param_names[self._aliases[key]]]
+            else:
+                out[key] = self.skeleton.get_buffer(key)
+        return out
+
+    def to_module(self) -> nn.Module:
+        """A plain module of the pretrained architecture holding the merged weights."""
+        m = _copy.deepcopy(self._template)
+        m.load_state_dict(self.merged_state_dict(), assign=True)
+        return m
+
+    def save_merged(self, path) -> None:
+        """Write the merged state dict as safetensors (atomically)."""
+        save_safetensors(self.merged_state_dict(), path, {"format": "pt", "producer": "adamerge_fast"})
+
+    # -------------------------------------------------------------------------------------------------
+    def fingerprint(self) -> str:
+        """Identifies the model a coefficient table belongs to: names, shapes, K and granularity."""
+        h = hashlib.sha256()
+        h.update(f"{self.granularity}|{self.num_tasks}|".encode())
+        for n in self.param_names:
+            base, _, _ = self._row_tensors(n)
+            h.update(f"{n}:{tuple(base.shape)};".encode())
+        return h.hexdigest()[:16]
+
+    def save_coefficients(self, path) -> None:
+        save_safetensors(
+            {"raw_coefficients": self.raw_coefficients.detach(), "coefficients": self.coefficients.detach()},
+            path,
+            {"fingerprint": self.fingerprint(), "granularity": self.granularity, "tasks": ",".join(self.task_names)},
+        )
+
+    def load_coefficients(self, path) -> None:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("fingerprint") != self.fingerprint():
+                raise CheckpointError(
+                    f"{path}: coefficients belong to another model (fingerprint {meta.get('fingerprint')!r}, "
+                    f"this model {self.fingerprint()!r}: granularity, task count or parameter shapes differ)"
+                )
+            raw = f.get_tensor("raw_coefficients")
+        with torch.no_grad():
+            self.raw_coefficients.copy_(raw)
+
+    def coefficient_table(self) -> list[tuple[str, list[float]]]:
+        """``[(row name, [lambda_1..K])]``; the row name is the parameter name, or ``"all"`` for task-wise."""
+        c = self.coefficients.detach().float().cpu().tolist()
+        names = self.param_names if self.granularity == "layer" else ["all"]
+        return list(zip(names, c))
+
+    def format_coefficients(self, max_rows: int | None = None) -> str:
+        rows = self.coefficient_table()
+        w = max(len(n) for n, _ in rows)
+        head = " " * w + " | " + " ".join(f"{t[:8]:>8}" for t in self.task_names)
+        lines = [head, "-" * len(head)]
+        shown = rows if max_rows is None or len(rows) <= max_rows else rows[: max_rows // 2] + [("...", [])] + rows[-max_rows // 2 :]
+        for n, vals in shown:
+            lines.append(f"{n:<{w}} | " + " ".join(f"{v:8.4f}" for v in vals))
+        return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Task vectors ``tau_k = theta_k - theta_0``, stacked per tensor: ``{name: Tensor[K, *shape]}``.
+
+The stacked form is what every merge in this package consumes: one ``[K, *S]`` tensor per parameter, so the
+K task vectors of one tensor sit together (the fused kernels read them in one pass). Sources may be modules,
+state dicts, or checkpoint paths (see :func:`adamerge_fast.io.load_state_dict`); they are read one key at a
+time, so lazily read safetensors never sit in memory twice.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Mapping, Sequence, Union
+
+import torch
+from torch import nn
+
+from ..io import CheckpointError, load_state_dict
+
+Source = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
+TaskVectors = dict[str, torch.Tensor]  # name -> [K, *shape]
+
+
+def as_state_dict(src: Source, *, trust_pickle: bool = False, params_only: bool = True) -> Mapping[str, torch.Tensor]:
+    """A name -> tensor mapping for a module (its parameters, or its whole state dict), a mapping, or a path."""
+    if isinstance(src, nn.Module):
+        return dict(src.named_parameters()) if params_only else src.state_dict()
+    if isinstance(src, Mapping):
+        return src
+    if isinstance(src, (str, os.PathLike)):
+        return load_state_dict(src, trust_pickle=trust_pickle)
+    raise TypeError(f"expected an nn.Module, a state dict or a checkpoint path, got {type(src).__name__}")
+
+
+def floating_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    return [k for k, v in sd.items() if torch.is_floating_point(v)]
+
+
+def check_compatible(ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], keys: Sequence[str], what: str) -> None:
+    """All ``keys`` present in ``other`` with the reference's shape and dtype; otherwise a clear error."""
+    for k in keys:
+        if k not in other:
+            raise CheckpointError(f"{what}: missing key {k!r} (present in the pretrained model)")
+        a, b = ref[k], other[k]
+        if tuple(a.shape) != tuple(b.shape):
+            raise CheckpointError(f"{what}: key {k!r} has shape {list(b.shape)}, pretrained has {list(a.shape)}")
+        if a.dtype != b.dtype:
+            raise CheckpointError(f"{what}: key {k!r} has dtype {b.dtype}, pretrained has {a.dtype}")
+
+
+def task_vectors(
+    pretrained: Source,
+    finetuned: Sequence[Source],
+    *,
+    keys: Iterable[str] | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    trust_pickle: bool = False,
+) -> TaskVectors:
+    """Stacked task vectors ``{name: [K, *shape]}`` of ``finetuned`` against ``pretrained``.
+
+    ``keys``: which tensors (default: every floating-point parameter of ``pretrained`` — for a module, in
+    ``named_parameters()`` order). ``dtype``: storage dtype of the task vectors (e.g. ``torch.bfloat16``);
+    the difference is taken in the checkpoints' own precision first. Keys of the fine-tuned checkpoints that the
+    pretrained lacks (e.g. classification heads) are ignored. Raises :class:`CheckpointError` naming the key on a
+    missing key, a shape or dtype mismatch, or a non-finite value.
+    """
+    if len(finetuned) == 0:
+        raise ValueError("task_vectors: need at least one fine-tuned model (got zero tasks)")
+    base = as_state_dict(pretrained, trust_pickle=trust_pickle)
+    keys = list(keys) if keys is not None else floating_keys(base)
+    fts = [as_state_dict(f, trust_pickle=trust_pickle) for f in finetuned]
+    for i, ft in enumerate(fts):
+        check_compatible(base, ft, keys, f"fine-tuned model {i}")
+    out: TaskVectors = {}
+    for k in keys:
+        b = base[k].detach()
+        dev = device if device is not None else b.device
+        st = torch.empty((len(fts), *b.shape), dtype=dtype or b.dtype, device=dev)
+        for i, ft in enumerate(fts):
+            d = ft[k].detach().to(dev) - b.to(dev)
+            if not torch.isfinite(d).all():
+                raise CheckpointError(f"task vector {i}: key {k!r} has NaN or inf values")
+            st[i].copy_(d)
+        out[k] = st
+    return out
+
+
+def check_task_vectors(tv: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor], keys: Sequence[str]) -> int:
+    """Validate stacked task vectors against the pretrained tensors; return K."""
+    K = None
+    for k in keys:
+        if k not in tv:
+            raise CheckpointError(f"task vectors: missing key {k!r}")
+        t = tv[k]
+        if t.dim() != base[k].dim() + 1 or tuple(t.shape[1:]) != tuple(base[k].shape):
+            raise CheckpointError(
+                f"task vectors: key {k!r} must have shape [K, {', '.join(map(str, base[k].shape))}], got {list(t.shape)}"
+            )
+        if K is None:
+            K = t.shape[0]
+        elif t.shape[0] != K:
+            raise CheckpointError(f"task vectors: key {k!r} has {t.shape[0]} tasks, earlier keys have {K}")
+        if not torch.is_floating_point(t):
+            raise CheckpointError(f"task vectors: key {k!r} has non-floating dtype {t.dtype}")
+        if not torch.isfinite(t).all():
+            raise CheckpointError(f"task vectors: key {k!r} has NaN or inf values")
+    if not K:
+        raise ValueError("task vectors: zero tasks")
+    return K
+
+
+def unstack(tv: Mapping[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """``{name: [K, *S]}`` -> K dicts ``{name: [*S]}`` (views)."""
+    K = next(iter(tv.values())).shape[0]
+    return [{k: v[i] for k, v in tv.items()} for i in range(K)]

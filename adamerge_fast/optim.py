@@ -1,0 +1,230 @@
+"""The entropy optimizer: AdaMerging's test-time objective.
+
+Each step, for each task in ``heads`` order: the next batch (or ``batches_per_step`` batches) of that task's
+*unlabeled* data, the merged model's forward, that task's head, the batch-mean softmax entropy. The losses
+are summed over tasks and one Adam step (betas (0.9, 0.999), lr 1e-3 by default) updates the raw
+coefficients — the official algorithm.
+
+``task_batching``:
+- ``"concat"`` (default): the merged backbone is the same for every task within a step, so all tasks' batches
+  go through one backbone forward, concatenated, and are split only at the heads. One backward; the task
+  vectors are read once per step for the coefficient gradient. Same gradient as the official loop.
+- ``"sequential"``: one forward and one backward per task, so a task's graph is freed before the next and
+  activation memory stays at one task's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import torch
+
+from . import ops
+from .io import CheckpointError, save_torch
+from .merging.adamerged import AdaMergedModel
+
+
+@dataclass
+class History:
+    """Per step: the summed loss, each task's loss, and (a CPU copy of) the clamped coefficient table."""
+
+    loss: list[float] = field(default_factory=list)
+    task_loss: list[dict[str, float]] = field(default_factory=list)
+    coefficients: list[torch.Tensor] = field(default_factory=list)
+
+    def state(self) -> dict:
+        return {"loss": self.loss, "task_loss": self.task_loss, "coefficients": self.coefficients}
+
+
+def _inputs(batch: Any) -> Any:
+    """Model input of a batch: a tensor, a mapping of tensors (keyword inputs), or the first item of a
+    ``(inputs, labels, ...)`` tuple — labels are never used."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0]
+    return batch
+
+
+def _batch_size(inp: Any) -> int:
+    if isinstance(inp, torch.Tensor):
+        return inp.shape[0]
+    if isinstance(inp, Mapping):
+        return next(iter(inp.values())).shape[0]
+    raise TypeError(f"a batch must be a tensor, a mapping of tensors, or a tuple whose first item is one; got {type(inp).__name__}")
+
+
+def _concat(inps: list[Any]) -> Any:
+    if isinstance(inps[0], torch.Tensor):
+        shapes = {tuple(t.shape[1:]) for t in inps}
+        if len(shapes) > 1:
+            raise ValueError(f"task_batching='concat' needs batches of one shape per sample, got {sorted(shapes)}; use task_batching='sequential'")
+        return torch.cat(inps)
+    keys = inps[0].keys()
+    return {k: _concat([i[k] for i in inps]) for k in keys}
+
+
+def _to(inp: Any, device) -> Any:
+    if device is None:
+        return inp
+    if isinstance(inp, torch.Tensor):
+        return inp.to(device, non_blocking=True)
+    return {k: v.to(device, non_blocking=True) for k, v in inp.items()}
+
+
+def _call(model, inp):
+    return model(**inp) if isinstance(inp, Mapping) else model(inp)
+
+
+class _Cycle:
+    """Cycles an iterable forever, re-iterating it when exhausted (a fresh epoch of a DataLoader)."""
+
+    def __init__(self, name: str, iterable: Iterable):
+        self.name, self.iterable = name, iterable
+        self.it: Iterator | None = None
+
+    def next(self):
+        for _ in range(2):
+            if self.it is None:
+                self.it = iter(self.iterable)
+            try:
+                return next(self.it)
+            except StopIteration:
+                self.it = None
+        raise ValueError(f"task {self.name!r} has no data (its iterable yielded nothing)")
+
+
+def adamerge(
+    model: AdaMergedModel,
+    heads: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    data: Mapping[str, Iterable],
+    steps: int = 500,
+    lr: float = 1e-3,
+    batches_per_step: int = 1,
+    *,
+    betas: tuple[float, float] = (0.9, 0.999),
+    task_batching: str = "concat",
+    device: torch.device | str | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    resume: str | os.PathLike | None = None,
+    progress: bool = True,
+    callback: Callable[[int, float, AdaMergedModel], None] | None = None,
+) -> History:
+    """Learn ``model``'s coefficients by minimising the summed per-task batch-mean prediction entropy.
+
+    Args:
+        model: an :class:`AdaMergedModel`; its output is fed to each task's head.
+        heads: ``{task: head}``; a head maps the model output to that task's logits ``[B, C]``. Its order is
+            the task order.
+        data: ``{task: iterable of batches}`` (cycled); a batch is a tensor, a mapping of tensors (keyword
+            inputs), or a tuple whose first item is the input (labels ignored).
+        steps, lr, betas: Adam on ``model.raw_coefficients`` (official: 500, 1e-3, (0.9, 0.999)).
+        batches_per_step: batches per task per step; a task's loss is the mean of its batch means.
+        task_batching: ``"concat"`` or ``"sequential"`` (see the module docstring).
+        device: where batches are moved (default: where the coefficients live).
+        checkpoint, checkpoint_every: write coefficients + Adam state + history every N steps (atomically).
+        resume: a checkpoint to continue from; the data iterables are fast-forwarded past the batches it
+            already used, so a resumed run equals an uninterrupted one for deterministic data.
+    Returns:
+        :class:`History` (loss, per-task losses and coefficient table per step).
+    """
+    from tqdm.auto import tqdm
+
+    tasks = list(heads)
+    if not tasks:
+        raise ValueError("adamerge: no tasks (heads is empty)")
+    missing = [t for t in tasks if t not in data]
+    if missing:
+        raise ValueError(f"adamerge: task {missing[0]!r} has a head but no data")
+    if task_batching not in ("concat", "sequential"):
+        raise ValueError(f"adamerge: task_batching must be 'concat' or 'sequential', got {task_batching!r}")
+    if batches_per_step < 1 or steps < 0:
+        raise ValueError("adamerge: steps must be >= 0 and batches_per_step >= 1")
+    device = torch.device(device) if device is not None else model.raw_coefficients.device
+    opt = torch.optim.Adam([model.raw_coefficients], lr=lr, betas=betas)
+    hist = History()
+    cycles = {t: _Cycle(t, data[t]) for t in tasks}
+    start = 0
+    if resume is not None:
+        start = _load_checkpoint(resume, model, opt, hist)
+        for t in tasks:  # fast-forward the data to where the interrupted run stopped
+            for _ in range(start * batches_per_step):
+                cycles[t].next()
+
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="adamerge", dynamic_ncols=True)
+    for step in bar:
+        opt.zero_grad(set_to_none=True)
+        batches = {t: [_to(_inputs(cycles[t].next()), device) for _ in range(batches_per_step)] for t in tasks}
+        task_loss: dict[str, float] = {}
+        if task_batching == "concat":
+            flat = [b for t in tasks for b in batches[t]]
+            sizes = [_batch_size(b) for b in flat]
+            feats = _call(model, _concat(flat))
+            parts = iter(torch.split(feats, sizes))
+            total = 0.0
+            for t in tasks:
+                lt = sum(ops.entropy(heads[t](next(parts))).mean() for _ in range(batches_per_step)) / batches_per_step
+                task_loss[t] = float(lt.detach())
+                total = total + lt
+            total.backward()
+        else:
+            for t in tasks:
+                lt = sum(ops.entropy(heads[t](_call(model, b))).mean() for b in batches[t]) / batches_per_step
+                lt.backward()
+                task_loss[t] = float(lt.detach())
+        opt.step()
+        loss = sum(task_loss.values())
+        hist.loss.append(loss)
+        hist.task_loss.append(task_loss)
+        hist.coefficients.append(model.coefficients.detach().float().cpu().clone())
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if callback is not None:
+            callback(step, loss, model)
+        if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
+            save_checkpoint(checkpoint, model, opt, hist, step + 1)
+    if checkpoint is not None:
+        save_checkpoint(checkpoint, model, opt, hist, max(steps, start))
+    return hist
+
+
+def save_checkpoint(path, model: AdaMergedModel, opt: torch.optim.Optimizer, hist: History, step: int) -> None:
+    """Coefficients, Adam state, history and the step reached, written atomically."""
+    save_torch(
+        {
+            "format": "adamerge_fast.checkpoint/1",
+            "fingerprint": model.fingerprint(),
+            "step": step,
+            "raw_coefficients": model.raw_coefficients.detach().cpu(),
+            "optimizer": opt.state_dict(),
+            "history": hist.state(),
+        },
+        path,
+    )
+
+
+def _load_checkpoint(path, model: AdaMergedModel, opt: torch.optim.Optimizer, hist: History) -> int:
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: resume file not found") from None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not an adamerge_fast checkpoint ({e})") from e
+    if not isinstance(ck, dict) or ck.get("format") != "adamerge_fast.checkpoint/1":
+        raise CheckpointError(f"{path}: not an adamerge_fast checkpoint")
+    if ck["fingerprint"] != model.fingerprint():
+        raise CheckpointError(
+            f"{path}: checkpoint is from another model (fingerprint {ck['fingerprint']}, this model "
+            f"{model.fingerprint()}: granularity, task count or parameter shapes differ)"
+        )
+    with torch.no_grad():
+        model.raw_coefficients.copy_(ck["raw_coefficients"])
+    opt.load_state_dict(ck["optimizer"])
+    h = ck["history"]
+    hist.loss[:] = h["loss"]
+    hist.task_loss[:] = h["task_loss"]
+    hist.coefficients[:] = h["coefficients"]
+    return int(ck["step"])
+
+
+__all__ = ["adamerge", "History", "save_checkpoint"]
