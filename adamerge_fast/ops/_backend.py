@@ -92,16 +92,18 @@ class Backend:
         ``dx = dy @ W``; ``dcoef_w[k] = <dy^T x, tau_w[k]>``; ``dcoef_b[k] = <dy.sum(0), tau_b[k]>``.
         """
         acc = acc_dtype(w0.dtype, x.dtype)
-        empty = dy.new_empty(0, dtype=acc)
-        dx = empty
+        def empty():  # distinct tensors: custom-op outputs must not alias each other
+            return dy.new_empty(0, dtype=acc)
+
+        dx = empty()
         if need_dx:
             w = self.merge(w0, tau_w, coef_w).to(dy.dtype)
             dx = dy @ w
-        dcw = empty
+        dcw = empty()
         if need_dcoef_w:
             dw = dy.to(acc).t() @ x.to(acc)  # [out, in]: the weight gradient this composite does allocate
             dcw = self.dcoef(dw, tau_w)
-        dcb = empty
+        dcb = empty()
         if need_dcoef_b:
             dcb = self.dcoef(dy.to(acc).sum(0), tau_b)
         return dx, dcw, dcb

@@ -1,0 +1,31 @@
+# The README's two commands: `make demo` (set up .venv, run the embedded demo) and `make test`.
+# Both are idempotent: scripts/setup_venv.sh skips installs when nothing it depends on changed.
+PY := .venv/bin/python
+export PYTHONHASHSEED := 0
+
+.PHONY: setup demo test test-triton test-ext bench lint clean
+
+setup:
+	@bash scripts/setup_venv.sh
+
+demo: setup
+	$(PY) -m adamerge_fast demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-triton: setup
+	$(PY) -m pytest -q -m triton tests
+
+test-ext: setup
+	$(PY) -m pytest -q -m ext tests
+
+bench: setup
+	$(PY) -m pytest benchmarks --benchmark-only -q
+	$(PY) -m benchmarks.adamerging_step
+
+lint: setup
+	.venv/bin/ruff check adamerge_fast tests benchmarks
+
+clean:
+	rm -rf build *.egg-info adamerge_fast/*.so

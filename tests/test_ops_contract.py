@@ -1,0 +1,270 @@
+"""The op contract, on every backend available here, against float64 autograd of the naive formula.
+
+Backends: ``reference`` always; ``cpu`` when the C++ extension is built; ``triton`` through the interpreter
+(marked ``triton``, small shapes); ``cuda`` when a GPU is present.
+"""
+
+import os
+
+import pytest
+import torch
+
+import adamerge_fast as af
+from adamerge_fast import ops
+
+from _tol import assert_close, lowest
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _backends():
+    out = []
+    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        for name in ops.BACKEND_NAMES:
+            try:
+                ok = ops.get_backend(name).available(torch.device(dev))
+            except ops.BackendUnavailableError:
+                ok = False
+            if ok:
+                marks = [pytest.mark.triton] if name == "triton" else ([pytest.mark.ext] if name in ("cpu", "cuda") else [])
+                out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=marks))
+    return out
+
+
+BACKENDS = _backends()
+
+
+def _rand(shape, dtype, device, scale=1.0):
+    return (torch.randn(shape, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+def _small(be):
+    """Triton under the interpreter is slow: fewer and smaller cases there."""
+    return be[0] == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ------------------------------------------------------------------------------------------------ merge
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("shape", [(1,), (3,), (47,), (133,), (3, 47), (5, 1, 7)])
+@pytest.mark.parametrize("K", [1, 2, 5, 8])
+def test_merge_matches_float64(be, shape, K):
+    name, dev = be
+    if _small(be) and (K == 8 or len(shape) > 2):
+        pytest.skip("interpreter: subset")
+    torch.manual_seed(hash((shape, K)) % 2**31)
+    for bdt, ddt in [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
+                     (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16), (torch.float64, torch.float64)]:
+        base, deltas = _rand(shape, bdt, dev), _rand((K, *shape), ddt, dev, 0.1)
+        coef = torch.rand(K, device=dev, requires_grad=True)
+        out = af.merge(base, deltas, coef, backend=name)
+        assert out.dtype == bdt and out.shape == base.shape
+        g = _rand(shape, bdt, dev)
+        (out.float() * g.float()).sum().backward()
+        c64 = coef.detach().double().requires_grad_()
+        ref = base.double() + (c64.reshape(-1, *[1] * len(shape)) * deltas.double()).sum(0)
+        (ref * g.double()).sum().backward()
+        assert_close(out, ref, bdt, f"merge {bdt}/{ddt}")
+        assert_close(coef.grad, c64.grad, lowest(bdt, torch.float32), f"merge dcoef {bdt}/{ddt}")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_merge_noncontiguous_and_all_grads(be):
+    name, dev = be
+    torch.manual_seed(1)
+    base = _rand((47, 3), torch.float32, dev).t().requires_grad_()  # [3, 47], non-contiguous
+    deltas = _rand((5, 47, 3), torch.float32, dev).transpose(1, 2).requires_grad_()  # [5, 3, 47]
+    coef = torch.rand(5, device=dev, requires_grad=True)
+    out = af.merge(base, deltas, coef, backend=name)
+    out.sum().backward()
+    b64, d64, c64 = (t.detach().double().requires_grad_() for t in (base, deltas, coef))
+    (b64 + (c64[:, None, None] * d64).sum(0)).sum().backward()
+    for t, r in ((base, b64), (deltas, d64), (coef, c64)):
+        assert_close(t.grad, r.grad, torch.float32, "merge grads")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_merge_many_matches_float64(be):
+    name, dev = be
+    torch.manual_seed(2)
+    shapes = [(1,), (3,), (47,), (133,), (7, 3), (2, 3, 5)] * (1 if _small(be) else 5)
+    K = 3
+    for ddt in FLOATS:
+        bases = [_rand(s, torch.float32, dev) for s in shapes]
+        deltas = [_rand((K, *s), ddt, dev, 0.1) for s in shapes]
+        coefs = torch.rand(len(shapes), K, device=dev, requires_grad=True)
+        outs = af.merge_many(bases, deltas, coefs, backend=name)
+        grads = [_rand(s, torch.float32, dev) for s in shapes]
+        sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+        c64 = coefs.detach().double().requires_grad_()
+        refs = [b.double() + (c64[i].reshape(-1, *[1] * b.dim()) * d.double()).sum(0) for i, (b, d) in enumerate(zip(bases, deltas))]
+        sum((r * g.double()).sum() for r, g in zip(refs, grads)).backward()
+        for o, r in zip(outs, refs):
+            assert_close(o, r, torch.float32, f"merge_many {ddt}")
+        assert_close(coefs.grad, c64.grad, torch.float32, f"merge_many dcoef {ddt}")
+
+
+# ---------------------------------------------------------------------------------------- merged_linear
+ML_CASES = [  # (lead shape of x, in, out, K, bias mode)
+    ((1,), 1, 3, 1, "merged"),
+    ((3,), 47, 1, 2, "merged"),
+    ((47,), 133, 47, 5, "fixed"),
+    ((2, 3), 47, 133, 8, "none"),
+    ((5,), 16, 32, 3, "merged"),
+]
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("case", ML_CASES, ids=lambda c: f"x{c[0]}-{c[1]}x{c[2]}-K{c[3]}-{c[4]}")
+@pytest.mark.parametrize("xdt,tdt", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
+                                     (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+def test_merged_linear_matches_float64(be, case, xdt, tdt):
+    name, dev = be
+    lead, fin, fout, K, bias = case
+    if _small(be) and (K == 8 or fin * fout > 47 * 47):
+        pytest.skip("interpreter: subset")
+    torch.manual_seed(fin * 31 + fout)
+    x = _rand((*lead, fin), xdt, dev).requires_grad_()
+    w0, tau = _rand((fout, fin), torch.float32, dev, 0.2), _rand((K, fout, fin), tdt, dev, 0.05)
+    cw = torch.rand(K, device=dev, requires_grad=True)
+    b0 = _rand((fout,), torch.float32, dev) if bias != "none" else None
+    tb = _rand((K, fout), tdt, dev, 0.05) if bias == "merged" else None
+    cb = torch.rand(K, device=dev, requires_grad=True) if bias == "merged" else None
+    y = af.merged_linear(x, w0, tau, cw, b0, tb, cb, backend=name)
+    assert y.dtype == xdt and y.shape == (*lead, fout)
+    dy = _rand(y.shape, xdt, dev)
+    (y.float() * dy.float()).sum().backward()
+
+    x64, cw64 = x.detach().double().requires_grad_(), cw.detach().double().requires_grad_()
+    w = w0.double() + (cw64[:, None, None] * tau.double()).sum(0)
+    y64 = x64 @ w.t()
+    if bias != "none":
+        cb64 = cb.detach().double().requires_grad_() if bias == "merged" else None
+        y64 = y64 + (b0.double() + ((cb64[:, None] * tb.double()).sum(0) if bias == "merged" else 0))
+    (y64 * dy.double()).sum().backward()
+    tol = lowest(xdt, tdt if xdt != torch.float32 else torch.float32)
+    assert_close(y, y64, tol, "y")
+    assert_close(x.grad, x64.grad, tol, "dx")
+    assert_close(cw.grad, cw64.grad, tol, "dcoef_w")
+    if bias == "merged":
+        assert_close(cb.grad, cb64.grad, tol, "dcoef_b")
+
+
+# --------------------------------------------------------------------------------------------- entropy
+@pytest.mark.parametrize("be", BACKENDS)
+@pytest.mark.parametrize("N,C", [(1, 1), (3, 47), (47, 133), (5, 2000)])
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_entropy_matches_float64(be, N, C, dt):
+    name, dev = be
+    if _small(be) and N * C > 5000:
+        pytest.skip("interpreter: subset")
+    torch.manual_seed(N + C)
+    z = _rand((N, C), dt, dev, 3.0).requires_grad_()
+    h = af.entropy(z, backend=name)
+    assert h.dtype == (torch.float64 if dt == torch.float64 else torch.float32)
+    g = torch.rand(N, dtype=torch.float64)
+    (h * g.to(h.dtype).to(dev)).sum().backward()
+    z64 = z.detach().double().requires_grad_()
+    p = torch.softmax(z64, -1)
+    h64 = -(p * torch.log_softmax(z64, -1)).sum(-1)
+    (h64 * g).sum().backward()
+    assert_close(h, h64, dt, "H")
+    assert_close(z.grad, z64.grad, dt, "dH/dz")
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_entropy_stable_large_and_neg_inf(be):
+    name, dev = be
+    z = torch.tensor([[1e4, -1e4, 0.0, 5e3], [0.0, float("-inf"), 1.0, float("-inf")], [-float("inf"), 3.0, -float("inf"), -float("inf")]], device=dev, requires_grad=True)
+    h = af.entropy(z, backend=name)
+    h.sum().backward()
+    assert torch.isfinite(h).all() and torch.isfinite(z.grad).all()
+    p = torch.softmax(torch.tensor([0.0, 1.0], dtype=torch.float64), -1)
+    assert_close(h, torch.tensor([0.0, float(-(p * p.log()).sum()), 0.0], dtype=torch.float64), torch.float32, "H")
+    assert (z.grad[1, [1, 3]] == 0).all()
+
+
+# ---------------------------------------------------------------------------------- library machinery
+def _opcheck_cases():
+    torch.manual_seed(0)
+    K = 3
+    b, d, c = torch.randn(4, 5), torch.randn(K, 4, 5), torch.rand(K, requires_grad=True)
+    x = torch.randn(6, 5, requires_grad=True)
+    lib = torch.ops.adamerge_fast
+    return [
+        (lib.merge.default, (b, d, c, "reference")),
+        (lib.merge_many.default, ([b, torch.randn(3)], [d, torch.randn(K, 3)], torch.rand(2, K, requires_grad=True), "reference")),
+        (lib.merged_linear.default, (x, torch.randn(7, 5), torch.randn(K, 7, 5), c, torch.randn(7), torch.randn(K, 7), torch.rand(K, requires_grad=True), "reference")),
+        (lib.merged_linear.default, (x, torch.randn(7, 5), torch.randn(K, 7, 5), c, None, None, None, "reference")),
+        (lib.entropy.default, (torch.randn(6, 9, requires_grad=True), "reference")),
+        (lib.merge_dcoef.default, (b, d, "reference")),
+        (lib.entropy_backward.default, (torch.randn(6), torch.randn(6, 9), "reference")),
+    ]
+
+
+@pytest.mark.parametrize("i", range(7))
+def test_opcheck(i):
+    op, args = _opcheck_cases()[i]
+    torch.library.opcheck(op, args)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch.manual_seed(0)
+    K = 3
+    w0, tau = torch.randn(8, 6), torch.randn(K, 8, 6) * 0.1
+    ln0, ln_tau = torch.randn(8), torch.randn(K, 8) * 0.1
+
+    def f(x, c):
+        (g,) = af.merge_many([ln0], [ln_tau], c[1:2], backend="reference")
+        h = af.merged_linear(x, w0, tau, c[0], backend="reference") * g
+        return af.entropy(h, backend="reference").mean()
+
+    x = torch.randn(5, 6)
+    c1 = torch.rand(2, K, requires_grad=True)
+    c2 = c1.detach().clone().requires_grad_()
+    eager = f(x, c1)
+    eager.backward()
+    torch._dynamo.reset()
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")(x, c2)
+    compiled.backward()
+    assert_close(compiled, eager.double(), torch.float32, "compiled loss")
+    assert_close(c2.grad, c1.grad.double(), torch.float32, "compiled grad")
+
+
+# ------------------------------------------------------------------------------------ dispatch & errors
+def test_backend_selection(monkeypatch):
+    dev = torch.device("cpu")
+    assert ops.resolve("reference", "merge", dev) == "reference"
+    assert ops.resolve("auto", "entropy", dev) == "reference"
+    monkeypatch.setenv("ADAMERGE_BACKEND", "reference")
+    assert ops.resolve(None, "merge", dev) == "reference"
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        ops.resolve("nope", "merge", dev)
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        ops.resolve("cuda", "merge", dev)  # never runs on CPU tensors
+    status = ops.backend_status("cpu")
+    assert status["reference"] == "available" and set(status) == set(ops.BACKEND_NAMES)
+
+
+def test_triton_unavailable_without_interpreter(monkeypatch):
+    pytest.importorskip("triton")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ops.BackendUnavailableError, match="triton"):
+        af.merge(torch.zeros(3), torch.zeros(1, 3), torch.zeros(1), backend="triton")
+
+
+@pytest.mark.parametrize(
+    "call,match",
+    [
+        (lambda: af.merge(torch.zeros(3), torch.zeros(2, 4), torch.zeros(2)), r"deltas must have shape .*\[K, 3\], got \[2, 4\]"),
+        (lambda: af.merge(torch.zeros(3), torch.zeros(0, 3), torch.zeros(0)), "at least one task vector"),
+        (lambda: af.merge(torch.zeros(3), torch.zeros(2, 3), torch.zeros(3)), r"coef must have shape \[K\]=\[2\]"),
+        (lambda: af.merge(torch.zeros(3, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2)), "base: expected a floating dtype"),
+        (lambda: af.merged_linear(torch.zeros(2, 4), torch.zeros(3, 5), torch.zeros(1, 3, 5), torch.zeros(1)), r"x must be \[\*, in=5\]"),
+        (lambda: af.merged_linear(torch.zeros(2, 5), torch.zeros(3, 5), torch.zeros(1, 3, 5), torch.zeros(1), torch.zeros(3), torch.zeros(1, 3), None), "tau_b and coef_b"),
+        (lambda: af.merge_many([torch.zeros(3)], [torch.zeros(1, 3)], torch.zeros(2, 1)), r"coefs must have shape \[n=1, K\]"),
+        (lambda: af.entropy(torch.zeros(3, 0)), "C >= 1"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(call, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        call()
