@@ -258,7 +258,6 @@ class AdaMergedModel(nn.Module):
                 None if b is None else tv[bname], None if b is None else row(b), backend,
             )
 
-        handled: set[str] = set()
         self._rewritten: list[str] = []
         for path, m in list(skel.named_modules()):
             if any(path.startswith(h + ".") or h == "" for h in self._rewritten):
@@ -273,25 +272,36 @@ class AdaMergedModel(nn.Module):
                 )
                 outp = merged_linear_of(m.out_proj, pre + "out_proj.weight", pre + "out_proj.bias")
                 skel = _set_child(skel, path, MergedMultiheadAttention(m, inp, outp))
-                handled |= {pre + s for s in ("in_proj_weight", "in_proj_bias", "out_proj.weight", "out_proj.bias")}
                 self._rewritten.append(path)
             elif type(m) in _LINEARS and pre + "weight" in idx:
                 bname = pre + "bias"
                 if m.bias is not None and bname not in idx:  # bias tied elsewhere: keep the module generic
                     continue
                 skel = _set_child(skel, path, merged_linear_of(m, pre + "weight", bname))
-                handled |= {pre + "weight", bname}
                 self._rewritten.append(path)
 
-        # every other parameter: a non-persistent buffer of the skeleton (the base), merged by merge_many
-        self._other = [n for n in names if n not in handled]
-        self._other_rows = [row(idx[n]) for n in self._other]
-        self.register_buffer("_other_rows_t", torch.tensor(self._other_rows, dtype=torch.long, device=raw.device), persistent=False)
+        # Every parameter left in a generic module becomes a non-persistent buffer of the skeleton (the base)
+        # and is merged by merge_many. A parameter reachable under several names (tied weights) is merged
+        # once and fed under each of its names; a row also used by a MergedLinear is merged here too.
+        self._other: list[str] = []  # canonical (named_parameters) names of the rows merged by merge_many
+        self._other_base: list[str] = []  # the skeleton buffer holding each such row's base tensor
+        self._feed: list[tuple[str, int]] = []  # (name in the skeleton, index into self._other)
+        pos: dict[str, int] = {}
         for full, p in list(skel.named_parameters(remove_duplicate=False)):
             mod_path, _, pn = full.rpartition(".")
             mod = skel.get_submodule(mod_path) if mod_path else skel
             del mod._parameters[pn]
             mod.register_buffer(pn, p.detach(), persistent=False)
+            if full not in self._aliases:  # a non-floating parameter: kept as it is
+                continue
+            canon = names[self._aliases[full]]
+            if canon not in pos:
+                pos[canon] = len(self._other)
+                self._other.append(canon)
+                self._other_base.append(full)
+            self._feed.append((full, pos[canon]))
+        self._other_rows = [row(idx[n]) for n in self._other]
+        self.register_buffer("_other_rows_t", torch.tensor(self._other_rows, dtype=torch.long, device=raw.device), persistent=False)
         self._tv_other = nn.Module()
         for i, n in enumerate(self._other):
             self._tv_other.register_buffer(f"t{i}", tv[n], persistent=False)
@@ -306,7 +316,7 @@ class AdaMergedModel(nn.Module):
 
     def _other_tensors(self):
         if self._cache is None:
-            bases = [self.skeleton.get_buffer(n) for n in self._other]
+            bases = [self.skeleton.get_buffer(n) for n in self._other_base]
             deltas = [self._tv_other.get_buffer(f"t{i}") for i in range(len(self._other))]
             self._cache = [bases, deltas]
         return self._cache
@@ -327,7 +337,7 @@ class AdaMergedModel(nn.Module):
             if self._other:
                 bases, deltas = self._other_tensors()
                 merged = ops.merge_many(bases, deltas, coefs[self._other_rows_t], backend=self.backend)
-                params = dict(zip(self._other, merged))
+                params = {full: merged[i] for full, i in self._feed}
             return torch.func.functional_call(self.skeleton, params, args, kwargs)
         finally:
             self._ctx.coefs = None

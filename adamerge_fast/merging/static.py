@@ -3,7 +3,8 @@
 - :func:`weight_average`: ``theta_0 + mean_k tau_k`` (the mean of the fine-tuned models).
 - :func:`task_arithmetic`: ``theta_0 + scale * sum_k tau_k`` (Ilharco et al.).
 - :func:`ties_split` / :func:`ties_merge`: TIES (Yadav et al.): trim each task vector to its top-``k``
-  fraction by magnitude, elect a sign per entry by the sign of the sum over tasks (zeros take the majority
+  fraction by magnitude (exactly as the official code: keep magnitudes >= the ``(d - int(d*k))``-th smallest,
+  i.e. ``int(d*k) + 1`` entries of ``d`` barring ties), elect a sign per entry by the sign of the sum over tasks (zeros take the majority
   sign), keep only entries agreeing with it (the per-task "split" form AdaMerging++ feeds to AdaMerging), and
   take their disjoint mean (or sum). ``scope="global"`` trims over each task's whole flattened vector as the
   official AdaMerging++ code does; ``scope="tensor"`` trims each tensor separately.
