@@ -8,9 +8,8 @@ import torch
 from torch import nn
 
 import adamerge_fast as af
-from adamerge_fast.io import CheckpointError
-
 from _tol import assert_close
+from adamerge_fast.io import CheckpointError
 
 
 def mlp(seed):

@@ -10,9 +10,8 @@ import pytest
 import torch
 
 import adamerge_fast as af
-from adamerge_fast import ops
-
 from _tol import assert_close, lowest
+from adamerge_fast import ops
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 

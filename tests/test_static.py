@@ -4,9 +4,8 @@ import pytest
 import torch
 
 import adamerge_fast as af
-from adamerge_fast.merging import static
-
 from _tol import assert_close
+from adamerge_fast.merging import static
 
 
 def _tv(*rows):

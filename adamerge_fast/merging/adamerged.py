@@ -30,7 +30,8 @@ from torch import nn
 from .. import ops
 from ..io import CheckpointError, save_safetensors
 from .static import ties_split
-from .task_vectors import Source, check_task_vectors, task_vectors as make_task_vectors
+from .task_vectors import Source, check_task_vectors
+from .task_vectors import task_vectors as make_task_vectors
 
 
 class _CoefContext:
