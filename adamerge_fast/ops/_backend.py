@@ -98,7 +98,7 @@ class Backend:
         dx = empty()
         if need_dx:
             w = self.merge(w0, tau_w, coef_w).to(dy.dtype)
-            dx = dy @ w
+            dx = (dy @ w).to(x.dtype)
         dcw = empty()
         if need_dcoef_w:
             dw = dy.to(acc).t() @ x.to(acc)  # [out, in]: the weight gradient this composite does allocate
