@@ -12,25 +12,11 @@ if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") == "1" and "
     del os.environ["TRITON_INTERPRET"]
 
 
-def _torchvision_workaround():
-    """The pinned CPU torch sits beside a CUDA build of torchvision whose import fails with
-    'operator torchvision::nms does not exist'. Define the two schemas it looks up, only if needed."""
-    try:
-        import torchvision  # noqa: F401
-    except (RuntimeError, ImportError) as e:
-        if "torchvision::nms" not in str(e):
-            return
-        import sys
+from adamerge_fast._compat import import_torchvision_safely  # noqa: E402
 
-        for mod in [m for m in sys.modules if m.startswith("torchvision")]:
-            del sys.modules[mod]
-        lib = torch.library.Library("torchvision", "DEF")  # noqa: F841 (kept alive below)
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _torchvision_workaround.lib = lib
-
-
-_torchvision_workaround()
+# The pinned CPU torch sits beside a CUDA build of torchvision whose import fails with
+# 'operator torchvision::nms does not exist'; the package's shared workaround defines the schemas it needs.
+import_torchvision_safely()
 
 import adamerge_fast.ops._backend as _backend  # noqa: E402
 

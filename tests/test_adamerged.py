@@ -112,6 +112,8 @@ def test_tied_weights_match_naive():
     model = naive_check(pre, fts, (torch.randint(0, 11, (3, 4)),))
     sd = model.merged_state_dict()
     assert torch.equal(sd["emb.weight"], sd["out.weight"])
+    plain = model.to_module()
+    assert plain.out.weight is plain.emb.weight  # the tie survives materialization
 
 
 def test_mha_not_batch_first_with_masks_matches_torch():

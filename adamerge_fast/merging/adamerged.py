@@ -380,6 +380,11 @@ class AdaMergedModel(nn.Module):
         """A plain module of the pretrained architecture holding the merged weights."""
         m = _copy.deepcopy(self._template)
         m.load_state_dict(self.merged_state_dict(), assign=True)
+        for full, r in self._aliases.items():  # assign=True unties tied weights: tie them again
+            canon = self.param_names[r]
+            if full != canon:
+                mod_path, _, pn = full.rpartition(".")
+                (m.get_submodule(mod_path) if mod_path else m)._parameters[pn] = m.get_parameter(canon)
         return m
 
     def save_merged(self, path) -> None:

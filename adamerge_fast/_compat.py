@@ -1,0 +1,74 @@
+"""Environment workarounds shared by the package and its tests.
+
+``import_torchvision_safely``: a CPU build of torch installed beside a CUDA build of torchvision (or any
+torchvision built against another torch) fails at import with ``operator torchvision::nms does not exist``,
+and open_clip / transformers import torchvision. Defining the two operator schemas torchvision looks up at
+import time lets the pure-Python parts (transforms, datasets) load; the compiled detection ops stay
+unavailable, which this package never uses.
+"""
+
+from __future__ import annotations
+
+import sys
+
+_LIB = None  # the torch.library.Library that owns the defined schemas (kept alive for the process)
+
+
+def import_torchvision_safely() -> bool:
+    """Import torchvision, working around a missing ``torchvision::nms`` operator if needed.
+
+    Call this before importing ``open_clip`` or ``transformers``. Returns ``True`` when torchvision imports
+    (directly or after the workaround), ``False`` when it is not installed or still fails; never raises.
+    Idempotent.
+    """
+    global _LIB
+    try:
+        import torchvision  # noqa: F401
+
+        return True
+    except ImportError as e:  # not installed (or a broken install unrelated to the schemas)
+        if "torchvision::nms" not in str(e):
+            return False
+    except RuntimeError as e:
+        if "torchvision::nms" not in str(e):
+            return False
+    import torch
+
+    for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+        del sys.modules[mod]
+    if _LIB is None:
+        lib = torch.library.Library("torchvision", "DEF")
+        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        _LIB = lib
+    try:
+        import torchvision  # noqa: F401,F811
+
+        return True
+    except Exception:
+        for mod in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[mod]
+        return False
+
+
+def import_open_clip():
+    """``import open_clip`` after :func:`import_torchvision_safely`; a clear ImportError when it is missing."""
+    import_torchvision_safely()
+    try:
+        import open_clip
+    except ImportError as e:
+        raise ImportError(f"this needs open_clip_torch (pip install 'adamerge-fast[clip]'): {e}") from e
+    return open_clip
+
+
+def import_transformers():
+    """``import transformers`` after :func:`import_torchvision_safely`; a clear ImportError when it is missing."""
+    import_torchvision_safely()
+    try:
+        import transformers
+    except ImportError as e:
+        raise ImportError(f"this needs transformers (pip install 'adamerge-fast[hf]'): {e}") from e
+    return transformers
+
+
+__all__ = ["import_torchvision_safely", "import_open_clip", "import_transformers"]
