@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 STAMP="$VENV/.adamerge-installed"
-HASH=$(cat pyproject.toml setup.py constraints.txt scripts/setup_venv.sh csrc/* 2>/dev/null | sha256sum | cut -c1-16)
+HASH=$( (cat pyproject.toml setup.py constraints.txt scripts/setup_venv.sh; find csrc -type f | sort | xargs cat) 2>/dev/null | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
   exit 0
 fi

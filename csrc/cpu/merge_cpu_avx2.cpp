@@ -1,0 +1,16 @@
+// The AVX2 copy of the CPU loops (see merge_kernels.inc), chosen at run time when the CPU has AVX2.
+#include "merge_cpu.h"
+
+#if AMF_CPU_AVX2
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
+#pragma GCC push_options
+#pragma GCC target("avx2")
+#define AMF_ISA avx2
+#include "merge_kernels.inc"
+#undef AMF_ISA
+#pragma GCC pop_options
+#endif
