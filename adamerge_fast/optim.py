@@ -156,7 +156,7 @@ def adamerge(
     for step in bar:
         opt.zero_grad(set_to_none=True)
         batches = {t: [_to(_inputs(cycles[t].next()), device) for _ in range(batches_per_step)] for t in tasks}
-        task_loss: dict[str, float] = {}
+        task_loss: dict[str, torch.Tensor] = {}  # detached; read back once per step (one host sync)
         if task_batching == "concat":
             flat = [b for t in tasks for b in batches[t]]
             sizes = [_batch_size(b) for b in flat]
@@ -165,18 +165,20 @@ def adamerge(
             total = 0.0
             for t in tasks:
                 lt = sum(ops.entropy(heads[t](next(parts))).mean() for _ in range(batches_per_step)) / batches_per_step
-                task_loss[t] = float(lt.detach())
+                task_loss[t] = lt.detach()
                 total = total + lt
             total.backward()
         else:
             for t in tasks:
                 lt = sum(ops.entropy(heads[t](_call(model, b))).mean() for b in batches[t]) / batches_per_step
                 lt.backward()
-                task_loss[t] = float(lt.detach())
+                task_loss[t] = lt.detach()
         opt.step()
-        loss = sum(task_loss.values())
+        values = torch.stack(list(task_loss.values())).float().cpu().tolist()
+        task_loss_f = dict(zip(task_loss, values))
+        loss = sum(values)
         hist.loss.append(loss)
-        hist.task_loss.append(task_loss)
+        hist.task_loss.append(task_loss_f)
         hist.coefficients.append(model.coefficients.detach().float().cpu().clone())
         bar.set_postfix(loss=f"{loss:.4f}")
         if callback is not None:

@@ -175,7 +175,8 @@ class AdaMergedModel(nn.Module):
     """The merged model ``theta_0 + sum_k lambda_k tau_k`` with learnable ``lambda``.
 
     Args:
-        pretrained: the pretrained ``nn.Module`` (``theta_0``). Copied unless ``copy=False``.
+        pretrained: the pretrained ``nn.Module`` (``theta_0``). Its modules are copied unless ``copy=False``
+            (then they are rewritten in place); its parameter tensors are shared, never copied or written.
         finetuned: fine-tuned models/state dicts/checkpoint paths (one per task), or ``None`` if
             ``task_vectors`` is given.
         task_vectors: stacked task vectors ``{name: [K, *shape]}`` for every floating parameter.
@@ -244,7 +245,11 @@ class AdaMergedModel(nn.Module):
         row_of_id = {id(p): i for i, (_, p) in enumerate(named)}
         self._aliases = {n: row_of_id[id(p)] for n, p in pretrained.named_parameters(remove_duplicate=False) if id(p) in row_of_id}
 
-        skel = _copy.deepcopy(pretrained) if copy else pretrained
+        if copy:  # own modules, but the parameters' storage is shared with `pretrained` (never written)
+            memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in pretrained.parameters()}
+            skel = _copy.deepcopy(pretrained, memo)
+        else:
+            skel = pretrained
         skel.requires_grad_(False)
         sk = dict(skel.named_parameters())
         self._ctx = _CoefContext()
