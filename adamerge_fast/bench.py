@@ -88,31 +88,10 @@ GiB = 1024**3
 
 # ----------------------------------------------------------------------------------------------- imports
 def _import_open_clip():
-    """open_clip imports torchvision, whose import fails in this environment (a CUDA torchvision beside the
-    CPU torch: 'operator torchvision::nms does not exist'). Use the package's helper when it exists; otherwise
-    the same small workaround as tests/conftest.py, copied here."""
-    try:
-        from adamerge_fast._compat import import_torchvision_safely  # type: ignore[attr-defined]
-    except ImportError:
-        import_torchvision_safely = _import_torchvision_safely_local
-    import_torchvision_safely()
-    import open_clip
+    """open_clip, after the package's torchvision workaround (see adamerge_fast._compat)."""
+    from ._compat import import_open_clip
 
-    return open_clip
-
-
-def _import_torchvision_safely_local():
-    try:
-        import torchvision  # noqa: F401
-    except (RuntimeError, ImportError) as e:
-        if "torchvision::nms" not in str(e):
-            return
-        for mod in [m for m in sys.modules if m.startswith("torchvision")]:
-            del sys.modules[mod]
-        lib = torch.library.Library("torchvision", "DEF")
-        lib.define("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        lib.define("qnms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _import_torchvision_safely_local.lib = lib  # keep the library alive
+    return import_open_clip()
 
 
 # ------------------------------------------------------------------------------------------- environment
