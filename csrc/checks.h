@@ -8,6 +8,7 @@
 
 #include <ATen/ATen.h>
 
+#include <optional>
 #include <sstream>
 #include <string>
 #include <vector>
@@ -75,6 +76,23 @@ inline void check_out(const char* op, const std::string& name, const at::Tensor&
   TORCH_CHECK(out.sizes() == like.sizes(), op, ": ", name, " must have shape ", shape_str(like.sizes()), ", got ",
               shape_str(out.sizes()));
   TORCH_CHECK(out.is_contiguous(), op, ": ", name, " must be contiguous (the kernel writes it densely)");
+}
+
+inline std::string idx(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
+
+// Item i of a merge_many list: deltas[i] stacked against bases[i] with K task vectors, and its output (the
+// caller's outs[i], checked, or a fresh contiguous tensor). Device and dtype checks stay with the caller.
+inline at::Tensor merge_many_item_out(const char* op, size_t i, const at::Tensor& base, const at::Tensor& deltas,
+                                      int64_t K, const std::optional<at::TensorList>& outs) {
+  const std::string dn = idx("deltas", i);
+  check_stack(op, dn, deltas, idx("bases", i), base);
+  TORCH_CHECK(deltas.size(0) == K, op, ": ", dn, " holds K=", deltas.size(0), " task vectors but coefs has K=", K,
+              " columns");
+  if (outs.has_value()) {
+    check_out(op, idx("outs", i), (*outs)[i], base);
+    return (*outs)[i];
+  }
+  return at::empty(base.sizes(), base.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
 // True when every slice t[k] is contiguous (the strides of dims 1.. are those of a dense tensor), so that

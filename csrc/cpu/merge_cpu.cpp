@@ -152,7 +152,6 @@ void check_cpu_float(const char* op, const std::string& name, const at::Tensor& 
   check_device_type(op, name, t, at::kCPU);
 }
 
-std::string idx(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
 
 // memory traffic per element: base read + out write + K task-vector reads (merge); grad + K reads (dcoef)
 int merge_bpe(const at::Tensor& b, const at::Tensor& d) {
@@ -242,16 +241,7 @@ std::vector<at::Tensor> k_merge_many_cpu(at::TensorList bases, at::TensorList de
     const std::string bn = idx("bases", i), dn = idx("deltas", i);
     check_cpu_float(op, bn, bases[i]);
     check_cpu_float(op, dn, deltas[i]);
-    check_stack(op, dn, deltas[i], bn, bases[i]);
-    TORCH_CHECK(deltas[i].size(0) == K, op, ": ", dn, " holds K=", deltas[i].size(0),
-                " task vectors but coefs has K=", K, " columns");
-    at::Tensor o;
-    if (has_outs) {
-      check_out(op, idx("outs", i), (*outs)[i], bases[i]);
-      o = (*outs)[i];
-    } else {
-      o = at::empty(bases[i].sizes(), bases[i].options().memory_format(at::MemoryFormat::Contiguous));
-    }
+    const at::Tensor o = merge_many_item_out(op, i, bases[i], deltas[i], K, outs);
     res.push_back(o);
     if (bases[i].numel() == 0) continue;
     keep.push_back(bases[i].contiguous());

@@ -62,7 +62,6 @@ void check_cuda_float(const char* op, const std::string& name, const at::Tensor&
   check_device_type(op, name, t, at::kCUDA);
 }
 
-std::string idx(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
 
 // A host array of POD structs, copied to the device through pinned memory on the current stream.
 template <class T>
@@ -178,16 +177,7 @@ std::vector<at::Tensor> k_merge_many_cuda(at::TensorList bases, at::TensorList d
     check_defined_float(op, dn, deltas[i]);
     check_device(op, bn, bases[i], coefs.device(), "coefs");
     check_device(op, dn, deltas[i], coefs.device(), "coefs");
-    check_stack(op, dn, deltas[i], bn, bases[i]);
-    TORCH_CHECK(deltas[i].size(0) == K, op, ": ", dn, " holds K=", deltas[i].size(0),
-                " task vectors but coefs has K=", K, " columns");
-    at::Tensor o;
-    if (outs.has_value()) {
-      check_out(op, idx("outs", i), (*outs)[i], bases[i]);
-      o = (*outs)[i];
-    } else {
-      o = at::empty(bases[i].sizes(), bases[i].options().memory_format(at::MemoryFormat::Contiguous));
-    }
+    const at::Tensor o = merge_many_item_out(op, i, bases[i], deltas[i], K, outs);
     res.push_back(o);
     if (bases[i].numel() == 0) continue;
     keep.push_back(bases[i].contiguous());
