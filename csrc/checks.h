@@ -95,6 +95,17 @@ inline at::Tensor merge_many_item_out(const char* op, size_t i, const at::Tensor
   return at::empty(base.sizes(), base.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
+// Item i of a dcoef_many list: deltas[i] stacked against grads[i], holding the same K as item 0; returns the
+// item's accumulation dtype (fp64 if either is fp64, else fp32).
+inline at::ScalarType dcoef_many_item_check(const char* op, size_t i, const at::Tensor& grad, const at::Tensor& deltas,
+                                            int64_t K) {
+  const std::string dn = idx("deltas", i);
+  check_stack(op, dn, deltas, idx("grads", i), grad);
+  TORCH_CHECK(deltas.size(0) == K, op, ": ", dn, " holds K=", deltas.size(0), " task vectors but deltas[0] holds K=",
+              K, " (all must hold the same K)");
+  return acc_of({grad.scalar_type(), deltas.scalar_type()});
+}
+
 // True when every slice t[k] is contiguous (the strides of dims 1.. are those of a dense tensor), so that
 // slice k starts at data_ptr + k * stride(0) elements.
 inline bool slices_contiguous(const at::Tensor& t) {

@@ -276,11 +276,7 @@ at::Tensor k_dcoef_many_cpu(at::TensorList grads, at::TensorList deltas) {
   std::vector<DotItem> items;
   items.reserve(n);
   for (size_t i = 0; i < n; ++i) {
-    const std::string gn = idx("grads", i), dn = idx("deltas", i);
-    check_stack(op, dn, deltas[i], gn, grads[i]);
-    TORCH_CHECK(deltas[i].size(0) == K, op, ": ", dn, " holds K=", deltas[i].size(0),
-                " task vectors but deltas[0] holds K=", K, " (all must hold the same K)");
-    const at::ScalarType a = acc_of({grads[i].scalar_type(), deltas[i].scalar_type()});
+    const at::ScalarType a = dcoef_many_item_check(op, i, grads[i], deltas[i], K);
     if (a == at::kDouble) acc = at::kDouble;
     keep.push_back(grads[i].contiguous());
     const at::Tensor& g = keep.back();

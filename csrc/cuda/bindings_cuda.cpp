@@ -75,6 +75,26 @@ at::Tensor to_device(const std::vector<T>& v, const at::Device& dev) {
 }
 
 // ------------------------------------------------------------------------------------------ merge / dcoef
+// One merge work item: out <- b + sum_k coef[coef_off + k] * d[k], starting at tile tile0 of the launch.
+AmfMergeItem make_merge_item(const at::Tensor& o, const at::Tensor& b, const Stack& d, const at::Tensor& base,
+                             const at::Tensor& deltas, at::ScalarType coef_type, int64_t tile0, int64_t coef_off) {
+  const int64_t esz = static_cast<int64_t>(d.t.element_size());
+  AmfMergeItem it;
+  std::memset(&it, 0, sizeof(it));
+  it.out = o.data_ptr();
+  it.base = b.const_data_ptr();
+  it.delta0 = d.t.const_data_ptr();
+  it.dstride = d.kstride;
+  it.numel = b.numel();
+  it.tile0 = tile0;
+  it.coef_off = coef_off;
+  it.base_dt = dt_code(base.scalar_type());
+  it.delta_dt = dt_code(deltas.scalar_type());
+  it.acc_double = acc_of({base.scalar_type(), deltas.scalar_type(), coef_type}) == at::kDouble;
+  it.aligned = aligned16(it.out) && aligned16(it.base) && aligned16(it.delta0) && (d.kstride * esz) % 16 == 0;
+  return it;
+}
+
 at::Tensor merge_impl(const char* op, const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coef,
                       const std::optional<at::Tensor>& out) {
   check_cuda_float(op, "base", base);
@@ -96,20 +116,7 @@ at::Tensor merge_impl(const char* op, const at::Tensor& base, const at::Tensor& 
   const at::Tensor b = base.contiguous();
   const Stack d = as_stack(deltas);
   const at::Tensor cd = coef.to(at::kDouble).contiguous();
-  const int64_t esz = static_cast<int64_t>(d.t.element_size());
-  AmfMergeItem it;
-  std::memset(&it, 0, sizeof(it));
-  it.out = o.data_ptr();
-  it.base = b.const_data_ptr();
-  it.delta0 = d.t.const_data_ptr();
-  it.dstride = d.kstride;
-  it.numel = b.numel();
-  it.tile0 = 0;
-  it.coef_off = 0;
-  it.base_dt = dt_code(base.scalar_type());
-  it.delta_dt = dt_code(deltas.scalar_type());
-  it.acc_double = acc_of({base.scalar_type(), deltas.scalar_type(), coef.scalar_type()}) == at::kDouble;
-  it.aligned = aligned16(it.out) && aligned16(it.base) && aligned16(it.delta0) && (d.kstride * esz) % 16 == 0;
+  const AmfMergeItem it = make_merge_item(o, b, d, base, deltas, coef.scalar_type(), /*tile0=*/0, /*coef_off=*/0);
   check_launch(amf_merge_one(it, cd.const_data_ptr<double>(), static_cast<int>(K), cur_stream()), op);
   return o;
 }
@@ -184,21 +191,8 @@ std::vector<at::Tensor> k_merge_many_cuda(at::TensorList bases, at::TensorList d
     const at::Tensor& b = keep.back();
     const Stack d = as_stack(deltas[i]);
     keep.push_back(d.t);
-    const int64_t esz = static_cast<int64_t>(d.t.element_size());
-    AmfMergeItem it;
-    std::memset(&it, 0, sizeof(it));
-    it.out = o.data_ptr();
-    it.base = b.const_data_ptr();
-    it.delta0 = d.t.const_data_ptr();
-    it.dstride = d.kstride;
-    it.numel = b.numel();
-    it.tile0 = tiles;
-    it.coef_off = static_cast<int64_t>(i) * K;
-    it.base_dt = dt_code(bases[i].scalar_type());
-    it.delta_dt = dt_code(deltas[i].scalar_type());
-    it.acc_double =
-        acc_of({bases[i].scalar_type(), deltas[i].scalar_type(), coefs.scalar_type()}) == at::kDouble;
-    it.aligned = aligned16(it.out) && aligned16(it.base) && aligned16(it.delta0) && (d.kstride * esz) % 16 == 0;
+    const AmfMergeItem it =
+        make_merge_item(o, b, d, bases[i], deltas[i], coefs.scalar_type(), tiles, static_cast<int64_t>(i) * K);
     items.push_back(it);
     tiles += amf_merge_tiles(it.numel);
   }
@@ -232,11 +226,7 @@ at::Tensor k_dcoef_many_cuda(at::TensorList grads, at::TensorList deltas) {
   items.reserve(n);
   int64_t tiles = 0;
   for (size_t i = 0; i < n; ++i) {
-    const std::string gn = idx("grads", i), dn = idx("deltas", i);
-    check_stack(op, dn, deltas[i], gn, grads[i]);
-    TORCH_CHECK(deltas[i].size(0) == K, op, ": ", dn, " holds K=", deltas[i].size(0),
-                " task vectors but deltas[0] holds K=", K, " (all must hold the same K)");
-    const at::ScalarType a = acc_of({grads[i].scalar_type(), deltas[i].scalar_type()});
+    const at::ScalarType a = dcoef_many_item_check(op, i, grads[i], deltas[i], K);
     if (a == at::kDouble) acc = at::kDouble;
     keep.push_back(grads[i].contiguous());
     const at::Tensor& g = keep.back();
