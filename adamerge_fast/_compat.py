@@ -51,24 +51,24 @@ def import_torchvision_safely() -> bool:
         return False
 
 
-def import_open_clip():
-    """``import open_clip`` after :func:`import_torchvision_safely`; a clear ImportError when it is missing."""
+def _import_after_workaround(module: str, extra: str):
+    import importlib
+
     import_torchvision_safely()
     try:
-        import open_clip
+        return importlib.import_module(module)
     except ImportError as e:
-        raise ImportError(f"this needs open_clip_torch (pip install 'adamerge-fast[clip]'): {e}") from e
-    return open_clip
+        raise ImportError(f"this needs {module} (pip install 'adamerge-fast[{extra}]'): {e}") from e
+
+
+def import_open_clip():
+    """``import open_clip`` after :func:`import_torchvision_safely`; a clear ImportError when it is missing."""
+    return _import_after_workaround("open_clip", "clip")
 
 
 def import_transformers():
     """``import transformers`` after :func:`import_torchvision_safely`; a clear ImportError when it is missing."""
-    import_torchvision_safely()
-    try:
-        import transformers
-    except ImportError as e:
-        raise ImportError(f"this needs transformers (pip install 'adamerge-fast[hf]'): {e}") from e
-    return transformers
+    return _import_after_workaround("transformers", "hf")
 
 
 __all__ = ["import_torchvision_safely", "import_open_clip", "import_transformers"]

@@ -80,6 +80,19 @@ inline void check_out(const char* op, const std::string& name, const at::Tensor&
 
 inline std::string idx(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
 
+// The list-level arguments of merge_many: n bases, n task-vector stacks, coefs [n, K], outs (if given) n tensors.
+// Returns K. (Per-device dtype/device checks of coefs stay with the caller.)
+inline int64_t check_merge_many_args(const char* op, at::TensorList bases, at::TensorList deltas, const at::Tensor& coefs,
+                                     const std::optional<at::TensorList>& outs) {
+  const size_t n = bases.size();
+  TORCH_CHECK(deltas.size() == n, op, ": got ", n, " bases but ", deltas.size(), " deltas");
+  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == static_cast<int64_t>(n), op, ": coefs must have shape [n=", n,
+              ", K], got ", shape_str(coefs.sizes()));
+  if (outs.has_value())
+    TORCH_CHECK(outs->size() == n, op, ": outs must hold one tensor per base (", n, "), got ", outs->size());
+  return coefs.size(1);
+}
+
 // Item i of a merge_many list: deltas[i] stacked against bases[i] with K task vectors, and its output (the
 // caller's outs[i], checked, or a fresh contiguous tensor). Device and dtype checks stay with the caller.
 inline at::Tensor merge_many_item_out(const char* op, size_t i, const at::Tensor& base, const at::Tensor& deltas,

@@ -221,14 +221,9 @@ std::vector<at::Tensor> k_merge_many_cpu(at::TensorList bases, at::TensorList de
                                          std::optional<at::TensorList> outs) {
   const char* op = "k_merge_many";
   const size_t n = bases.size();
-  TORCH_CHECK(deltas.size() == n, op, ": got ", n, " bases but ", deltas.size(), " deltas");
   check_cpu_float(op, "coefs", coefs);
-  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == static_cast<int64_t>(n), op, ": coefs must have shape [n=", n,
-              ", K], got ", shape_str(coefs.sizes()));
-  const int64_t K = coefs.size(1);
+  const int64_t K = check_merge_many_args(op, bases, deltas, coefs, outs);
   const bool has_outs = outs.has_value();
-  if (has_outs)
-    TORCH_CHECK(outs->size() == n, op, ": outs must hold one tensor per base (", n, "), got ", outs->size());
   std::vector<at::Tensor> res;
   res.reserve(n);
   std::vector<at::Tensor> keep;  // contiguous copies, alive until the kernels ran

@@ -75,6 +75,24 @@ at::Tensor to_device(const std::vector<T>& v, const at::Device& dev) {
 }
 
 // ------------------------------------------------------------------------------------------ merge / dcoef
+// One dcoef work item: K dot products of g with the slices of d, starting at tile tile0 of the launch.
+AmfDotItem make_dot_item(const at::Tensor& g, const Stack& d, const at::Tensor& grad, const at::Tensor& deltas,
+                         bool acc_double, int64_t tile0) {
+  const int64_t esz = static_cast<int64_t>(d.t.element_size());
+  AmfDotItem it;
+  std::memset(&it, 0, sizeof(it));
+  it.grad = g.const_data_ptr();
+  it.delta0 = d.t.const_data_ptr();
+  it.dstride = d.kstride;
+  it.numel = g.numel();
+  it.tile0 = tile0;
+  it.grad_dt = dt_code(grad.scalar_type());
+  it.delta_dt = dt_code(deltas.scalar_type());
+  it.acc_double = acc_double;
+  it.aligned = aligned16(it.grad) && aligned16(it.delta0) && (d.kstride * esz) % 16 == 0;
+  return it;
+}
+
 // One merge work item: out <- b + sum_k coef[coef_off + k] * d[k], starting at tile tile0 of the launch.
 AmfMergeItem make_merge_item(const at::Tensor& o, const at::Tensor& b, const Stack& d, const at::Tensor& base,
                              const at::Tensor& deltas, at::ScalarType coef_type, int64_t tile0, int64_t coef_off) {
@@ -131,22 +149,11 @@ at::Tensor dcoef_impl(const char* op, const at::Tensor& grad, const at::Tensor& 
   const at::ScalarType acc = acc_of({grad.scalar_type(), deltas.scalar_type()});
   const at::Tensor g = grad.contiguous();
   const Stack d = as_stack(deltas);
-  const int64_t esz = static_cast<int64_t>(d.t.element_size());
   const int64_t tiles = amf_dot_tiles(g.numel());
   const auto dopt = grad.options().dtype(at::kDouble);
   at::Tensor part = at::empty({std::max<int64_t>(tiles, 1) * K}, dopt);
   at::Tensor res = at::empty({K}, dopt);
-  AmfDotItem it;
-  std::memset(&it, 0, sizeof(it));
-  it.grad = g.const_data_ptr();
-  it.delta0 = d.t.const_data_ptr();
-  it.dstride = d.kstride;
-  it.numel = g.numel();
-  it.tile0 = 0;
-  it.grad_dt = dt_code(grad.scalar_type());
-  it.delta_dt = dt_code(deltas.scalar_type());
-  it.acc_double = acc == at::kDouble;
-  it.aligned = aligned16(it.grad) && aligned16(it.delta0) && (d.kstride * esz) % 16 == 0;
+  const AmfDotItem it = make_dot_item(g, d, grad, deltas, acc == at::kDouble, /*tile0=*/0);
   check_launch(amf_dcoef_one(it, static_cast<int>(K), part.data_ptr<double>(), res.data_ptr<double>(), cur_stream()),
                op);
   return acc == at::kDouble ? res : res.to(acc);
@@ -163,13 +170,8 @@ std::vector<at::Tensor> k_merge_many_cuda(at::TensorList bases, at::TensorList d
                                           std::optional<at::TensorList> outs) {
   const char* op = "k_merge_many";
   const size_t n = bases.size();
-  TORCH_CHECK(deltas.size() == n, op, ": got ", n, " bases but ", deltas.size(), " deltas");
   check_cuda_float(op, "coefs", coefs);
-  TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == static_cast<int64_t>(n), op, ": coefs must have shape [n=", n,
-              ", K], got ", shape_str(coefs.sizes()));
-  const int64_t K = coefs.size(1);
-  if (outs.has_value())
-    TORCH_CHECK(outs->size() == n, op, ": outs must hold one tensor per base (", n, "), got ", outs->size());
+  const int64_t K = check_merge_many_args(op, bases, deltas, coefs, outs);
   const c10::cuda::CUDAGuard guard(coefs.device());
   std::vector<at::Tensor> res;
   res.reserve(n);
@@ -232,18 +234,7 @@ at::Tensor k_dcoef_many_cuda(at::TensorList grads, at::TensorList deltas) {
     const at::Tensor& g = keep.back();
     const Stack d = as_stack(deltas[i]);
     keep.push_back(d.t);
-    const int64_t esz = static_cast<int64_t>(d.t.element_size());
-    AmfDotItem it;
-    std::memset(&it, 0, sizeof(it));
-    it.grad = g.const_data_ptr();
-    it.delta0 = d.t.const_data_ptr();
-    it.dstride = d.kstride;
-    it.numel = g.numel();
-    it.tile0 = tiles;
-    it.grad_dt = dt_code(grads[i].scalar_type());
-    it.delta_dt = dt_code(deltas[i].scalar_type());
-    it.acc_double = a == at::kDouble;
-    it.aligned = aligned16(it.grad) && aligned16(it.delta0) && (d.kstride * esz) % 16 == 0;
+    const AmfDotItem it = make_dot_item(g, d, grads[i], deltas[i], a == at::kDouble, tiles);
     items.push_back(it);
     tiles += amf_dot_tiles(it.numel);
   }
