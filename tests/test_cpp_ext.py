@@ -217,9 +217,11 @@ def test_merge_many_checks():
 @needs_ext
 @pytest.mark.parametrize("grad_dt", [F32, BF16, F16, F64])
 @pytest.mark.parametrize("delta_dt", [F32, BF16, F16])
-@pytest.mark.parametrize("K", [1, 2, 5, 8])
+@pytest.mark.parametrize("K", [1, 2, 5, 8, 9])
 def test_dcoef(grad_dt, delta_dt, K):
-    for i, shape in enumerate(SIZES + [(8193,), (3, 8191)]):
+    # K <= 8: one loop over all task vectors; K = 9: four per sweep. 512 +- 1: the fp32 sub-block edge;
+    # 32769: one element past a work chunk (DCHUNK = 2**15)
+    for i, shape in enumerate(SIZES + [(511,), (513,), (32769,), (3, 10923)]):
         grad = rand(shape, grad_dt, i)
         deltas = rand((K, *shape), delta_dt, 50 + i)
         res = ops().k_dcoef(grad, deltas)

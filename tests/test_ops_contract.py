@@ -261,6 +261,12 @@ def test_triton_unavailable_without_interpreter(monkeypatch):
         (lambda: af.merged_linear(torch.zeros(2, 4), torch.zeros(3, 5), torch.zeros(1, 3, 5), torch.zeros(1)), r"x must be \[\*, in=5\]"),
         (lambda: af.merged_linear(torch.zeros(2, 5), torch.zeros(3, 5), torch.zeros(1, 3, 5), torch.zeros(1), torch.zeros(3), torch.zeros(1, 3), None), "tau_b and coef_b"),
         (lambda: af.merge_many([torch.zeros(3)], [torch.zeros(1, 3)], torch.zeros(2, 1)), r"coefs must have shape \[n=1, K\]"),
+        (lambda: af.merge_many([torch.zeros(3), torch.zeros(2)], [torch.zeros(1, 3), torch.zeros(1, 3)], torch.zeros(2, 1)), r"merge_many\[1\]: deltas must have shape .*\[K, 2\], got \[1, 3\]"),
+        (lambda: af.merge_many([torch.zeros(3), torch.zeros(3)], [torch.zeros(1, 3), torch.zeros(2, 3)], torch.zeros(2, 1)), r"merge_many\[1\]: coefs\[i\] must have shape \[K\]=\[2\], got \[1\]"),
+        (lambda: af.merge_many([torch.zeros(3), torch.zeros(3, dtype=torch.int32)], [torch.zeros(1, 3)] * 2, torch.zeros(2, 1)), r"merge_many\[1\]: base: expected a floating dtype"),
+        (lambda: af.merge_many([torch.zeros(3), torch.zeros(3)], [torch.zeros(1, 3), [0.0, 1.0]], torch.zeros(2, 1)), r"merge_many\[1\]: deltas: expected a tensor, got list"),
+        (lambda: af.merge_many([torch.zeros(3)], [torch.zeros(1, 3, device="meta")], torch.zeros(1, 1)), r"merge_many\[0\]: deltas is on meta but base is on cpu"),
+        (lambda: af.merge_many([torch.zeros(3)], [torch.zeros(1, 3)], torch.zeros(1, 1, device="meta")), r"merge_many\[0\]: coefs\[i\] is on meta but base is on cpu"),
         (lambda: af.entropy(torch.zeros(3, 0)), "C >= 1"),
     ],
 )

@@ -122,8 +122,17 @@ def merge_many(
     _check_float("merge_many: coefs", coefs)
     if coefs.dim() != 2 or coefs.shape[0] != len(bases):
         raise ValueError(f"merge_many: coefs must have shape [n={len(bases)}, K], got {list(coefs.shape)}")
+    K, dev = coefs.shape[1], coefs.device
     for i, (b, d) in enumerate(zip(bases, deltas)):
-        _check_merge_args(f"merge_many[{i}]", b, d, coefs[i], "coefs[i]")
+        # one cheap predicate per item (this runs once per forward over every small tensor of a model); the
+        # full check only on failure, for its message
+        ok = isinstance(b, Tensor) and isinstance(d, Tensor) and b.dtype in _FLOAT and d.dtype in _FLOAT
+        if ok:
+            ds = d.shape
+            ok = len(ds) == b.dim() + 1 and ds[0] == K and ds[1:] == b.shape and b.device == dev == d.device
+        if not ok:
+            _check_merge_args(f"merge_many[{i}]", b, d, coefs[i], "coefs[i]")
+            raise ValueError(f"merge_many[{i}]: bases[{i}], deltas[{i}] and coefs must be on one device")
     be = resolve(backend, "merge_many", bases[0].device)
     return _library.merge_many_op(bases, deltas, coefs, be)
 

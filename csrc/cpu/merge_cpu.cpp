@@ -33,7 +33,7 @@ namespace cpu {
 namespace {
 
 constexpr int64_t CHUNK = 1 << 16;   // merge: elements per work item
-constexpr int64_t DCHUNK = 1 << 13;  // dcoef: elements per work item (one set of partial sums each)
+constexpr int64_t DCHUNK = 1 << 15;  // dcoef: elements per work item (one set of partial sums each)
 // Each OpenMP thread gets at least this much memory traffic: below it, waking threads costs more than it
 // saves (and on an oversubscribed machine a late thread stalls the whole call at the closing barrier).
 constexpr int64_t BYTES_PER_THREAD = int64_t(16) << 20;
@@ -65,11 +65,11 @@ MergeFn pick_merge(at::ScalarType b, at::ScalarType d, bool dbl, int64_t K) {
   return base::pick_merge(b, d, dbl, K);
 }
 
-DotFn pick_dot(at::ScalarType g, at::ScalarType d, bool dbl) {
+DotFn pick_dot(at::ScalarType g, at::ScalarType d, bool dbl, int64_t K) {
 #if AMF_CPU_AVX2
-  if (isa() == Isa::avx2) return avx2::pick_dot(g, d, dbl);
+  if (isa() == Isa::avx2) return avx2::pick_dot(g, d, dbl, K);
 #endif
-  return base::pick_dot(g, d, dbl);
+  return base::pick_dot(g, d, dbl, K);
 }
 
 // ------------------------------------------------------------------------------------------- drivers
@@ -212,7 +212,7 @@ at::Tensor k_dcoef_cpu(const at::Tensor& grad, const at::Tensor& deltas) {
   std::vector<DotItem> items{{g.const_data_ptr(), static_cast<const char*>(d.t.const_data_ptr()),
                               d.kstride * static_cast<int64_t>(d.t.element_size()), g.numel(),
                               static_cast<int>(K), dot_bpe(g, d.t), 0,
-                              pick_dot(grad.scalar_type(), deltas.scalar_type(), acc == at::kDouble)}};
+                              pick_dot(grad.scalar_type(), deltas.scalar_type(), acc == at::kDouble, K)}};
   run_dot(items, static_cast<int>(K), res.data_ptr<double>());
   return acc == at::kDouble ? res : res.to(acc);
 }
@@ -279,7 +279,7 @@ at::Tensor k_dcoef_many_cpu(at::TensorList grads, at::TensorList deltas) {
     keep.push_back(d.t);
     items.push_back({g.const_data_ptr(), static_cast<const char*>(d.t.const_data_ptr()),
                      d.kstride * static_cast<int64_t>(d.t.element_size()), g.numel(), static_cast<int>(K),
-                     dot_bpe(g, d.t), 0, pick_dot(grads[i].scalar_type(), deltas[i].scalar_type(), a == at::kDouble)});
+                     dot_bpe(g, d.t), 0, pick_dot(grads[i].scalar_type(), deltas[i].scalar_type(), a == at::kDouble, K)});
   }
   at::Tensor res = at::empty({static_cast<int64_t>(n), K}, grads[0].options().dtype(at::kDouble));
   run_dot(items, static_cast<int>(K), res.data_ptr<double>());

@@ -55,7 +55,7 @@ struct DotItem {
 #define AMF_DECLARE_ISA(NS)                                                         \
   namespace NS {                                                                    \
   MergeFn pick_merge(at::ScalarType b, at::ScalarType d, bool dbl, int64_t K);      \
-  DotFn pick_dot(at::ScalarType g, at::ScalarType d, bool dbl);                     \
+  DotFn pick_dot(at::ScalarType g, at::ScalarType d, bool dbl, int64_t K);         \
   }
 AMF_DECLARE_ISA(base)
 #if AMF_CPU_AVX2
