@@ -229,6 +229,102 @@ def test_torch_compile_fullgraph_matches_eager():
     assert_close(c2.grad, c1.grad.double(), torch.float32, "compiled grad")
 
 
+# ------------------------------------------------------------------------------------ eager fast path
+def _op_node(t):
+    """Name of the autograd node of the op that produced t (under the reshape of the public wrapper)."""
+    fn = t.grad_fn
+    while type(fn).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+        fn = fn.next_functions[0][0]
+    return type(fn).__name__
+
+
+def _all_ops_step(name, dev, seed=0):
+    """Every public op forward + backward, gradients of every differentiable input; returns everything."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*s, grad=False):
+        return torch.randn(*s, generator=g, dtype=torch.float64).float().to(dev).requires_grad_(grad)
+
+    K = 3
+    base, deltas, coef = r(5, 3, grad=True), r(K, 5, 3, grad=True), r(K, grad=True)
+    bases, dl, cm = [r(4, grad=True), r(2, 3)], [r(K, 4), r(K, 2, 3, grad=True)], r(2, K, grad=True)
+    x, w0, tw, cw = r(6, 3, grad=True), r(7, 3), r(K, 7, 3), r(K, grad=True)
+    b0, tb, cb = r(7), r(K, 7), r(K, grad=True)
+    m = af.merge(base, deltas, coef, backend=name)
+    mm = af.merge_many(bases, dl, cm, backend=name)
+    y = af.merged_linear(x * m[0], w0, tw, cw, b0, tb, cb, backend=name)
+    h = af.entropy(y + mm[0][:1] + mm[1].sum(), backend=name)
+    fns = [_op_node(t) for t in (m, mm[0], y, h)]
+    h.sum().backward()
+    leaves = (base, deltas, coef, *bases[:1], dl[1], cm, x, cw, cb)
+    return [m, *mm, y, h, *(t.grad for t in leaves)], fns
+
+
+@pytest.mark.parametrize("be", BACKENDS)
+def test_eager_fast_path_equals_custom_ops(be, monkeypatch):
+    """Plain eager calls take autograd.Functions over the backend, everything else the custom ops: the same
+    backend calls and backward formulas, so outputs and every gradient are bitwise equal."""
+    name, dev = be
+    from adamerge_fast.ops import _library
+
+    fast, fast_fns = _all_ops_step(name, dev)
+    monkeypatch.setattr(_library, "EAGER_FAST_PATH", False)
+    slow, slow_fns = _all_ops_step(name, dev)
+    assert fast_fns == ["_MergeFnBackward", "_MergeManyFnBackward", "_MergedLinearFnBackward", "_EntropyFnBackward"]
+    assert not any("Fn" in f for f in slow_fns), slow_fns
+    for i, (a, b) in enumerate(zip(fast, slow)):
+        assert a is not None and torch.equal(a, b), f"result {i} differs between the fast path and the custom ops"
+
+
+def test_fast_path_only_in_plain_eager():
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from adamerge_fast.ops._library import use_fast_path
+
+    t = torch.zeros(2)
+    assert use_fast_path(t, None, torch.nn.Parameter(torch.zeros(1)))
+    assert not use_fast_path(t, torch.zeros(2, device="meta"))
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not use_fast_path(t.as_subclass(Sub))
+
+    class FMode(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    class DMode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with FMode():
+        assert not use_fast_path(t)
+    with DMode():
+        assert not use_fast_path(t)
+
+
+def test_functorch_grad():
+    """torch.func.grad differentiates the ops (through the fast path's autograd.Functions)."""
+    torch.manual_seed(0)
+    base, deltas = torch.randn(4), torch.randn(3, 4)
+    c = torch.rand(3)
+    c64 = c.double().requires_grad_()
+    (base.double() + (c64[:, None] * deltas.double()).sum(0)).pow(2).sum().backward()
+    g = torch.func.grad(lambda c: af.merge(base, deltas, c, backend="reference").pow(2).sum())(c)
+    assert_close(g, c64.grad, torch.float32, "torch.func.grad of merge")
+    x, w0, tw = torch.randn(5, 4), torch.randn(6, 4), torch.randn(3, 6, 4)
+
+    def loss(cw):
+        return af.entropy(af.merged_linear(x, w0, tw, cw, backend="reference"), backend="reference").mean()
+
+    cw64 = c.double().requires_grad_()
+    logits = x.double() @ (w0.double() + (cw64[:, None, None] * tw.double()).sum(0)).T
+    (-(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)).mean().backward()
+    assert_close(torch.func.grad(loss)(c), cw64.grad, torch.float32, "torch.func.grad of merged_linear + entropy")
+
+
 # ------------------------------------------------------------------------------------ dispatch & errors
 def test_backend_selection(monkeypatch):
     dev = torch.device("cpu")

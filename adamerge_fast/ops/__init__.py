@@ -107,7 +107,7 @@ def merge(base: Tensor, deltas: Tensor, coef: Tensor, *, backend: str | None = N
     """``base[*S] + sum_k coef[k] * deltas[k]`` with ``deltas[K, *S]``, ``coef[K]`` -> ``[*S]`` (base dtype)."""
     _check_merge_args("merge", base, deltas, coef)
     be = resolve(backend, "merge", base.device)
-    return _library.merge_op(base, deltas, coef, be)
+    return _library.merge(base, deltas, coef, be)
 
 
 def merge_many(
@@ -134,7 +134,7 @@ def merge_many(
             _check_merge_args(f"merge_many[{i}]", b, d, coefs[i], "coefs[i]")
             raise ValueError(f"merge_many[{i}]: bases[{i}], deltas[{i}] and coefs must be on one device")
     be = resolve(backend, "merge_many", bases[0].device)
-    return _library.merge_many_op(bases, deltas, coefs, be)
+    return _library.merge_many(bases, deltas, coefs, be)
 
 
 def merged_linear(
@@ -175,7 +175,7 @@ def merged_linear(
         x = x.to(torch.get_autocast_dtype(x.device.type))
     be = resolve(backend, "merged_linear", x.device)
     lead = x.shape[:-1]
-    y = _library.merged_linear_op(x.reshape(-1, in_f), w0, tau_w, coef_w, b0, tau_b, coef_b, be)
+    y = _library.merged_linear(x.reshape(-1, in_f), w0, tau_w, coef_w, b0, tau_b, coef_b, be)
     return y.reshape(*lead, out_f)
 
 
@@ -189,4 +189,4 @@ def entropy(logits: Tensor, *, backend: str | None = None) -> Tensor:
         raise ValueError(f"entropy: logits must be [N, C] with C >= 1, got {list(logits.shape)}")
     be = resolve(backend, "entropy", logits.device)
     lead = logits.shape[:-1]
-    return _library.entropy_op(logits.reshape(-1, logits.shape[-1]), be).reshape(lead)
+    return _library.entropy(logits.reshape(-1, logits.shape[-1]), be).reshape(lead)

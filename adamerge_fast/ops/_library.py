@@ -4,10 +4,20 @@ Each forward op has a fake (meta) implementation and a registered autograd formu
 itself a custom op, so ``torch.library.opcheck`` and ``torch.compile(fullgraph=True)`` see opaque,
 well-described kernels. What autograd saves: the inputs it already holds (``x``, ``w0``, task vectors,
 coefficients: references, never copies); the merged weight is recomputed in backward, never saved.
+
+Eager fast path: a custom op costs tens of microseconds more host time per call than a plain
+``torch.autograd.Function`` (dispatcher, schema and alias checks), which adds up over the ~100 calls of a
+ViT forward + backward and can leave a GPU idle. So the entry points :func:`merge`, :func:`merge_many`,
+:func:`merged_linear` and :func:`entropy` take an ``autograd.Function`` over the *same* backend methods and
+the *same* backward formulas in plain eager calls, and the custom ops whenever something needs to see the op
+(``torch.compile``, fake/meta tensors, dispatch or function modes, tensor subclasses). ``torch.func.grad``
+works through the fast path (not through the custom ops: register_autograd does not support it here).
+``EAGER_FAST_PATH = False`` (or ``ADAMERGE_EAGER_CUSTOM_OPS=1``) makes every call a custom op.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -16,6 +26,22 @@ from torch import Tensor
 from ._backend import acc_dtype, get_backend
 
 NS = "adamerge_fast"
+
+EAGER_FAST_PATH = os.environ.get("ADAMERGE_EAGER_CUSTOM_OPS", "") != "1"
+
+
+def use_fast_path(*tensors: Optional[Tensor]) -> bool:
+    """True for a plain eager call: no compile, no transform/mode, only plain (non-subclass) tensors."""
+    if not EAGER_FAST_PATH or torch.compiler.is_compiling():
+        return False
+    # (functorch transforms are fine: these autograd.Functions define setup_context, so torch.func.grad works
+    # through them, which it does not through register_autograd custom ops in this torch)
+    if torch._C._len_torch_dispatch_stack() > 0 or torch._C._is_torch_function_mode_enabled():
+        return False
+    for t in tensors:
+        if t is not None and ((type(t) is not Tensor and type(t) is not torch.nn.Parameter) or t.is_meta):
+            return False
+    return True
 
 
 def _empty_acc(like: Tensor, *dtypes: torch.dtype) -> Tensor:
@@ -59,8 +85,15 @@ def _merge_backward(ctx, grad):
     nb, nd, nc = ctx.needs_input_grad[:3]
     dbase = grad if nb else None
     ddeltas = _scaled(coef, grad, deltas.dtype) if nd else None
-    dcoef = merge_dcoef_op(grad, deltas, ctx.backend).to(coef.dtype) if nc else None
+    dcoef = None
+    if nc:
+        fast = getattr(ctx, "fast", False)
+        dcoef = (get_backend(ctx.backend).dcoef if fast else _dcoef_op(ctx.backend))(grad, deltas).to(coef.dtype)
     return dbase, ddeltas, dcoef, None
+
+
+def _dcoef_op(backend):
+    return lambda grad, deltas: merge_dcoef_op(grad, deltas, backend)
 
 
 merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
@@ -95,13 +128,29 @@ def _merge_many_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
+def _merge_many_grads(ctx, grads, need_coefs: bool, fast: bool):
+    """(grads with zeros for unused outputs, dcoefs or None): shared by the custom op and the fast path."""
+    coefs, *deltas = ctx.saved_tensors
+    grads = [
+        g if g is not None else torch.zeros(s, dtype=dt, device=coefs.device) for g, (s, dt) in zip(grads, ctx.shapes)
+    ]
+    dcoefs = None
+    if need_coefs:
+        dc = (
+            get_backend(ctx.backend).dcoef_many(grads, deltas)
+            if fast
+            else merge_many_dcoef_op(grads, deltas, ctx.backend)
+        )
+        dcoefs = dc.to(coefs.dtype)
+    return grads, dcoefs
+
+
 def _merge_many_backward(ctx, grads):
     coefs, *deltas = ctx.saved_tensors
     nb, nd, nc = ctx.needs_input_grad[:3]
-    grads = [g if g is not None else torch.zeros(s, dtype=dt, device=coefs.device) for g, (s, dt) in zip(grads, ctx.shapes)]
+    grads, dcoefs = _merge_many_grads(ctx, grads, nc, fast=False)
     dbases = list(grads) if nb else None
     ddeltas = [_scaled(coefs[i], g, d.dtype) for i, (g, d) in enumerate(zip(grads, deltas))] if nd else None
-    dcoefs = merge_many_dcoef_op(grads, deltas, ctx.backend).to(coefs.dtype) if nc else None
     return dbases, ddeltas, dcoefs, None
 
 
@@ -164,7 +213,11 @@ def _ml_backward(ctx, dy):
     x, w0, tau_w, coef_w, tau_b, coef_b = ctx.saved_tensors
     n = ctx.needs_input_grad
     need_dcb = bool(n[6]) and tau_b is not None
-    dx, dcw, dcb = merged_linear_backward_op(dy, x, w0, tau_w, coef_w, tau_b, n[0], n[3], need_dcb, ctx.backend)
+    if getattr(ctx, "fast", False):
+        bwd = get_backend(ctx.backend).merged_linear_bwd
+        dx, dcw, dcb = bwd(dy, x, w0, tau_w, coef_w, tau_b, n[0], n[3], need_dcb)
+    else:
+        dx, dcw, dcb = merged_linear_backward_op(dy, x, w0, tau_w, coef_w, tau_b, n[0], n[3], need_dcb, ctx.backend)
     dw0 = dtau_w = db0 = dtau_b = None
     if n[1] or n[2]:  # gradients of the weights themselves: plain autograd formula (not the fast path)
         dw = dy.to(w0.dtype).t() @ x.to(w0.dtype)
@@ -218,7 +271,107 @@ def _ent_setup(ctx, inputs, output):
 
 def _ent_backward(ctx, grad):
     (logits,) = ctx.saved_tensors
+    if getattr(ctx, "fast", False):
+        return get_backend(ctx.backend).entropy_bwd(grad, logits), None
     return entropy_backward_op(grad, logits, ctx.backend), None
 
 
 entropy_op.register_autograd(_ent_backward, setup_context=_ent_setup)
+
+
+# ------------------------------------------------------------------------------------- eager fast path
+# The same backend methods, setup and backward formulas as the custom ops above, as autograd.Functions
+# (ctx.fast selects direct backend calls in the shared backward code).
+class _MergeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(base, deltas, coef, backend):
+        return get_backend(backend).merge(base, deltas, coef)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _merge_setup(ctx, inputs, output)
+        ctx.fast = True
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _merge_backward(ctx, grad)
+
+
+class _MergeManyFn(torch.autograd.Function):
+    # autograd.Function tracks only top-level tensor arguments: the lists travel flattened,
+    # apply(backend, n, coefs, *bases, *deltas) -> n outputs
+    @staticmethod
+    def forward(backend, n, coefs, *tensors):
+        return tuple(get_backend(backend).merge_many(list(tensors[:n]), list(tensors[n:]), coefs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, n, coefs, *tensors = inputs
+        _merge_many_setup(ctx, (tensors[:n], tensors[n:], coefs, backend), output)
+        ctx.n = n
+        ctx.fast = True
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n = ctx.n
+        need = ctx.needs_input_grad
+        nc, nb, nd = need[2], any(need[3 : 3 + n]), any(need[3 + n :])
+        coefs, *deltas = ctx.saved_tensors
+        grads, dcoefs = _merge_many_grads(ctx, grads, nc, fast=True)
+        dbases = list(grads) if nb else [None] * n
+        ddeltas = [_scaled(coefs[i], g, d.dtype) for i, (g, d) in enumerate(zip(grads, deltas))] if nd else [None] * n
+        return (None, None, dcoefs, *dbases, *ddeltas)
+
+
+class _MergedLinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend):
+        return get_backend(backend).merged_linear_fwd(x, w0, tau_w, coef_w, b0, tau_b, coef_b)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _ml_setup(ctx, inputs, output)
+        ctx.fast = True
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _ml_backward(ctx, dy)
+
+
+class _EntropyFn(torch.autograd.Function):
+    @staticmethod
+    def forward(logits, backend):
+        return get_backend(backend).entropy_fwd(logits)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _ent_setup(ctx, inputs, output)
+        ctx.fast = True
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _ent_backward(ctx, grad)
+
+
+def merge(base: Tensor, deltas: Tensor, coef: Tensor, backend: str) -> Tensor:
+    if use_fast_path(base, deltas, coef):
+        return _MergeFn.apply(base, deltas, coef, backend)
+    return merge_op(base, deltas, coef, backend)
+
+
+def merge_many(bases: list[Tensor], deltas: list[Tensor], coefs: Tensor, backend: str) -> list[Tensor]:
+    if use_fast_path(coefs, *bases, *deltas):
+        return list(_MergeManyFn.apply(backend, len(bases), coefs, *bases, *deltas))
+    return merge_many_op(bases, deltas, coefs, backend)
+
+
+def merged_linear(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend: str) -> Tensor:
+    if use_fast_path(x, w0, tau_w, coef_w, b0, tau_b, coef_b):
+        return _MergedLinearFn.apply(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend)
+    return merged_linear_op(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend)
+
+
+def entropy(logits: Tensor, backend: str) -> Tensor:
+    if use_fast_path(logits):
+        return _EntropyFn.apply(logits, backend)
+    return entropy_op(logits, backend)
