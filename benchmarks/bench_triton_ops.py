@@ -5,8 +5,10 @@
 2. ``merged_linear`` forward + backward (dx, dcoef_w, dcoef_b through autograd) against materialize-then-matmul,
    for M in {16, 256, 4096, 16384} and the layer shapes below, with K=8 fp32 task vectors (x, w0 fp32) and
    K=3 bf16 task vectors (x, w0 bf16): time and peak extra memory. The Triton rows are the fused strategy,
-   the just-in-time strategy and the automatic choice (``FUSED_MAX_M``); the crossover between the first two
-   is what should set ``adamerge_fast.ops.triton_kernels.merged_linear.FUSED_MAX_M``.
+   the just-in-time strategy and the automatic choice (measured per layer shape and M bucket on first use,
+   see ``merged_linear.choose_strategy``; the choices it made are written to the JSON as ``tuned``). The
+   crossover between the first two is the evidence for the fallback ``FUSED_MAX_M`` used where nothing can
+   be measured.
 
 Usage::
 
@@ -181,6 +183,9 @@ def main(argv=None):
         result["rows"] += bench_merge(args.quick)
     if args.only in (None, "linear"):
         result["rows"] += bench_linear(args.quick, args.max_fused_m)
+    from adamerge_fast.ops.triton_kernels import merged_linear as tml
+
+    result["tuned"] = [dict(key=[str(p) for p in k], strategy=v) for k, v in tml.tuned_strategies().items()]
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)

@@ -9,6 +9,8 @@
 //   k_merge(base[*S], deltas[K,*S], coef[K])  = base + sum_k coef[k] * deltas[k]  in base.dtype
 //   k_dcoef(grad[*S], deltas[K,*S])           = [<grad, deltas[k]> for k]          in the accumulation dtype
 //   k_merge_many / k_dcoef_many               = the same over lists, in one call
+//   k_merge_dcoef(base, deltas, coef, grad)   = (k_merge(base, deltas, coef), k_dcoef(grad, deltas)), CPU only,
+//                                               reading each task vector once (the cpu merged_linear backward)
 // Accumulation is float32, or float64 when an input (or coef) is float64. `out`/`outs`, when given, must be
 // contiguous tensors of the result's shape and dtype; they are written and returned (hence the (a!) alias
 // annotation on the result, as for torch's out= ops); without them the results are fresh tensors.
@@ -20,6 +22,8 @@ TORCH_LIBRARY_FRAGMENT(adamerge_fast, m) {
   m.def("k_dcoef(Tensor grad, Tensor deltas) -> Tensor");
   m.def("k_merge_many(Tensor[] bases, Tensor[] deltas, Tensor coefs, Tensor(a!)[]? outs=None) -> Tensor(a!)[]");
   m.def("k_dcoef_many(Tensor[] grads, Tensor[] deltas) -> Tensor");
+  // CPU only: (k_merge(base, deltas, coef), k_dcoef(grad, deltas)) reading each task vector once.
+  m.def("k_merge_dcoef(Tensor base, Tensor deltas, Tensor coef, Tensor grad) -> (Tensor, Tensor)");
   // CUDA only (no CPU kernel is registered: the cpu backend uses the composite in Backend).
   m.def(
       "k_merged_linear_fwd(Tensor x, Tensor w0, Tensor tau_w, Tensor coef_w, Tensor? b0, Tensor? tau_b, "

@@ -307,6 +307,61 @@ def test_merge_checks():
         ops().k_merge(b, torch.empty(0, 3, 4), torch.empty(0))
 
 
+# ----------------------------------------------------------------------------------------- merge + dcoef
+@needs_ext
+@pytest.mark.parametrize("base_dt", [F32, BF16, F16, F64])
+@pytest.mark.parametrize("delta_dt", [F32, BF16, F16])
+@pytest.mark.parametrize("K", [1, 3, 8, 9])
+def test_merge_dcoef(base_dt, delta_dt, K):
+    """One pass (K <= 8, no fp64: the merge output bitwise that of k_merge) or the two ops (otherwise); the
+    gradient is fp32 as the backward passes it, and also fp64 / bf16 (the two-op path)."""
+    for i, shape in enumerate(SIZES + [(511,), (513,), (32769,), (3, 10923)]):
+        base = rand(shape, base_dt, i)
+        deltas = rand((K, *shape), delta_dt, 50 + i)
+        coef = rand((K,), F32, 100 + i)
+        for grad_dt in (F32, F64, BF16):
+            grad = rand(shape, grad_dt, 150 + i)
+            merged, dc = ops().k_merge_dcoef(base, deltas, coef, grad)
+            assert merged.dtype == base_dt and merged.shape == base.shape and merged.is_contiguous()
+            assert torch.equal(merged, ops().k_merge(base, deltas, coef)), f"{shape} K={K}"
+            assert dc.dtype == acc_of(delta_dt, grad_dt) and dc.shape == (K,)  # as k_dcoef(grad, deltas)
+            assert_close(dc, oracle_dcoef(grad, deltas), lowest(grad_dt, delta_dt, base_dt), f"{shape} K={K}")
+
+
+@needs_ext
+def test_merge_dcoef_large_non_contiguous_and_threads():
+    K = 8
+    base = rand((1003, 1001), F32, 1).t()  # non-contiguous
+    deltas = rand((K, 1001, 1003), BF16, 2)
+    coef = rand((2 * K,), F32, 3)[::2]
+    grad = rand((1003, 1001), F32, 4).t()
+    old = torch.get_num_threads()
+    try:
+        runs = []
+        for nt in (old, 1):
+            torch.set_num_threads(nt)
+            runs.append(ops().k_merge_dcoef(base, deltas, coef, grad))
+    finally:
+        torch.set_num_threads(old)
+    (merged, dc), (m1, dc1) = runs
+    assert torch.equal(merged, m1) and torch.equal(dc, dc1)  # deterministic whatever the thread count
+    assert_close(merged, oracle_merge(base, deltas, coef), BF16)
+    assert_close(dc, oracle_dcoef(grad, deltas), BF16)
+
+
+@needs_ext
+def test_merge_dcoef_checks():
+    b, d, c = rand((4,), F32), rand((2, 4), F32), rand((2,), F32)
+    with pytest.raises(RuntimeError, match=r"k_merge_dcoef: grad must have the shape of base \[4\], got \[5\]"):
+        ops().k_merge_dcoef(b, d, c, rand((5,), F32))
+    with pytest.raises(RuntimeError, match=r"k_merge_dcoef: coef must have shape \[K\]=\[2\], got \[3\]"):
+        ops().k_merge_dcoef(b, d, rand((3,), F32), b)
+    with pytest.raises(RuntimeError, match=r"k_merge_dcoef: grad must be a floating tensor"):
+        ops().k_merge_dcoef(b, d, c, torch.ones(4, dtype=torch.int32))
+    e, dc = ops().k_merge_dcoef(torch.empty(0, 3), torch.empty(2, 0, 3), c, torch.empty(0, 3))
+    assert e.shape == (0, 3) and torch.equal(dc, torch.zeros(2))
+
+
 # ------------------------------------------------------------------------------------------- determinism
 @needs_ext
 def test_deterministic_across_calls_and_threads():

@@ -364,6 +364,52 @@ def test_strategy_choice(kernels):
         ml.choose_strategy(3, "bogus")
 
 
+@pytest.mark.parametrize("winner", ["fused", "jit"])
+def test_strategy_measured_per_shape(device, kernels, monkeypatch, winner):
+    """On a GPU the first call per (direction, M bucket, layer shape, K, dtypes) times both strategies and
+    caches the faster one. Here the timer is replaced (it still runs each strategy once) and measuring is
+    allowed on this device; the interpreter itself never measures."""
+    ml = kernels[1]
+    calls = []
+
+    def fake_bench(fn):  # choose_strategy times the strategies in the order ("fused", "jit")
+        out = fn()
+        assert torch.isfinite(out).all()
+        calls.append(out.shape)
+        return 1.0 if (len(calls) % 2 == 1) == (winner == "fused") else 5.0
+
+    assert ml._can_measure(device) == (ml.TUNE and not ml.INTERPRET and device.type == "cuda")
+    monkeypatch.setattr(ml, "_TUNED", {})
+    monkeypatch.setattr(ml, "_bench_ms", fake_bench)
+    monkeypatch.setattr(ml, "_can_measure", lambda dev: True)
+    x, w0, tau_w, coef_w, b0, tau_b, coef_b = _linear_inputs(40, 19, 13, 3, F32, F32, BF16, device)
+    coef_w.requires_grad_()
+    x.requires_grad_()
+    y = adamerge_fast.merged_linear(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend="triton")
+    y.backward(_randn(40, 13, device=device, seed=9))
+    assert len(calls) == 4  # fwd: both strategies, dx: both strategies
+    tuned = ml.tuned_strategies()
+    assert sorted(k[0] for k in tuned) == ["dx", "fwd"] and set(tuned.values()) == {winner}
+    assert all(k[1] == 64 for k in tuned)  # M=40 -> bucket 64
+    x64, cw64 = x.detach().double().requires_grad_(), coef_w.detach().double().requires_grad_()
+    y64 = linear_oracle(x64, w0, tau_w, cw64, b0, tau_b, coef_b)
+    y64.backward(_randn(40, 13, device=device, seed=9).double())
+    assert_close(y, y64, BF16, f"fwd after measuring ({winner})")
+    assert_close(x.grad, x64.grad, BF16, f"dx after measuring ({winner})")
+    assert_close(coef_w.grad, cw64.grad, BF16, f"dcoef_w after measuring ({winner})")
+    # same key and M bucket (33 -> 64): cached, nothing timed again
+    adamerge_fast.merged_linear(x[:33].detach(), w0, tau_w, coef_w.detach(), b0, tau_b, coef_b, backend="triton")
+    assert len(calls) == 4
+    key = ("fwd", 13, 19, 3, F32, F32, BF16, False, x.device)  # another key (no bias): measured
+    xs, cws = x.detach(), coef_w.detach()
+    assert ml.choose_strategy(40, None, key, lambda s: ml._fwd(xs, w0, tau_w, cws, None, None, None, s)) == winner
+    assert len(calls) == 6
+    assert ml.choose_strategy(16, None, key, lambda s: pytest.fail("measured at M=16")) == "fused"
+    assert ml.choose_strategy(10**5, None, key, lambda s: pytest.fail("measured far above")) == "jit"
+    assert ml.choose_strategy(40, "jit", key, lambda s: pytest.fail("measured a forced choice")) == "jit"
+    assert len(calls) == 6
+
+
 @pytest.mark.parametrize("strategy", ["fused", "jit"])
 def test_merged_linear_public_autograd(device, kernels, monkeypatch, strategy):
     monkeypatch.setattr(kernels[1], "STRATEGY", strategy)

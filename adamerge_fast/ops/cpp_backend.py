@@ -2,7 +2,8 @@
 
 ``cpu`` runs the OpenMP kernels on CPU tensors: merge and the coefficient gradients in one pass over memory;
 ``merged_linear`` is the composite of :class:`~adamerge_fast.ops._backend.Backend` (merge the layer's weight,
-then ``F.linear``; backward forms ``dy^T x`` and reduces it with the dcoef kernel). ``cuda`` runs the CUDA
+then ``F.linear``; backward forms ``dy^T x``, then one pass over the task vectors gives both the merged weight
+for ``dx`` and the coefficient gradient). ``cuda`` runs the CUDA
 kernels, including the fused small-batch ``merged_linear`` and the softmax entropy; it exists only when the
 extension was built with CUDA.
 
@@ -68,6 +69,19 @@ class CppBackend(Backend):
 
     def dcoef_many(self, grads, deltas):
         return self._ops.k_dcoef_many(list(grads), list(deltas))
+
+    def merged_linear_bwd(self, dy, x, w0, tau_w, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b):
+        """The composite backward of :class:`Backend`, except that when both ``dx`` and ``dcoef_w`` are needed the
+        merged weight (for ``dx``) and ``dcoef_w`` (from ``dW = dy^T x``) come from one pass over the task
+        vectors (``k_merge_dcoef``) instead of two."""
+        acc = _backend.acc_dtype(w0.dtype, x.dtype)
+        if not (need_dx and need_dcoef_w) or acc != torch.float32:
+            return super().merged_linear_bwd(dy, x, w0, tau_w, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b)
+        dw = dy.to(acc).t() @ x.to(acc)  # [out, in]: the weight gradient this composite does allocate
+        w, dcw = self._ops.k_merge_dcoef(w0, tau_w, coef_w, dw)
+        dx = (dy @ w.to(dy.dtype)).to(x.dtype)
+        dcb = self.dcoef(dy.to(acc).sum(0), tau_b) if need_dcoef_b else dy.new_empty(0, dtype=acc)
+        return dx, dcw, dcb
 
 
 class CudaBackend(CppBackend):

@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -70,6 +71,13 @@ DotFn pick_dot(at::ScalarType g, at::ScalarType d, bool dbl, int64_t K) {
   if (isa() == Isa::avx2) return avx2::pick_dot(g, d, dbl, K);
 #endif
   return base::pick_dot(g, d, dbl, K);
+}
+
+MergeDotFn pick_merge_dot(at::ScalarType b, at::ScalarType d, int64_t K) {
+#if AMF_CPU_AVX2
+  if (isa() == Isa::avx2) return avx2::pick_merge_dot(b, d, K);
+#endif
+  return base::pick_merge_dot(b, d, K);
 }
 
 // ------------------------------------------------------------------------------------------- drivers
@@ -146,6 +154,26 @@ void run_dot(std::vector<DotItem>& items, int K, double* out) {
   }
 }
 
+// merge of `it` and out[k] = <g, deltas[k]> in one pass: fixed chunks of DCHUNK elements (as run_dot, so the
+// dot products are deterministic), one contiguous range of chunks per thread.
+void run_merge_dot(const MergeItem& it, const float* g, MergeDotFn fn, double* out) {
+  const int K = it.K;
+  const int64_t nw = (it.numel + DCHUNK - 1) / DCHUNK;
+  std::vector<double> part(static_cast<size_t>(nw) * K);
+  const int nt = threads_for(it.numel * (it.bytes_per_elem + 4));
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t w = 0; w < nw; ++w) {
+    const int64_t b = w * DCHUNK, e = std::min(b + DCHUNK, it.numel);
+    if (it.prefault) touch_pages(static_cast<char*>(it.out) + b * it.out_esize, (e - b) * it.out_esize);
+    fn(it, g, b, e, part.data() + w * K);
+  }
+  for (int k = 0; k < K; ++k) {
+    double s = 0.0;
+    for (int64_t w = 0; w < nw; ++w) s += part[w * K + k];
+    out[k] = s;
+  }
+}
+
 // --------------------------------------------------------------------------------------------- checks
 void check_cpu_float(const char* op, const std::string& name, const at::Tensor& t) {
   check_defined_float(op, name, t);
@@ -215,6 +243,47 @@ at::Tensor k_dcoef_cpu(const at::Tensor& grad, const at::Tensor& deltas) {
                               pick_dot(grad.scalar_type(), deltas.scalar_type(), acc == at::kDouble, K)}};
   run_dot(items, static_cast<int>(K), res.data_ptr<double>());
   return acc == at::kDouble ? res : res.to(acc);
+}
+
+// (k_merge(base, deltas, coef), k_dcoef(grad, deltas)) reading the task vectors once (K <= 8, no fp64, fp32
+// grad); otherwise the two ops one after the other.
+std::tuple<at::Tensor, at::Tensor> k_merge_dcoef_cpu(const at::Tensor& base, const at::Tensor& deltas,
+                                                     const at::Tensor& coef, const at::Tensor& grad) {
+  const char* op = "k_merge_dcoef";
+  check_cpu_float(op, "base", base);
+  check_cpu_float(op, "deltas", deltas);
+  check_cpu_float(op, "coef", coef);
+  check_cpu_float(op, "grad", grad);
+  const int64_t K = check_stack(op, "deltas", deltas, "base", base);
+  check_coef(op, "coef", coef, K);
+  TORCH_CHECK(grad.sizes() == base.sizes(), op, ": grad must have the shape of base ", shape_str(base.sizes()),
+              ", got ", shape_str(grad.sizes()));
+  const bool dbl = acc_of({base.scalar_type(), deltas.scalar_type(), coef.scalar_type(), grad.scalar_type()}) ==
+                   at::kDouble;
+  const MergeDotFn fn =
+      dbl || grad.scalar_type() != at::kFloat ? nullptr : pick_merge_dot(base.scalar_type(), deltas.scalar_type(), K);
+  if (fn == nullptr) return {k_merge_cpu(base, deltas, coef, std::nullopt), k_dcoef_cpu(grad, deltas)};
+  at::Tensor o = at::empty(base.sizes(), base.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor res = at::empty({K}, base.options().dtype(at::kDouble));
+  if (base.numel() == 0) return {o, res.zero_().to(at::kFloat)};
+  const at::Tensor b = base.contiguous();
+  const at::Tensor g = grad.contiguous();
+  const Stack d = as_stack(deltas);
+  const at::Tensor cf = coef.to(at::kFloat).contiguous();
+  MergeItem it{o.data_ptr(),
+               b.const_data_ptr(),
+               static_cast<const char*>(d.t.const_data_ptr()),
+               d.kstride * static_cast<int64_t>(d.t.element_size()),
+               b.numel(),
+               static_cast<int>(K),
+               merge_bpe(b, d.t),
+               static_cast<int>(o.element_size()),
+               true,
+               cf.const_data_ptr<float>(),
+               nullptr,
+               nullptr};
+  run_merge_dot(it, g.const_data_ptr<float>(), fn, res.data_ptr<double>());
+  return {o, res.to(at::kFloat)};
 }
 
 std::vector<at::Tensor> k_merge_many_cpu(at::TensorList bases, at::TensorList deltas, const at::Tensor& coefs,
@@ -295,6 +364,7 @@ TORCH_LIBRARY_IMPL(adamerge_fast, CPU, m) {
   m.impl("k_dcoef", &amf::cpu::k_dcoef_cpu);
   m.impl("k_merge_many", &amf::cpu::k_merge_many_cpu);
   m.impl("k_dcoef_many", &amf::cpu::k_dcoef_many_cpu);
+  m.impl("k_merge_dcoef", &amf::cpu::k_merge_dcoef_cpu);
 }
 
 // Which copy of the CPU loops runs here: "avx2" or "base" (ADAMERGE_CPU_ISA=base forces the baseline).

@@ -51,11 +51,15 @@ struct DotItem {
   DotFn fn;
 };
 
+// out[b:e] = merge(...) of the MergeItem and part[k] = <g[b:e], deltas[k][b:e]> in one pass (fp32 g)
+using MergeDotFn = void (*)(const MergeItem&, const float*, int64_t, int64_t, double*);
+
 // The kernels of one instruction set: pick the loop for a dtype combination (and K, for merge).
 #define AMF_DECLARE_ISA(NS)                                                         \
   namespace NS {                                                                    \
   MergeFn pick_merge(at::ScalarType b, at::ScalarType d, bool dbl, int64_t K);      \
   DotFn pick_dot(at::ScalarType g, at::ScalarType d, bool dbl, int64_t K);         \
+  MergeDotFn pick_merge_dot(at::ScalarType b, at::ScalarType d, int64_t K);         \
   }
 AMF_DECLARE_ISA(base)
 #if AMF_CPU_AVX2

@@ -8,7 +8,8 @@ Plain-torch semantics (``W = w0 + sum_k coef_w[k] * tau_w[k]``, fp32 accumulatio
 
 with ``w0[out, in]``, ``tau_w[K, out, in]``, ``coef_w[K]``, ``b0[out]``, ``tau_b[K, out]``, ``coef_b[K]``.
 
-``fwd`` and ``dx`` have two strategies, chosen by the number of rows ``M`` (:data:`FUSED_MAX_M`):
+``fwd`` and ``dx`` have two strategies, chosen per layer shape and number of rows ``M`` (measured on the GPU,
+see :func:`choose_strategy`; :data:`FUSED_MAX_M` where nothing can be measured):
 
 * ``"fused"`` (small M, memory-bound on the K+1 weight reads): one kernel, ``C[M, N] = A[M, R] @ W'[R, N]``
   where every program loads its ``w0`` tile and the K task-vector tiles, combines them with the coefficients
@@ -24,6 +25,8 @@ K partial sums to a ``[num_tiles, K]`` buffer, which a second kernel sums in a f
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -32,25 +35,80 @@ from .._backend import new_output
 from ._common import INTERPRET, clamp_pow2, dot_dtype, fp32_dot_precision
 from .merge import merge, segment_sum
 
-# Rows up to which fwd/dx use the fused-prologue kernel; above it, merge-then-matmul ("jit").
-# The value 256 is a starting guess: it must be confirmed by GPU measurement (benchmarks/bench_triton_ops.py),
-# none has been possible yet.
+# How fwd/dx pick a strategy (choose_strategy):
+# 1. a forced one: the ``strategy`` argument, else the module override STRATEGY (tests, benchmarks);
+# 2. on a GPU, *measured* (for M in TUNE_M_RANGE): the first call for a key (direction, M rounded up to a
+#    power of two, the layer's N and R, K, the dtypes, the device) times both strategies on that call's own
+#    inputs (CUDA events, best of three after a warm-up) and caches the faster one for the process
+#    (``tuned_strategies()`` lists the choices). One threshold cannot be right for every layer width, K, dtype
+#    and GPU, so the crossover comes from measurement on the device that runs it, as Triton's autotuner does
+#    for block sizes;
+# 3. FUSED_MAX_M otherwise: under the interpreter, during CUDA-graph capture, or with ADAMERGE_TRITON_TUNE=0.
+#    Its value (256) is the expected crossover (one to a few 64-row tiles: the fused kernel re-reads the K+1
+#    weight tiles and redoes the K-term combine once per row tile, the jit path pays one extra write and read
+#    of the merged weight); it has not been measured on a GPU yet.
 FUSED_MAX_M = 256
 
-# Force a strategy for every call ("fused" or "jit"); None chooses by FUSED_MAX_M. Tests set this.
+# Force a strategy for every call ("fused" or "jit"); None chooses (see above). Tests set this.
 STRATEGY: str | None = None
 
+# Measure the crossover on the GPU (step 2 above); ADAMERGE_TRITON_TUNE=0 turns it off.
+TUNE = os.environ.get("ADAMERGE_TRITON_TUNE", "1") != "0"
+
 _STRATEGIES = ("fused", "jit")
+_TUNED: dict[tuple, str] = {}
 
 
-def choose_strategy(M: int, strategy: str | None = None) -> str:
-    """``strategy`` if given, else the module override :data:`STRATEGY`, else by ``M`` vs :data:`FUSED_MAX_M`."""
+# Only rows in (lo, hi] are measured: at <= 16 rows the fused kernel reads each weight once and the matmul is
+# tiny (fused wins by construction); far above the expected crossover the fused kernel redoes the combine for
+# hundreds of row tiles (jit wins), and timing it would only cost time.
+TUNE_M_RANGE = (16, 8192)
+
+
+def _bench_ms(fn) -> float:
+    """Best of three timed calls of ``fn`` on the current CUDA stream after one warm-up call (which also
+    compiles the kernel), in ms. Tests replace this."""
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(3):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def _can_measure(device: torch.device) -> bool:
+    if not TUNE or INTERPRET or device.type != "cuda":
+        return False
+    return not torch.cuda.is_current_stream_capturing()
+
+
+def tuned_strategies() -> dict[tuple, str]:
+    """The measured choices so far: ``{(direction, M bucket, N, R, K, dtypes..., device): strategy}``."""
+    return dict(_TUNED)
+
+
+def choose_strategy(M: int, strategy: str | None = None, key: tuple | None = None, run=None) -> str:
+    """The strategy for ``M`` rows: forced (``strategy``, then :data:`STRATEGY`), measured on the GPU when
+    ``key`` and ``run`` are given (``run(s)`` runs the op with strategy ``s``), else by :data:`FUSED_MAX_M`."""
     s = strategy or STRATEGY
-    if s is None:
-        return "fused" if M <= FUSED_MAX_M else "jit"
-    if s not in _STRATEGIES:
-        raise ValueError(f"merged_linear strategy must be one of {_STRATEGIES} or None, got {s!r}")
-    return s
+    if s is not None:
+        if s not in _STRATEGIES:
+            raise ValueError(f"merged_linear strategy must be one of {_STRATEGIES} or None, got {s!r}")
+        return s
+    if key is not None and run is not None and TUNE_M_RANGE[0] < M <= TUNE_M_RANGE[1]:
+        device = key[-1]
+        if _can_measure(device):
+            k = (key[0], 1 << max(4, (M - 1).bit_length()), *key[1:])
+            hit = _TUNED.get(k)
+            if hit is None:
+                times = {c: _bench_ms(lambda c=c: run(c)) for c in _STRATEGIES}
+                hit = _TUNED[k] = min(times, key=times.get)
+            return hit
+    return "fused" if M <= FUSED_MAX_M else "jit"
 
 
 # --------------------------------------------------------------------------------------------------- kernels
@@ -261,7 +319,14 @@ def merged_linear_fwd(x, w0, tau_w, coef_w, b0=None, tau_b=None, coef_b=None, st
     M = x.shape[0]
     coef_w = coef_w.contiguous()
     coef_b = None if coef_b is None else coef_b.contiguous()
-    if choose_strategy(M, strategy) == "fused":
+    key = ("fwd", *w0.shape, tau_w.shape[0], x.dtype, w0.dtype, tau_w.dtype, b0 is not None, x.device)
+    s = choose_strategy(M, strategy, key, lambda s: _fwd(x, w0, tau_w, coef_w, b0, tau_b, coef_b, s))
+    return _fwd(x, w0, tau_w, coef_w, b0, tau_b, coef_b, s)
+
+
+def _fwd(x, w0, tau_w, coef_w, b0, tau_b, coef_b, strategy: str):
+    M = x.shape[0]
+    if strategy == "fused":
         bias = None if b0 is None else (b0, tau_b, coef_b)
         return _fused(x, w0, tau_w, coef_w, bias, x.dtype, transpose_w=True)
     w = merge(w0, tau_w, coef_w, out_dtype=x.dtype)  # [out, in] scratch, this layer only
@@ -277,9 +342,15 @@ def merged_linear_fwd(x, w0, tau_w, coef_w, b0=None, tau_b=None, coef_b=None, st
 
 def merged_linear_dx(dy, w0, tau_w, coef_w, out_dtype: torch.dtype, strategy: str | None = None):
     """``dy[M, out] @ (w0 + sum_k coef_w[k] tau_w[k])`` -> ``[M, in]`` in ``out_dtype``."""
-    M = dy.shape[0]
     coef_w = coef_w.contiguous()
-    if choose_strategy(M, strategy) == "fused":
+    key = ("dx", *w0.shape, tau_w.shape[0], dy.dtype, w0.dtype, tau_w.dtype, out_dtype, dy.device)
+    s = choose_strategy(dy.shape[0], strategy, key, lambda s: _dx(dy, w0, tau_w, coef_w, out_dtype, s))
+    return _dx(dy, w0, tau_w, coef_w, out_dtype, s)
+
+
+def _dx(dy, w0, tau_w, coef_w, out_dtype: torch.dtype, strategy: str):
+    M = dy.shape[0]
+    if strategy == "fused":
         return _fused(dy, w0, tau_w, coef_w, None, out_dtype, transpose_w=False)
     w = merge(w0, tau_w, coef_w, out_dtype=dy.dtype)  # [out, in] scratch
     dx = new_output((M, w0.shape[1]), out_dtype, dy.device)
