@@ -8,6 +8,7 @@ Cases (K task vectors, default K=8; sizes 12.5M and 100M parameters):
   single expressions (bf16 matvec then add; ``addmv`` after ``.float()``); the best is reported;
 * dcoef (the K dot products of a gradient with the task vectors), fp32 and bf16 task vectors: extension vs
   ``torch.mv`` / the reference backend;
+* merge + dcoef in one pass (``k_merge_dcoef``, the cpu backend's merged_linear backward) vs the two ops;
 * merge_many over 150 small tensors: one extension call vs Python loops over the tensors (the peers'
   per-parameter ``w0 + sum_k c_k * tau_k``; clone + ``add_`` per task; our reference merge per tensor) and
   the public ``merge_many`` API with each backend;
@@ -224,6 +225,20 @@ def dcoef_bf16_case(N: int, K: int, repeats: int, probe) -> dict:
     c.add("torch reference backend dcoef (per-task .float() dot)", lambda: reference.dcoef(grad, d), slow=True)
     c.add("torch bf16 mv (bf16 grad)", lambda: torch.mv(d, gb))
     c.add("torch mv after .float()", lambda: torch.mv(d.float(), grad), slow=True)
+    return c.run(repeats)
+
+
+def merge_dcoef_case(N: int, K: int, repeats: int, probe) -> dict:
+    """The cpu merged_linear backward's pass: the merged weight (for dx) and the coefficient gradient from dW,
+    one pass over the task vectors vs the two ops (bf16 task vectors, fp32 base and gradient)."""
+    g, base, coef = _inputs(N, K, 4)
+    d = torch.randn(K, N, generator=g).to(torch.bfloat16)
+    grad = torch.randn(N, generator=g)
+    gb, cb = grad.to(torch.bfloat16), coef.to(torch.bfloat16)
+    c = Case(f"merge + dcoef, bf16 task vectors, fp32 base/grad, K={K} N={N / 1e6:g}M", N * (4 + 2 * K + 4 + 4), probe)
+    c.add("ext k_merge_dcoef (one pass)", lambda: ops().k_merge_dcoef(base, d, coef, grad))
+    c.add("two ext ops: k_merge then k_dcoef", lambda: (ops().k_merge(base, d, coef), ops().k_dcoef(grad, d)))
+    c.add("torch bf16 mv then add, bf16 mv", lambda: (base + torch.mv(d.t(), cb), torch.mv(d, gb)))
     return c.run(repeats)
 
 
@@ -473,6 +488,7 @@ def main(argv=None):
                 ("merge_bf16", merge_bf16_case),
                 ("dcoef_fp32", dcoef_fp32_case),
                 ("dcoef_bf16", dcoef_bf16_case),
+                ("merge_dcoef_bf16", merge_dcoef_case),
             ):
                 r[f"{key}_{tag}"] = case(N, args.K, repeats, probe)
                 gc.collect()

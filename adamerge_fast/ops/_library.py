@@ -282,19 +282,28 @@ entropy_op.register_autograd(_ent_backward, setup_context=_ent_setup)
 # ------------------------------------------------------------------------------------- eager fast path
 # The same backend methods, setup and backward formulas as the custom ops above, as autograd.Functions
 # (ctx.fast selects direct backend calls in the shared backward code).
-class _MergeFn(torch.autograd.Function):
-    @staticmethod
-    def forward(base, deltas, coef, backend):
-        return get_backend(backend).merge(base, deltas, coef)
+def _fast_function(name: str, method: str, setup, backward):
+    """An autograd.Function whose forward is ``get_backend(backend).<method>(*tensors)`` (the backend name is
+    the last argument, as in the custom op) with the custom op's setup and backward code."""
 
-    @staticmethod
+    def forward(*args):
+        return getattr(get_backend(args[-1]), method)(*args[:-1])
+
     def setup_context(ctx, inputs, output):
-        _merge_setup(ctx, inputs, output)
+        setup(ctx, inputs, output)
         ctx.fast = True
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _merge_backward(ctx, grad)
+    ns = {
+        "forward": staticmethod(forward),
+        "setup_context": staticmethod(setup_context),
+        "backward": staticmethod(backward),
+    }
+    return type(name, (torch.autograd.Function,), ns)
+
+
+_MergeFn = _fast_function("_MergeFn", "merge", _merge_setup, _merge_backward)
+_MergedLinearFn = _fast_function("_MergedLinearFn", "merged_linear_fwd", _ml_setup, _ml_backward)
+_EntropyFn = _fast_function("_EntropyFn", "entropy_fwd", _ent_setup, _ent_backward)
 
 
 class _MergeManyFn(torch.autograd.Function):
@@ -321,36 +330,6 @@ class _MergeManyFn(torch.autograd.Function):
         dbases = list(grads) if nb else [None] * n
         ddeltas = [_scaled(coefs[i], g, d.dtype) for i, (g, d) in enumerate(zip(grads, deltas))] if nd else [None] * n
         return (None, None, dcoefs, *dbases, *ddeltas)
-
-
-class _MergedLinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend):
-        return get_backend(backend).merged_linear_fwd(x, w0, tau_w, coef_w, b0, tau_b, coef_b)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _ml_setup(ctx, inputs, output)
-        ctx.fast = True
-
-    @staticmethod
-    def backward(ctx, dy):
-        return _ml_backward(ctx, dy)
-
-
-class _EntropyFn(torch.autograd.Function):
-    @staticmethod
-    def forward(logits, backend):
-        return get_backend(backend).entropy_fwd(logits)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _ent_setup(ctx, inputs, output)
-        ctx.fast = True
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _ent_backward(ctx, grad)
 
 
 def merge(base: Tensor, deltas: Tensor, coef: Tensor, backend: str) -> Tensor:

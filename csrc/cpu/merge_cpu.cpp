@@ -189,6 +189,15 @@ int dot_bpe(const at::Tensor& g, const at::Tensor& d) {
   return static_cast<int>(g.element_size() + d.size(0) * d.element_size());
 }
 
+// The work item that merges the stack d (K task vectors) into the contiguous o from the contiguous b; fresh: o was
+// just allocated (its pages are touched chunk by chunk before the stream); cd may be null (fp32 accumulation).
+MergeItem merge_item(const at::Tensor& o, const at::Tensor& b, const Stack& d, int64_t K, bool fresh, const float* cf,
+                     const double* cd, MergeFn fn) {
+  return {o.data_ptr(), b.const_data_ptr(), static_cast<const char*>(d.t.const_data_ptr()),
+          d.kstride * static_cast<int64_t>(d.t.element_size()), b.numel(), static_cast<int>(K), merge_bpe(b, d.t),
+          static_cast<int>(o.element_size()), fresh, cf, cd, fn};
+}
+
 // ------------------------------------------------------------------------------------------- bindings
 at::Tensor k_merge_cpu(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coef,
                        const std::optional<at::Tensor>& out) {
@@ -212,19 +221,8 @@ at::Tensor k_merge_cpu(const at::Tensor& base, const at::Tensor& deltas, const a
   const bool dbl = acc_of({base.scalar_type(), deltas.scalar_type(), coef.scalar_type()}) == at::kDouble;
   const at::Tensor cd = coef.to(at::kDouble).contiguous();
   const at::Tensor cf = coef.to(at::kFloat).contiguous();
-  MergeItem it{o.data_ptr(),
-               b.const_data_ptr(),
-               static_cast<const char*>(d.t.const_data_ptr()),
-               d.kstride * static_cast<int64_t>(d.t.element_size()),
-               b.numel(),
-               static_cast<int>(K),
-               merge_bpe(b, d.t),
-               static_cast<int>(o.element_size()),
-               fresh,
-               cf.const_data_ptr<float>(),
-               cd.const_data_ptr<double>(),
-               pick_merge(base.scalar_type(), deltas.scalar_type(), dbl, K)};
-  run_merge({it});
+  run_merge({merge_item(o, b, d, K, fresh, cf.const_data_ptr<float>(), cd.const_data_ptr<double>(),
+                        pick_merge(base.scalar_type(), deltas.scalar_type(), dbl, K))});
   return o;
 }
 
@@ -270,18 +268,7 @@ std::tuple<at::Tensor, at::Tensor> k_merge_dcoef_cpu(const at::Tensor& base, con
   const at::Tensor g = grad.contiguous();
   const Stack d = as_stack(deltas);
   const at::Tensor cf = coef.to(at::kFloat).contiguous();
-  MergeItem it{o.data_ptr(),
-               b.const_data_ptr(),
-               static_cast<const char*>(d.t.const_data_ptr()),
-               d.kstride * static_cast<int64_t>(d.t.element_size()),
-               b.numel(),
-               static_cast<int>(K),
-               merge_bpe(b, d.t),
-               static_cast<int>(o.element_size()),
-               true,
-               cf.const_data_ptr<float>(),
-               nullptr,
-               nullptr};
+  const MergeItem it = merge_item(o, b, d, K, true, cf.const_data_ptr<float>(), nullptr, nullptr);
   run_merge_dot(it, g.const_data_ptr<float>(), fn, res.data_ptr<double>());
   return {o, res.to(at::kFloat)};
 }
@@ -314,11 +301,9 @@ std::vector<at::Tensor> k_merge_many_cpu(at::TensorList bases, at::TensorList de
     keep.push_back(d.t);
     const bool dbl =
         acc_of({bases[i].scalar_type(), deltas[i].scalar_type(), coefs.scalar_type()}) == at::kDouble;
-    items.push_back({o.data_ptr(), b.const_data_ptr(), static_cast<const char*>(d.t.const_data_ptr()),
-                     d.kstride * static_cast<int64_t>(d.t.element_size()), b.numel(), static_cast<int>(K),
-                     merge_bpe(b, d.t), static_cast<int>(o.element_size()), !has_outs,
-                     cf.const_data_ptr<float>() + i * K, cd.const_data_ptr<double>() + i * K,
-                     pick_merge(bases[i].scalar_type(), deltas[i].scalar_type(), dbl, K)});
+    items.push_back(merge_item(o, b, d, K, !has_outs, cf.const_data_ptr<float>() + i * K,
+                               cd.const_data_ptr<double>() + i * K,
+                               pick_merge(bases[i].scalar_type(), deltas[i].scalar_type(), dbl, K)));
   }
   if (!items.empty()) run_merge(items);
   return res;
