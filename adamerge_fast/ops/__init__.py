@@ -132,7 +132,10 @@ def merge_many(
             ok = len(ds) == b.dim() + 1 and ds[0] == K and ds[1:] == b.shape and b.device == dev == d.device
         if not ok:
             _check_merge_args(f"merge_many[{i}]", b, d, coefs[i], "coefs[i]")
-            raise ValueError(f"merge_many[{i}]: bases[{i}], deltas[{i}] and coefs must be on one device")
+            raise ValueError(  # not reached when _check_merge_args covers every case of the predicate
+                f"merge_many[{i}]: bases[{i}] {list(b.shape)} on {b.device}, deltas[{i}] {list(d.shape)} on "
+                f"{d.device} and coefs [n, K={K}] on {dev} do not fit together"
+            )
     be = resolve(backend, "merge_many", bases[0].device)
     return _library.merge_many(bases, deltas, coefs, be)
 

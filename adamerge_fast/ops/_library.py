@@ -87,13 +87,12 @@ def _merge_backward(ctx, grad):
     ddeltas = _scaled(coef, grad, deltas.dtype) if nd else None
     dcoef = None
     if nc:
-        fast = getattr(ctx, "fast", False)
-        dcoef = (get_backend(ctx.backend).dcoef if fast else _dcoef_op(ctx.backend))(grad, deltas).to(coef.dtype)
+        if getattr(ctx, "fast", False):
+            dcoef = get_backend(ctx.backend).dcoef(grad, deltas)
+        else:
+            dcoef = merge_dcoef_op(grad, deltas, ctx.backend)
+        dcoef = dcoef.to(coef.dtype)
     return dbase, ddeltas, dcoef, None
-
-
-def _dcoef_op(backend):
-    return lambda grad, deltas: merge_dcoef_op(grad, deltas, backend)
 
 
 merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
@@ -128,30 +127,26 @@ def _merge_many_setup(ctx, inputs, output):
     ctx.backend = backend
 
 
-def _merge_many_grads(ctx, grads, need_coefs: bool, fast: bool):
-    """(grads with zeros for unused outputs, dcoefs or None): shared by the custom op and the fast path."""
+def _merge_many_grads(ctx, grads, nb: bool, nd: bool, nc: bool):
+    """(dbases, ddeltas, dcoefs), each None when not needed: shared by the custom op and the fast path."""
     coefs, *deltas = ctx.saved_tensors
     grads = [
         g if g is not None else torch.zeros(s, dtype=dt, device=coefs.device) for g, (s, dt) in zip(grads, ctx.shapes)
     ]
+    dbases = list(grads) if nb else None
+    ddeltas = [_scaled(coefs[i], g, d.dtype) for i, (g, d) in enumerate(zip(grads, deltas))] if nd else None
     dcoefs = None
-    if need_coefs:
-        dc = (
-            get_backend(ctx.backend).dcoef_many(grads, deltas)
-            if fast
-            else merge_many_dcoef_op(grads, deltas, ctx.backend)
-        )
-        dcoefs = dc.to(coefs.dtype)
-    return grads, dcoefs
+    if nc:
+        if getattr(ctx, "fast", False):
+            dcoefs = get_backend(ctx.backend).dcoef_many(grads, deltas)
+        else:
+            dcoefs = merge_many_dcoef_op(grads, deltas, ctx.backend)
+        dcoefs = dcoefs.to(coefs.dtype)
+    return dbases, ddeltas, dcoefs
 
 
 def _merge_many_backward(ctx, grads):
-    coefs, *deltas = ctx.saved_tensors
-    nb, nd, nc = ctx.needs_input_grad[:3]
-    grads, dcoefs = _merge_many_grads(ctx, grads, nc, fast=False)
-    dbases = list(grads) if nb else None
-    ddeltas = [_scaled(coefs[i], g, d.dtype) for i, (g, d) in enumerate(zip(grads, deltas))] if nd else None
-    return dbases, ddeltas, dcoefs, None
+    return (*_merge_many_grads(ctx, grads, *ctx.needs_input_grad[:3]), None)
 
 
 merge_many_op.register_autograd(_merge_many_backward, setup_context=_merge_many_setup)
@@ -322,14 +317,9 @@ class _MergeManyFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        n = ctx.n
-        need = ctx.needs_input_grad
-        nc, nb, nd = need[2], any(need[3 : 3 + n]), any(need[3 + n :])
-        coefs, *deltas = ctx.saved_tensors
-        grads, dcoefs = _merge_many_grads(ctx, grads, nc, fast=True)
-        dbases = list(grads) if nb else [None] * n
-        ddeltas = [_scaled(coefs[i], g, d.dtype) for i, (g, d) in enumerate(zip(grads, deltas))] if nd else [None] * n
-        return (None, None, dcoefs, *dbases, *ddeltas)
+        n, need = ctx.n, ctx.needs_input_grad
+        dbases, ddeltas, dcoefs = _merge_many_grads(ctx, grads, any(need[3 : 3 + n]), any(need[3 + n :]), need[2])
+        return (None, None, dcoefs, *(dbases or [None] * n), *(ddeltas or [None] * n))
 
 
 def merge(base: Tensor, deltas: Tensor, coef: Tensor, backend: str) -> Tensor:

@@ -198,6 +198,12 @@ MergeItem merge_item(const at::Tensor& o, const at::Tensor& b, const Stack& d, i
           static_cast<int>(o.element_size()), fresh, cf, cd, fn};
 }
 
+// The work item of <g, d[k]> for every k, g and the stack d as they will be read (g contiguous).
+DotItem dot_item(const at::Tensor& g, const Stack& d, int64_t K, DotFn fn) {
+  return {g.const_data_ptr(), static_cast<const char*>(d.t.const_data_ptr()),
+          d.kstride * static_cast<int64_t>(d.t.element_size()), g.numel(), static_cast<int>(K), dot_bpe(g, d.t), 0, fn};
+}
+
 // ------------------------------------------------------------------------------------------- bindings
 at::Tensor k_merge_cpu(const at::Tensor& base, const at::Tensor& deltas, const at::Tensor& coef,
                        const std::optional<at::Tensor>& out) {
@@ -235,10 +241,8 @@ at::Tensor k_dcoef_cpu(const at::Tensor& grad, const at::Tensor& deltas) {
   at::Tensor res = at::empty({K}, grad.options().dtype(at::kDouble));
   const at::Tensor g = grad.contiguous();
   const Stack d = as_stack(deltas);
-  std::vector<DotItem> items{{g.const_data_ptr(), static_cast<const char*>(d.t.const_data_ptr()),
-                              d.kstride * static_cast<int64_t>(d.t.element_size()), g.numel(),
-                              static_cast<int>(K), dot_bpe(g, d.t), 0,
-                              pick_dot(grad.scalar_type(), deltas.scalar_type(), acc == at::kDouble, K)}};
+  std::vector<DotItem> items{
+      dot_item(g, d, K, pick_dot(grad.scalar_type(), deltas.scalar_type(), acc == at::kDouble, K))};
   run_dot(items, static_cast<int>(K), res.data_ptr<double>());
   return acc == at::kDouble ? res : res.to(acc);
 }
@@ -331,9 +335,7 @@ at::Tensor k_dcoef_many_cpu(at::TensorList grads, at::TensorList deltas) {
     const at::Tensor& g = keep.back();
     const Stack d = as_stack(deltas[i]);
     keep.push_back(d.t);
-    items.push_back({g.const_data_ptr(), static_cast<const char*>(d.t.const_data_ptr()),
-                     d.kstride * static_cast<int64_t>(d.t.element_size()), g.numel(), static_cast<int>(K),
-                     dot_bpe(g, d.t), 0, pick_dot(grads[i].scalar_type(), deltas[i].scalar_type(), a == at::kDouble, K)});
+    items.push_back(dot_item(g, d, K, pick_dot(grads[i].scalar_type(), deltas[i].scalar_type(), a == at::kDouble, K)));
   }
   at::Tensor res = at::empty({static_cast<int64_t>(n), K}, grads[0].options().dtype(at::kDouble));
   run_dot(items, static_cast<int>(K), res.data_ptr<double>());
