@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from .io import atomic_path, write_text_atomic
+
 GiB = 1024**3
 # glibc's MALLOC_MMAP_THRESHOLD_ of the second memory measurement (freed allocations above it go back at once)
 MMAP_THRESHOLD = 128 * 1024
@@ -259,7 +261,8 @@ def render_plot(result: dict, path: Path) -> bool:
         ax.legend(handles=handles, loc="lower right")
     fig.suptitle(f"AdaMerging step: {result['env']['device']} ({result['env']['date'][:10]})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
     return True
 
@@ -271,6 +274,6 @@ def write_results(result: dict, out_dir: Path, stem: str) -> dict[str, Path]:
         result["plot"] = paths["png"].name
     else:
         paths.pop("png")
-    paths["json"].write_text(json.dumps(result, indent=1, default=str))
-    paths["md"].write_text(render_markdown(result))
+    write_text_atomic(paths["json"], json.dumps(result, indent=1, default=str))
+    write_text_atomic(paths["md"], render_markdown(result))
     return paths

@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 import adamerge_fast
+from adamerge_fast.io import write_text_atomic
 from adamerge_fast.ops import reference
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -446,7 +447,7 @@ def write_markdown(path: Path, data: dict):
             ref = ext_pre if "prealloc" in k else ext_fresh
             sp = "" if k.startswith("ext") or ref is None else f"x{t / ref:.2f}"
             lines.append(f"| {k} | {t:.2f} | {r['ms_min'][k]:.2f} | {t / r['floor_ms']:.2f} | {sp} |")
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def main(argv=None):
@@ -510,7 +511,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
     write_markdown(out.with_suffix(".md"), data)
     print("\nGoals:")
     for v in data["verdicts"]:

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 import adamerge_fast.ops as amf
+from adamerge_fast.io import write_text_atomic
 from adamerge_fast.ops import _library
 
 from .bench_cpu_merge import _cpu_model
@@ -109,7 +110,7 @@ def main(argv=None):
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(data, indent=1) + "\n")
+    write_text_atomic(out.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
     lines = [
         "# Host time per op call: eager fast path vs custom op",
         "",
@@ -123,7 +124,7 @@ def main(argv=None):
     for name, r in res.items():
         m = r["us_per_call_fwd_bwd"]
         lines.append(f"| {name} | {m['fast path (autograd.Function)']:.1f} | {m['custom op']:.1f} | {r['saved_us']:.1f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 
 

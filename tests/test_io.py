@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import adamerge_fast as af
-from adamerge_fast.io import CheckpointError, LazyStateDict, atomic_path, load_state_dict
+from adamerge_fast.io import CheckpointError, LazyStateDict, atomic_path, load_state_dict, write_text_atomic
 
 
 def test_safetensors_file_and_sharded_dir(tmp_path):
@@ -53,3 +53,10 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     af.save_safetensors({"a": torch.ones(2), "b": torch.ones(2)[:1]}, target)
     assert [p.name for p in tmp_path.iterdir()] == ["out.safetensors"]
     assert torch.equal(load_state_dict(target)["b"], torch.ones(1))
+
+
+def test_write_text_atomic_replaces_whole_file(tmp_path):
+    target = tmp_path / "sub" / "report.md"
+    write_text_atomic(target, "first\n")
+    write_text_atomic(target, "second\n")
+    assert target.read_text() == "second\n" and [p.name for p in target.parent.iterdir()] == ["report.md"]
