@@ -86,7 +86,8 @@ def test_open_clip_zero_shot_head_matches_open_clip(small_clip):
     tok = oc.tokenizer_for("small")
     classes, templates = ["cat", "dog", "red car"], ["a photo of a {}.", "a blurry photo of the {}.", "{}"]
     head = oc.zero_shot_head(small_clip, tok, classes, templates)
-    ref = open_clip.build_zero_shot_classifier(small_clip, tok, classes, templates, num_classes_per_batch=None)  # [D, C]
+    ref = open_clip.build_zero_shot_classifier(small_clip, tok, classes, templates, num_classes_per_batch=None)
+    # ref: [D, C]
     assert_close(head.weight, ref.T * small_clip.logit_scale.exp().detach(), torch.float32, "zero-shot weights")
     assert head.normalize
     feats = torch.randn(4, head.weight.shape[1])
@@ -101,7 +102,8 @@ def test_zero_shot_head_hand_computed():
         "a B": torch.tensor([-1.0, 0.0]),  # (-1, 0)
         "the B": torch.tensor([-5.0, 0.0]),  # (-1, 0)
     }
-    w = zero_shot_weights(lambda texts: torch.stack([table[t] for t in texts]), ["A", "B"], ["a {}", "the {}"], logit_scale=torch.tensor(2.0).log())
+    w = zero_shot_weights(lambda texts: torch.stack([table[t] for t in texts]), ["A", "B"], ["a {}", "the {}"],
+                          logit_scale=torch.tensor(2.0).log())
     a = torch.tensor([0.3, 0.9])
     a = a / a.norm()
     expected = torch.stack([a, torch.tensor([-1.0, 0.0])]) * 2.0
@@ -123,9 +125,10 @@ def test_head_cache(tmp_path, small_clip):
 
     oc.zero_shot_head = counting
     try:
-        h1 = oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b"], ["x {}"], weights_id="w1", cache_dir=tmp_path)
-        h2 = oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b"], ["x {}"], weights_id="w1", cache_dir=tmp_path)
-        oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b", "c"], ["x {}"], weights_id="w1", cache_dir=tmp_path)
+        kw = dict(weights_id="w1", cache_dir=tmp_path)
+        h1 = oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b"], ["x {}"], **kw)
+        h2 = oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b"], ["x {}"], **kw)
+        oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b", "c"], ["x {}"], **kw)
     finally:
         oc.zero_shot_head = real
     assert len(calls) == 2  # the second call was served from the cache
@@ -146,7 +149,7 @@ def test_open_clip_checkpoints(tmp_path, small_clip):
     full = tmp_path / "clip.safetensors"
     save_safetensors(small_clip.state_dict(), full)
     m = oc.create_clip("small", full, seed=123)
-    for (n, a), b in zip(small_clip.state_dict().items(), m.state_dict().values()):
+    for (n, a), b in zip(small_clip.state_dict().items(), m.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=n)
     vis_keys = set(dict(small_clip.visual.named_parameters()))
     # full CLIP, task_vectors ImageEncoder ("model.visual.") and visual-only layouts give the same keys
@@ -172,7 +175,7 @@ def test_pickled_checkpoint_needs_opt_in(tmp_path):
     with pytest.raises(CheckpointError, match="trust_pickle=True"):
         load_state_dict(path)
     sd = load_state_dict(path, trust_pickle=True)
-    for (n, a), b in zip(module.state_dict().items(), sd.values()):
+    for (n, a), b in zip(module.state_dict().items(), sd.values(), strict=True):
         torch.testing.assert_close(a, b, msg=n)
     # a pickled head module: weight/bias read only with the opt-in
     head = torch.nn.Linear(4, 3)

@@ -48,7 +48,10 @@ def official(pre, fts, heads, data, steps, granularity="layer", lr=1e-3):
         for t, head in heads.items():
             x = next(its[t])
             lam = torch.clamp(raw, 0.0, 1.0)
-            params = {n: base[n] + sum(lam[i if rows > 1 else 0, k] * tvs[k][n] for k in range(len(fts))) for i, n in enumerate(names)}
+            params = {
+                n: base[n] + sum(lam[i if rows > 1 else 0, k] * tvs[k][n] for k in range(len(fts)))
+                for i, n in enumerate(names)
+            }
             out = head(torch.func.functional_call(pre, params, (x,)))
             p = out.softmax(1)
             losses = losses + (-(p * out.log_softmax(1)).sum(1)).mean(0)
@@ -67,7 +70,7 @@ def test_matches_official_algorithm(granularity, task_batching):
     model = af.AdaMergedModel(pre, fts, granularity=granularity)
     hist = af.adamerge(model, heads, data, steps=6, task_batching=task_batching, progress=False)
     assert len(hist.loss) == 6 and len(hist.coefficients) == 6
-    for step, (a, b) in enumerate(zip(hist.coefficients, ref)):
+    for step, (a, b) in enumerate(zip(hist.coefficients, ref, strict=True)):
         assert_close(a, b.double(), torch.float32, f"step {step}")
     assert set(hist.task_loss[0]) == set(heads)
     assert abs(hist.loss[0] - sum(hist.task_loss[0].values())) < 1e-5
@@ -84,9 +87,9 @@ def test_batches_per_step_and_labelled_batches():
     labelled = {t: [(x, torch.zeros(len(x), dtype=torch.long)) for x in xs] for t, xs in data.items()}
     a = af.adamerge(af.AdaMergedModel(pre, fts), heads, labelled, steps=3, batches_per_step=2, progress=False)
     # two batches per step of equal size == one concatenated batch per step
-    cat = {t: [torch.cat(xs[i:i + 2]) for i in range(0, 4, 2)] for t, xs in data.items()}
+    cat = {t: [torch.cat(xs[i : i + 2]) for i in range(0, 4, 2)] for t, xs in data.items()}
     b = af.adamerge(af.AdaMergedModel(pre, fts), heads, cat, steps=3, progress=False)
-    for x, y in zip(a.coefficients, b.coefficients):
+    for x, y in zip(a.coefficients, b.coefficients, strict=True):
         assert_close(x, y.double(), torch.float32, "batches_per_step")
 
 
