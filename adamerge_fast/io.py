@@ -115,7 +115,7 @@ class PrefixView(Mapping[str, torch.Tensor]):
     front. Tensors are read from ``sd`` only when indexed; :func:`shape_dtype` reads through the view."""
 
     def __init__(self, sd: Mapping[str, torch.Tensor], *, strip: str = "", add: str = ""):
-        self.sd, self.strip, self.add = sd, strip, add
+        self.sd = sd
         self._keys = {add + k[len(strip):]: k for k in sd.keys() if k.startswith(strip)}
 
     def __getitem__(self, key: str) -> torch.Tensor:

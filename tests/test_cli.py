@@ -263,7 +263,7 @@ def test_adamerge_hf_clip(tmp_path):
 
 
 @pytest.mark.slow
-def test_adamerge_hf_causal_lm(tmp_path):
+def test_adamerge_hf_causal_lm(tmp_path, capsys):
     from adamerge_fast.models import hf
 
     fast, vocab = _word_tokenizer("the a cat dog sat ran on under mat log big small".split())
@@ -277,12 +277,19 @@ def test_adamerge_hf_causal_lm(tmp_path):
         text = "the cat sat on the mat\na dog ran\nthe big log\n" if k else "small cat\nthe dog sat under a log\n"
         (tmp_path / f"text{k}.txt").write_text(text)
     out = tmp_path / "out"
-    assert main(["adamerge", "--hf-causal-lm", "--pretrained", str(tmp_path / "pre"),
-                 "--finetuned", str(tmp_path / "ft0"), str(tmp_path / "ft1"),
-                 "--data", str(tmp_path / "text0.txt"), str(tmp_path / "text1.txt"),
-                 "--max-length", "8", "--steps", "3", "--batch-size", "2", "--no-progress", "-o", str(out)]) == 0
+    args = ["adamerge", "--hf-causal-lm", "--pretrained", str(tmp_path / "pre"),
+            "--finetuned", str(tmp_path / "ft0"), str(tmp_path / "ft1"),
+            "--data", str(tmp_path / "text0.txt"), str(tmp_path / "text1.txt"),
+            "--max-length", "8", "--steps", "3", "--batch-size", "2", "--no-progress", "-o", str(out)]
+    assert main(args) == 0
     merged = load_file(str(out / "merged.safetensors"))
     assert any(k.startswith("lm.transformer.h.0.") for k in merged)
+
+    # every token's logits are a row: the tasks' batches cannot be concatenated
+    capsys.readouterr()
+    assert main(args + ["--positions", "all"]) == 1
+    _one_error_line(capsys, "--task-batching sequential")
+    assert main(args + ["--positions", "all", "--task-batching", "sequential", "-o", str(tmp_path / "all")]) == 0
 
 
 # ------------------------------------------------------------------------------------------- bad inputs

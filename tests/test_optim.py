@@ -9,6 +9,7 @@ from torch import nn
 import adamerge_fast as af
 from _tol import assert_close
 from adamerge_fast.io import CheckpointError
+from adamerge_fast.optim import HISTORY_FORMAT, load_history, save_history
 
 
 def backbone(seed):
@@ -130,3 +131,29 @@ def test_bad_inputs():
     ragged = {**data, "t0": [torch.randn(4, 7)]}
     with pytest.raises(ValueError, match="sequential"):
         af.adamerge(model, heads, ragged, steps=1, progress=False)
+
+
+def test_history_file_round_trip(tmp_path):
+    pre, fts, heads, data = setup()
+    model = af.AdaMergedModel(pre, fts, task_names=list(heads))
+    hist = af.adamerge(model, heads, data, steps=3, progress=False)
+    path = save_history(tmp_path / "run" / "history.json", hist, model, {"steps": 3, "model": {"model": "mlp"}})
+    h = load_history(path)
+    assert h["format"] == HISTORY_FORMAT and h["tasks"] == list(heads) and h["granularity"] == "layer"
+    assert h["loss"] == hist.loss and h["task_loss"] == hist.task_loss
+    assert h["coefficient_rows"] == [r for r, _ in model.coefficient_table()]
+    assert h["coefficients"] == [v for _, v in model.coefficient_table()]
+    assert h["trajectory_stride"] == 1
+    assert h["mean_coefficient_trajectory"] == [c.float().mean(0).tolist() for c in hist.coefficients]
+    assert h["steps"] == 3 and h["model"] == {"model": "mlp"}
+    assert [p.name for p in path.parent.iterdir()] == ["history.json"]  # no temporary file left
+
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: not a JSON file"):
+        load_history(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"format": "something/1", "loss": []}')
+    with pytest.raises(ValueError, match="other.json: not an adamerge history file"):
+        load_history(tmp_path / "other.json")
+    (tmp_path / "partial.json").write_text(f'{{"format": "{HISTORY_FORMAT}", "tasks": ["a"], "granularity": "task"}}')
+    with pytest.raises(ValueError, match="partial.json: adamerge history file without 'loss'"):
+        load_history(tmp_path / "partial.json")
