@@ -25,7 +25,7 @@ bench: setup
 	$(PY) -m benchmarks.adamerging_step
 
 lint: setup
-	.venv/bin/ruff check adamerge_fast tests benchmarks
+	.venv/bin/ruff check adamerge_fast tests benchmarks tools
 
 clean:
 	rm -rf build *.egg-info adamerge_fast/*.so

@@ -96,7 +96,9 @@ def load_tensor(path, *, what: str = "task") -> torch.Tensor:
         try:
             obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise ValueError(f"{p}: cannot be read as a tensor file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+            raise ValueError(
+                f"{p}: cannot be read as a tensor file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+            ) from None
     if isinstance(obj, (tuple, list)) and obj and isinstance(obj[0], torch.Tensor):
         obj = obj[0]
     if isinstance(obj, dict):
@@ -104,7 +106,9 @@ def load_tensor(path, *, what: str = "task") -> torch.Tensor:
         if key is None and len(obj) == 1:
             key = next(iter(obj))
         if key is None:
-            raise ValueError(f"{p}: a dict without an inputs tensor (expected one of the keys {', '.join(_TENSOR_KEYS)})")
+            raise ValueError(
+                f"{p}: a dict without an inputs tensor (expected one of the keys {', '.join(_TENSOR_KEYS)})"
+            )
         obj = obj[key]
     if not isinstance(obj, torch.Tensor):
         raise ValueError(f"{p}: expected a tensor of inputs, found {type(obj).__name__}")
@@ -144,7 +148,9 @@ def loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
     g = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers, drop_last=False)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers, drop_last=False
+    )
 
 
 def load_task_data(
@@ -169,7 +175,9 @@ def load_task_data(
         ds: Dataset = ImageFolder(p, transform, what=what)
     elif p.suffix.lower() == ".txt":
         if tokenizer is None:
-            raise ValueError(f"{what}: {p} is a text file, but this model has no tokenizer (text data is for language models)")
+            raise ValueError(
+                f"{what}: {p} is a text file, but this model has no tokenizer (text data is for language models)"
+            )
         ds = TextLines(p, tokenizer, max_length, what=what)
     else:
         ds = TensorDataset(load_tensor(p, what=what))
@@ -192,4 +200,13 @@ class _unwrap:
         return len(self.dl)
 
 
-__all__ = ["ImageTransform", "ImageFolder", "TextLines", "load_tensor", "loader", "load_task_data", "CLIP_MEAN", "CLIP_STD"]
+__all__ = [
+    "ImageTransform",
+    "ImageFolder",
+    "TextLines",
+    "load_tensor",
+    "loader",
+    "load_task_data",
+    "CLIP_MEAN",
+    "CLIP_STD",
+]

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .optim import History
+
 DEMO_VERSION = 1  # bump when the model-creation code changes, to invalidate caches
 
 TASKS = ("rot90", "rot180", "mirror", "invert", "permute", "shift")
@@ -214,7 +216,8 @@ def create_models(cfg: DemoConfig, data: DigitsTasks, cache_dir: Path | None, lo
     pre = MLP(cfg.width, cfg.depth, cfg.feature_dim)
     ph = CosineHead(torch.randn(10, cfg.feature_dim), cfg.logit_scale)
     xtr, ytr = data.inputs("upright", "train"), data.labels("train")
-    _train(pre, ph, xtr, ytr, cfg.pretrain_epochs, cfg.pretrain_lr, cfg.train_batch, cfg.seed, list(pre.parameters()) + list(ph.parameters()))
+    _train(pre, ph, xtr, ytr, cfg.pretrain_epochs, cfg.pretrain_lr, cfg.train_batch, cfg.seed,
+           list(pre.parameters()) + list(ph.parameters()))
     log(f"models: pretrained the backbone on upright digits ({time.perf_counter() - t0:.1f}s)")
     fts, heads = {}, {}
     for i, t in enumerate(cfg.tasks):
@@ -225,7 +228,8 @@ def create_models(cfg: DemoConfig, data: DigitsTasks, cache_dir: Path | None, lo
         protos = torch.stack([f[ytr == c].mean(0) for c in range(10)])
         head = CosineHead(protos, cfg.logit_scale).requires_grad_(False)
         m = copy.deepcopy(pre)
-        _train(m, head, x, ytr, cfg.finetune_epochs, cfg.finetune_lr, cfg.train_batch, cfg.seed + 1 + i, list(m.parameters()))
+        _train(m, head, x, ytr, cfg.finetune_epochs, cfg.finetune_lr, cfg.train_batch, cfg.seed + 1 + i,
+               list(m.parameters()))
         fts[t], heads[t] = m, _as_classification_head(head)
         log(f"models: fine-tuned on {t} ({time.perf_counter() - t1:.1f}s)")
     if root is not None:
@@ -288,27 +292,28 @@ def format_table(rows: list[Row], tasks, markdown: bool = False) -> str:
 
 # ------------------------------------------------------------------------------------------------- main
 def add_arguments(p) -> None:
-    p.add_argument("--quick", action="store_true", help="a reduced configuration (shorter training, 40 AdaMerging steps) for tests")
+    from .ops import BACKEND_NAMES
+
+    p.add_argument("--quick", action="store_true",
+                   help="a reduced configuration (shorter training, 40 AdaMerging steps) for tests")
     p.add_argument("--steps", type=int, default=None, help="AdaMerging steps per run (default 500; quick: 40)")
     p.add_argument("--lr", type=float, default=None, help="AdaMerging Adam learning rate (default 1e-3; quick: 3e-3)")
-    p.add_argument("--output-dir", default="runs/demo", help="where results.md, results.json and the PNGs go (default runs/demo)")
-    p.add_argument("--save-figure", metavar="PNG", default=None, help="also copy the layer-wise coefficient heatmap to this path")
-    p.add_argument("--cache-dir", default=None, help="model cache (default $ADAMERGE_CACHE/demo or ~/.cache/adamerge_fast/demo)")
+    p.add_argument("--output-dir", default="runs/demo",
+                   help="where results.md, results.json and the PNGs go (default runs/demo)")
+    p.add_argument("--save-figure", metavar="PNG", default=None,
+                   help="also copy the layer-wise coefficient heatmap to this path")
+    p.add_argument("--cache-dir", default=None,
+                   help="model cache (default $ADAMERGE_CACHE/demo or ~/.cache/adamerge_fast/demo)")
     p.add_argument("--no-cache", action="store_true", help="always create the models, write no cache")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: deterministic and fastest at this size)")
-    p.add_argument("--backend", default="auto", help="op backend for AdaMerging (default auto)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: deterministic and fastest at this size)")
+    p.add_argument("--backend", default="auto",
+                   help=f"op backend for AdaMerging: auto, {', '.join(BACKEND_NAMES)} (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def run(args) -> dict:
-    """Run the demo; returns the results (also printed and written to ``args.output_dir``)."""
-    from .cli import plot_coefficients, plot_loss
-    from .io import atomic_path
-    from .merging import AdaMergedModel, task_arithmetic, task_vectors, ties_merge, weight_average
-    from .optim import adamerge
-
-    t_start = time.perf_counter()
-    torch.set_num_threads(max(1, int(args.threads)))
+def config_from_args(args) -> DemoConfig:
+    """:data:`QUICK` or the default :class:`DemoConfig`, with ``args.steps`` / ``args.lr`` when given."""
     cfg = QUICK if args.quick else DemoConfig()
     if args.steps is not None:
         if args.steps < 0:
@@ -318,119 +323,183 @@ def run(args) -> dict:
         if not args.lr > 0:
             raise ValueError(f"--lr must be > 0, got {args.lr}")
         cfg = replace(cfg, lr=args.lr)
-    out = Path(args.output_dir)
-    cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    return cfg
+
+
+@dataclass
+class DemoResult:
+    """The demo's evaluation: one :class:`Row` per method, the layer-wise AdaMerging run's final coefficient table
+    and loss history, and the wall-clock seconds of each stage (``create_seconds``: creating the models, 0 when
+    they came from the cache)."""
+
+    cfg: DemoConfig
+    rows: list[Row]
+    coefficient_rows: list[str]
+    coefficients: list[list[float]]
+    layerwise_history: History
+    timings: dict[str, float]
+    create_seconds: float
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.cfg.tasks)
+
+    def summary(self) -> str:
+        """How far task arithmetic (λ=0.3) is below the individual models, and what layer-wise AdaMerging
+        recovers."""
+        avg = {r.name: r.avg for r in self.rows}
+        ind, ta, lw = avg["Individual (fine-tuned)"], avg["Task arithmetic (λ=0.3)"], avg["Layer-wise AdaMerging"]
+        gap = ind - ta
+        rec = 100.0 * (lw - ta) / gap if gap > 0 else float("nan")
+        return (f"task arithmetic (λ=0.3) is {gap:.1f} points below the individual models; layer-wise AdaMerging "
+                f"{'recovers' if lw >= ta else 'loses'} {abs(lw - ta):.1f} points ({rec:.0f}% of the gap)")
+
+
+def _static_rows(cfg: DemoConfig, pre: nn.Module, fts, heads, data: DigitsTasks) -> list[Row]:
+    """Weight averaging, task arithmetic (λ=0.3, and the λ of :attr:`DemoConfig.ta_grid` whose merge has the
+    lowest entropy on the unlabeled test inputs), TIES-merging."""
+    from .merging import task_arithmetic, task_vectors, ties_merge, weight_average
+
     tasks = list(cfg.tasks)
-
-    data = DigitsTasks(cfg)
-    pre, fts, heads, t_models = create_models(cfg, data, cache, log)
-    t_models_total = time.perf_counter() - t_start
-    rows: list[Row] = []
-    timings: dict[str, float] = {"models": round(t_models_total, 2)}
-
-    acc, _ = _evaluate(pre, heads, data, tasks)
-    rows.append(Row("Pretrained", acc))
-    rows.append(Row("Individual (fine-tuned)", {t: _evaluate(fts[t], heads, data, [t])[0][t] for t in tasks}))
-
-    t0 = time.perf_counter()
     base = dict(pre.named_parameters())
     tv = task_vectors(pre, [fts[t] for t in tasks])
-    rows.append(Row("Weight averaging", _evaluate(_with_state(pre, weight_average(base, tv)), heads, data, tasks)[0]))
-    rows.append(Row("Task arithmetic (λ=0.3)", _evaluate(_with_state(pre, task_arithmetic(base, tv, 0.3)), heads, data, tasks)[0]))
+
+    def evaluate(sd):
+        return _evaluate(_with_state(pre, sd), heads, data, tasks)
+
+    rows = [Row("Weight averaging", evaluate(weight_average(base, tv))[0]),
+            Row("Task arithmetic (λ=0.3)", evaluate(task_arithmetic(base, tv, 0.3))[0])]
     best = None
     for lam in cfg.ta_grid:  # lambda chosen by the entropy on the unlabeled test inputs: no labels
-        a, e = _evaluate(_with_state(pre, task_arithmetic(base, tv, lam)), heads, data, tasks)
+        a, e = evaluate(task_arithmetic(base, tv, lam))
         score = sum(e.values())
         if best is None or score < best[0] - 1e-9:
             best = (score, lam, a)
     rows.append(Row(f"Task arithmetic (λ={best[1]:.1f}, min entropy)", best[2]))
-    rows.append(Row(f"TIES-merging (k={cfg.ties_k}, λ=1)", _evaluate(_with_state(pre, ties_merge(base, tv, k=cfg.ties_k, scale=1.0)), heads, data, tasks)[0]))
+    rows.append(Row(f"TIES-merging (k={cfg.ties_k}, λ=1)", evaluate(ties_merge(base, tv, k=cfg.ties_k, scale=1.0))[0]))
+    return rows
+
+
+def evaluate_methods(cfg: DemoConfig, *, cache_dir: Path | None = None, backend: str = "auto", progress: bool = True,
+                     log: Callable[[str], None] = print) -> DemoResult:
+    """Create (or load from ``cache_dir``) the models of ``cfg``, merge them with every method and score each
+    merged model's held-out accuracy per task."""
+    from .merging import AdaMergedModel
+    from .optim import adamerge
+
+    t_start = time.perf_counter()
+    tasks = list(cfg.tasks)
+    data = DigitsTasks(cfg)
+    pre, fts, heads, t_create = create_models(cfg, data, cache_dir, log)
+    timings: dict[str, float] = {"models": round(time.perf_counter() - t_start, 2)}
+
+    rows = [Row("Pretrained", _evaluate(pre, heads, data, tasks)[0]),
+            Row("Individual (fine-tuned)", {t: _evaluate(fts[t], heads, data, [t])[0][t] for t in tasks})]
+    t0 = time.perf_counter()
+    rows += _static_rows(cfg, pre, fts, heads, data)
     timings["static merges"] = round(time.perf_counter() - t0, 2)
 
     test_loaders = {}
     for t in tasks:
-        x = data.inputs(t, "test")
         g = torch.Generator().manual_seed(cfg.seed)
-        test_loaders[t] = torch.utils.data.DataLoader(x, batch_size=cfg.batch_size, shuffle=True, generator=g, drop_last=True)
-    histories = {}
-    layer_model = None
+        test_loaders[t] = torch.utils.data.DataLoader(data.inputs(t, "test"), batch_size=cfg.batch_size, shuffle=True,
+                                                      generator=g, drop_last=True)
+    layerwise = None
     for label, gran, ties in (("Task-wise AdaMerging", "task", None), ("Layer-wise AdaMerging", "layer", None),
                               ("Layer-wise AdaMerging++", "layer", {"k": cfg.ties_k})):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         merged = AdaMergedModel(pre, [fts[t] for t in tasks], granularity=gran, init=cfg.init, ties=ties,
-                                backend=args.backend, task_names=tasks)
-        hist = adamerge(merged, heads, test_loaders, steps=cfg.steps, lr=cfg.lr, progress=not args.no_progress)
-        sd = merged.merged_state_dict()
-        rows.append(Row(label, _evaluate(_with_state(pre, sd), heads, data, tasks)[0]))
-        histories[label] = hist
+                                backend=backend, task_names=tasks)
+        hist = adamerge(merged, heads, test_loaders, steps=cfg.steps, lr=cfg.lr, progress=progress)
+        rows.append(Row(label, _evaluate(_with_state(pre, merged.merged_state_dict()), heads, data, tasks)[0]))
         timings[label] = round(time.perf_counter() - t0, 2)
         log(f"{label}: {cfg.steps} steps in {timings[label]:.1f}s")
         if gran == "layer" and ties is None:
-            layer_model = merged
-    total = time.perf_counter() - t_start
-    timings["total"] = round(total, 2)
+            layerwise = (merged.coefficient_table(), hist)
+    timings["total"] = round(time.perf_counter() - t_start, 2)
+    table, hist = layerwise
+    return DemoResult(cfg, rows, [r for r, _ in table], [v for _, v in table], hist, timings, t_create)
 
-    table = format_table(rows, tasks)
+
+def print_report(res: DemoResult) -> None:
+    """The accuracy table, the summary line and the timings, on stdout."""
+    cfg = res.cfg
     print()
-    print(f"Held-out accuracy (%) on scikit-learn digits, {len(tasks)} tasks; AdaMerging: {cfg.steps} steps, "
+    print(f"Held-out accuracy (%) on scikit-learn digits, {len(res.tasks)} tasks; AdaMerging: {cfg.steps} steps, "
           f"lr {cfg.lr}, {cfg.batch_size} unlabeled test inputs per task per step")
-    print(table)
-    ind, ta = rows[1].avg, rows[3].avg
-    lw = next(r for r in rows if r.name == "Layer-wise AdaMerging").avg
-    gap = ind - ta
-    rec = 100.0 * (lw - ta) / gap if gap > 0 else float("nan")
-    summary = (f"task arithmetic (λ=0.3) is {gap:.1f} points below the individual models; layer-wise AdaMerging "
-               f"{'recovers' if lw >= ta else 'loses'} {abs(lw - ta):.1f} points ({rec:.0f}% of the gap)")
-    print(summary)
-    print(f"time: models {timings['models']:.1f}s{' (cache)' if t_models == 0.0 else ''}, total {total:.1f}s")
+    print(format_table(res.rows, res.tasks))
+    print(res.summary())
+    cached = " (cache)" if res.create_seconds == 0.0 else ""
+    print(f"time: models {res.timings['models']:.1f}s{cached}, total {res.timings['total']:.1f}s")
 
-    # ---- outputs
-    out.mkdir(parents=True, exist_ok=True)
-    coef_rows = [r for r, _ in layer_model.coefficient_table()]
-    coef_vals = [v for _, v in layer_model.coefficient_table()]
-    heat = plot_coefficients(coef_rows, tasks, coef_vals, out / "coefficients_layerwise.png",
+
+def write_outputs(res: DemoResult, out: Path, *, save_figure: str | Path | None = None,
+                  log: Callable[[str], None] = print) -> dict:
+    """Write ``results.md`` (the table), ``results.json`` (returned), ``coefficients_layerwise.png`` and
+    ``loss.png`` to ``out``; copy the heatmap to ``save_figure`` when given. Every file is written atomically."""
+    from .io import atomic_path, write_text_atomic
+    from .plot import plot_coefficients, plot_loss
+
+    cfg, tasks, total = res.cfg, res.tasks, res.timings["total"]
+    out = Path(out)
+    heat = plot_coefficients(res.coefficient_rows, tasks, res.coefficients, out / "coefficients_layerwise.png",
                              "Layer-wise AdaMerging coefficients (digits demo)")
-    lh = histories["Layer-wise AdaMerging"]
+    lh = res.layerwise_history
     plot_loss(lh.loss, out / "loss.png", lh.task_loss, "Layer-wise AdaMerging: entropy on unlabeled test inputs")
-    if args.save_figure:
-        dst = Path(args.save_figure)
+    if save_figure:
+        dst = Path(save_figure)
         with atomic_path(dst, ".png") as tmp:
             shutil.copyfile(heat, tmp)
         log(f"heatmap copied to {dst}")
+    created = ("models from the cache" if res.create_seconds == 0.0
+               else f"{res.create_seconds:.1f}s to create the models")
+    stages = ", ".join(f"{k} {v:.1f}s" for k, v in res.timings.items() if k not in ("total", "models"))
     md = [
         "# AdaMerging demo: scikit-learn digits",
         "",
         f"Held-out accuracy (%), {len(tasks)} tasks (the ten digits under a fixed transform each). Pretrained "
         "backbone: an MLP trained on upright digits; fine-tuned: the whole backbone per task with a fixed "
         "prototype head. AdaMerging: "
-        f"{cfg.steps} Adam steps (lr {cfg.lr}) on the entropy of batches of {cfg.batch_size} unlabeled test inputs per task; "
-        "the 'min entropy' task-arithmetic λ is chosen on the same unlabeled inputs. Labels are used only to score.",
+        f"{cfg.steps} Adam steps (lr {cfg.lr}) on the entropy of batches of {cfg.batch_size} unlabeled test inputs "
+        "per task; the 'min entropy' task-arithmetic λ is chosen on the same unlabeled inputs. Labels are used only "
+        "to score.",
         "",
-        format_table(rows, tasks, markdown=True),
+        format_table(res.rows, tasks, markdown=True),
         "",
-        summary + ".",
+        res.summary() + ".",
         "",
-        f"Time: {total:.1f}s in total ({'models from the cache' if t_models == 0.0 else f'{t_models:.1f}s to create the models'}; "
-        + ", ".join(f"{k} {v:.1f}s" for k, v in timings.items() if k not in ("total", "models")) + ").",
+        f"Time: {total:.1f}s in total ({created}; {stages}).",
         "",
         "![layer-wise coefficients](coefficients_layerwise.png)",
         "",
     ]
-    with atomic_path(out / "results.md", ".md") as tmp:
-        tmp.write_text("\n".join(md), encoding="utf-8")
+    write_text_atomic(out / "results.md", "\n".join(md))
     result = {
         "config": asdict(cfg),
         "tasks": tasks,
-        "rows": [{"name": r.name, "acc": r.acc, "avg": r.avg} for r in rows],
-        "timings_s": timings,
-        "layerwise_coefficients": {"rows": coef_rows, "values": coef_vals},
+        "rows": [{"name": r.name, "acc": r.acc, "avg": r.avg} for r in res.rows],
+        "timings_s": res.timings,
+        "layerwise_coefficients": {"rows": res.coefficient_rows, "values": res.coefficients},
     }
-    with atomic_path(out / "results.json", ".json") as tmp:
-        tmp.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    write_text_atomic(out / "results.json", json.dumps(result, indent=1) + "\n")
     log(f"wrote {out / 'results.md'}, results.json, coefficients_layerwise.png, loss.png")
     return result
+
+
+def run(args) -> dict:
+    """Run the demo with the options of :func:`add_arguments`: evaluate every method, print the report, write the
+    outputs to ``args.output_dir``; returns the results (``results.json``)."""
+    torch.set_num_threads(max(1, int(args.threads)))
+    cfg = config_from_args(args)
+    cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    res = evaluate_methods(cfg, cache_dir=cache, backend=args.backend, progress=not args.no_progress, log=log)
+    print_report(res)
+    return write_outputs(res, Path(args.output_dir), save_figure=args.save_figure, log=log)
 
 
 def main(argv=None) -> int:

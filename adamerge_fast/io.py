@@ -12,7 +12,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -40,7 +40,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file renamed onto it (never half-written)."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8")
     return Path(path)
 
 
@@ -91,6 +91,9 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
             raise KeyError(key)
         return self._handles[self._where[key]].get_tensor(key)
 
+    def __contains__(self, key) -> bool:  # Mapping's default reads the tensor
+        return key in self._where
+
     def __iter__(self):
         return iter(self._where)
 
@@ -98,10 +101,125 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return len(self._where)
 
     def shape_dtype(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of ``self[key]`` from the file header (no tensor data is read)."""
+        if key not in self._where:
+            raise KeyError(key)
         sl = self._handles[self._where[key]].get_slice(key)
         from safetensors.torch import _getdtype  # type: ignore[attr-defined]
 
         return tuple(sl.get_shape()), _getdtype(sl.get_dtype())
+
+
+class PrefixView(Mapping[str, torch.Tensor]):
+    """A lazy view of ``sd``: its keys that start with ``strip``, with ``strip`` removed and ``add`` put in
+    front. Tensors are read from ``sd`` only when indexed; :func:`shape_dtype` reads through the view."""
+
+    def __init__(self, sd: Mapping[str, torch.Tensor], *, strip: str = "", add: str = ""):
+        self.sd = sd
+        self._keys = {add + k[len(strip):]: k for k in sd.keys() if k.startswith(strip)}
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self.sd[self._keys[key]]
+
+    def __contains__(self, key) -> bool:
+        return key in self._keys
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self):
+        return len(self._keys)
+
+    def shape_dtype(self, key: str) -> tuple[tuple[int, ...], torch.dtype]:
+        return shape_dtype(self.sd, self._keys[key])
+
+
+def shape_dtype(sd: Mapping[str, torch.Tensor], key: str) -> tuple[tuple[int, ...], torch.dtype]:
+    """``(tuple(sd[key].shape), sd[key].dtype)``, without reading the tensor when ``sd`` is lazy (a
+    :class:`LazyStateDict` or a :class:`PrefixView` of one)."""
+    lazy = getattr(sd, "shape_dtype", None)
+    if lazy is not None:
+        return lazy(key)
+    t = sd[key]
+    return tuple(t.shape), t.dtype
+
+
+def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: Sequence[str]) -> Mapping[str, torch.Tensor]:
+    """The view of ``sd`` under the first of ``prefixes`` that some key starts with (prefix removed), else
+    ``sd`` itself."""
+    for pre in prefixes:
+        if any(k.startswith(pre) for k in sd.keys()):
+            return PrefixView(sd, strip=pre)
+    return sd
+
+
+def add_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> Mapping[str, torch.Tensor]:
+    """The view of ``sd`` with ``prefix`` in front of every key (e.g. a bare LM checkpoint for a wrapper that
+    holds the LM as ``lm``)."""
+    return PrefixView(sd, add=prefix)
+
+
+def check_fits(
+    ref: torch.nn.Module | Mapping[str, torch.Tensor],
+    sd: Mapping[str, torch.Tensor],
+    what: str,
+    *,
+    keys: Iterable[str] | None = None,
+    check_dtype: bool = False,
+    ref_name: str = "the model",
+) -> None:
+    """Raise a one-line :class:`CheckpointError` unless ``sd`` holds every one of ``keys`` (default: all of
+    ``ref``'s) with ``ref``'s shape (and dtype, with ``check_dtype``).
+
+    ``ref``: a module (its ``named_parameters()``) or a state dict (e.g. the pretrained checkpoint).
+    ``what`` names ``sd`` in the message (its file), ``ref_name`` names ``ref``. Shapes and dtypes are read
+    with :func:`shape_dtype`, so lazily read checkpoints stay unread. Keys of ``sd`` outside ``keys`` are
+    ignored.
+    """
+    if isinstance(ref, torch.nn.Module):
+        ref = dict(ref.named_parameters())
+    keys = list(ref.keys()) if keys is None else list(keys)
+    missing = [k for k in keys if k not in sd]
+    if missing:
+        extra = sorted(set(sd.keys()) - set(ref.keys()))
+        hint = f"; it has other keys such as {extra[0]!r}" if extra else ""
+        raise CheckpointError(
+            f"{what}: missing key {missing[0]!r} ({len(missing)} of the {len(keys)} tensors of {ref_name} are "
+            f"missing{hint}; a checkpoint of another architecture?)"
+        )
+    for k in keys:
+        (want, want_dtype), (shape, dtype) = shape_dtype(ref, k), shape_dtype(sd, k)
+        if shape != want:
+            raise CheckpointError(
+                f"{what}: key {k!r} has shape {list(shape)}, {ref_name} has {list(want)} "
+                "(a checkpoint of another architecture?)"
+            )
+        if check_dtype and dtype != want_dtype:
+            raise CheckpointError(f"{what}: key {k!r} has dtype {dtype}, {ref_name} has {want_dtype} "
+                                  "(convert it first)")
+
+
+def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> torch.nn.Module:
+    """Copy ``sd``'s tensors into ``module``'s state (cast to its dtypes) after :func:`check_fits` of its
+    parameters; buffers are copied when ``sd`` has them; other keys of ``sd`` are ignored."""
+    check_fits(module, sd, what)
+    with torch.no_grad():
+        for k, t in module.state_dict().items():
+            if k in sd:
+                src = sd[k]
+                if tuple(src.shape) != tuple(t.shape):
+                    raise CheckpointError(f"{what}: key {k!r} has shape {list(src.shape)}, the model has "
+                                          f"{list(t.shape)}")
+                t.copy_(src.to(t.dtype))
+    return module
+
+
+def existing(path: str | os.PathLike, what: str) -> Path:
+    """``Path(path)``, or ``FileNotFoundError("<path>: <what> not found")`` when nothing is there."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: {what} not found")
+    return p
 
 
 _PICKLE_HINT = (

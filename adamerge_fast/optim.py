@@ -15,14 +15,16 @@ coefficients — the official algorithm.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
 from . import ops
-from .io import CheckpointError, save_torch
+from .io import CheckpointError, save_torch, write_text_atomic
 from .merging.adamerged import AdaMergedModel
 
 
@@ -51,14 +53,16 @@ def _batch_size(inp: Any) -> int:
         return inp.shape[0]
     if isinstance(inp, Mapping):
         return next(iter(inp.values())).shape[0]
-    raise TypeError(f"a batch must be a tensor, a mapping of tensors, or a tuple whose first item is one; got {type(inp).__name__}")
+    raise TypeError("a batch must be a tensor, a mapping of tensors, or a tuple whose first item is one; got "
+                    f"{type(inp).__name__}")
 
 
 def _concat(inps: list[Any]) -> Any:
     if isinstance(inps[0], torch.Tensor):
         shapes = {tuple(t.shape[1:]) for t in inps}
         if len(shapes) > 1:
-            raise ValueError(f"task_batching='concat' needs batches of one shape per sample, got {sorted(shapes)}; use task_batching='sequential'")
+            raise ValueError(f"task_batching='concat' needs batches of one shape per sample, got {sorted(shapes)}; "
+                             "use task_batching='sequential'")
         return torch.cat(inps)
     keys = inps[0].keys()
     return {k: _concat([i[k] for i in inps]) for k in keys}
@@ -152,7 +156,8 @@ def adamerge(
             for _ in range(start * batches_per_step):
                 cycles[t].next()
 
-    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="adamerge", dynamic_ncols=True)
+    bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="adamerge",
+               dynamic_ncols=True)
     for step in bar:
         opt.zero_grad(set_to_none=True)
         batches = {t: [_to(_inputs(cycles[t].next()), device) for _ in range(batches_per_step)] for t in tasks}
@@ -175,7 +180,7 @@ def adamerge(
                 task_loss[t] = lt.detach()
         opt.step()
         values = torch.stack(list(task_loss.values())).float().cpu().tolist()
-        task_loss_f = dict(zip(task_loss, values))
+        task_loss_f = dict(zip(task_loss, values, strict=True))
         loss = sum(values)
         hist.loss.append(loss)
         hist.task_loss.append(task_loss_f)
@@ -229,4 +234,51 @@ def _load_checkpoint(path, model: AdaMergedModel, opt: torch.optim.Optimizer, hi
     return int(ck["step"])
 
 
-__all__ = ["adamerge", "History", "save_checkpoint"]
+HISTORY_FORMAT = "adamerge_fast.history/1"
+_HISTORY_KEYS = ("tasks", "granularity", "loss", "task_loss", "coefficient_rows", "coefficients")
+
+
+def save_history(path, hist: History, model: AdaMergedModel, extra: Mapping[str, Any] | None = None) -> Path:
+    """Write a run's history as JSON (``adamerge_fast.history/1``), atomically.
+
+    Keys: ``format``; ``tasks`` and ``granularity`` (of ``model``); ``loss`` (summed over tasks) and
+    ``task_loss`` (``{task: loss}``) per step; ``coefficient_rows`` and ``coefficients``: ``model``'s final
+    clamped coefficient table (row names, then one list of per-task values per row); ``trajectory_stride`` and
+    ``mean_coefficient_trajectory``: each task's coefficient averaged over the rows, every ``stride``-th step
+    (at most 100 points); then the items of ``extra`` (JSON values, e.g. the run's options).
+    """
+    table = model.coefficient_table()
+    stride = max(1, len(hist.coefficients) // 100)
+    obj = {
+        "format": HISTORY_FORMAT,
+        "tasks": list(model.task_names),
+        "granularity": model.granularity,
+        "loss": [float(x) for x in hist.loss],
+        "task_loss": hist.task_loss,
+        "coefficient_rows": [r for r, _ in table],
+        "coefficients": [v for _, v in table],
+        "trajectory_stride": stride,
+        "mean_coefficient_trajectory": [[float(v) for v in c.float().mean(0).tolist()]
+                                        for c in hist.coefficients[::stride]],
+        **(extra or {}),
+    }
+    return write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def load_history(path) -> dict[str, Any]:
+    """A history file written by :func:`save_history`, as a dict; ``ValueError`` naming the file when it is not
+    one (not JSON, another format, or missing one of the keys above)."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not a JSON file ({e})") from None
+    if not isinstance(obj, dict) or obj.get("format") != HISTORY_FORMAT:
+        raise ValueError(f"{p}: not an adamerge history file (format {HISTORY_FORMAT})")
+    missing = [k for k in _HISTORY_KEYS if k not in obj]
+    if missing:
+        raise ValueError(f"{p}: adamerge history file without {missing[0]!r}")
+    return obj
+
+
+__all__ = ["adamerge", "History", "save_checkpoint", "save_history", "load_history", "HISTORY_FORMAT"]

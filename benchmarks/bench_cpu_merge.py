@@ -34,7 +34,6 @@ import datetime as _dt
 import gc
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,25 +42,17 @@ from pathlib import Path
 
 import torch
 
-import adamerge_fast
+import adamerge_fast.ops as amf
 from adamerge_fast.io import write_text_atomic
 from adamerge_fast.ops import reference
+
+from ._env import env_info, loadavg
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MIB = 1 << 20
 
 
 # ---------------------------------------------------------------------------------------------- machine
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _read(path: str) -> str | None:
     try:
         return Path(path).read_text().strip()
@@ -69,7 +60,7 @@ def _read(path: str) -> str | None:
         return None
 
 
-def _gcc() -> str | None:
+def _compiler() -> str | None:
     try:
         return subprocess.run(["c++", "--version"], capture_output=True, text=True).stdout.splitlines()[0]
     except (OSError, IndexError):
@@ -77,19 +68,14 @@ def _gcc() -> str | None:
 
 
 def machine_info() -> dict:
+    """:func:`benchmarks._env.env_info` on the CPU, plus the compiler, the transparent-huge-page settings and the
+    instruction set the extension's loops were built for."""
     return {
-        "platform": platform.platform(),
-        "cpu_model": _cpu_model(),
-        "nproc": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "adamerge_fast": getattr(adamerge_fast, "__version__", None),
-        "compiler": _gcc(),
+        **env_info("cpu"),
+        "compiler": _compiler(),
         "thp": _read("/sys/kernel/mm/transparent_hugepage/enabled"),
         "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "ext_cpu_isa": str(torch.ops.adamerge_fast.k_cpu_isa()),
-        "loadavg_start": list(os.getloadavg()),
     }
 
 
@@ -247,43 +233,48 @@ MANY_SHAPES = [(768,), (3072,), (64, 64), (128, 96), (2304,), (768, 16), (32, 48
 
 
 def merge_many_cases(K: int, repeats: int, probe, out: dict, n: int = 150):
-    import adamerge_fast.ops as amf
-
     g = torch.Generator().manual_seed(2)
     shapes = [MANY_SHAPES[i % len(MANY_SHAPES)] for i in range(n)]
     for dt, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
-        bases = [torch.randn(s, generator=g) for s in shapes]
-        deltas = [torch.randn((K, *s), generator=g).to(dt) for s in shapes]
-        coefs = torch.randn(n, K, generator=g)
-        numel = sum(b.numel() for b in bases)
-        es = torch.tensor([], dtype=dt).element_size()
-        c = Case(f"merge_many {n} small tensors ({numel / 1e6:.2f}M params), {dname} task vectors, K={K}",
-                 numel * (4 + K * es + 4), probe)  # fmt: skip
+        out[f"merge_many_{dname}"] = _merge_many_case(shapes, K, dt, dname, g, repeats, probe)
 
-        def peers_loop():  # what the peers' merging code does per parameter: w0 + sum_k lambda_k * tau_k
-            cl = coefs.tolist()
-            return [b + sum(cl[i][k] * d[k] for k in range(K)) for i, (b, d) in enumerate(zip(bases, deltas))]
 
-        def inplace_loop():  # the same loop without temporaries: clone, then one add_ per task
-            cl = coefs.tolist()
-            res = []
-            for i, (b, d) in enumerate(zip(bases, deltas)):
-                o = b.clone()
-                for k in range(K):
-                    o.add_(d[k], alpha=cl[i][k])
-                res.append(o)
-            return res
+def _merge_many_case(shapes: list[tuple], K: int, dt: torch.dtype, dname: str, g: torch.Generator, repeats: int,
+                     probe) -> dict:
+    n = len(shapes)
+    bases = [torch.randn(s, generator=g) for s in shapes]
+    deltas = [torch.randn((K, *s), generator=g).to(dt) for s in shapes]
+    coefs = torch.randn(n, K, generator=g)
+    numel = sum(b.numel() for b in bases)
+    es = torch.tensor([], dtype=dt).element_size()
+    c = Case(f"merge_many {n} small tensors ({numel / 1e6:.2f}M params), {dname} task vectors, K={K}",
+             numel * (4 + K * es + 4), probe)  # fmt: skip
 
-        c.add("ext k_merge_many (one call)", lambda: ops().k_merge_many(bases, deltas, coefs))
-        c.add("python loop: w0 + sum_k c_k * tau_k (peers)", peers_loop)
-        c.add("python loop: clone + add_ per task", inplace_loop)
-        c.add(
-            "torch loop of reference merge",
-            lambda: [reference.merge(b, d, coefs[i]) for i, (b, d) in enumerate(zip(bases, deltas))],
-        )
-        c.add("public merge_many backend=cpu", lambda: amf.merge_many(bases, deltas, coefs, backend="cpu"))
-        c.add("public merge_many backend=reference", lambda: amf.merge_many(bases, deltas, coefs, backend="reference"))
-        out[f"merge_many_{dname}"] = c.run(repeats)
+    def peers_loop():  # what the peers' merging code does per parameter: w0 + sum_k lambda_k * tau_k
+        cl = coefs.tolist()
+        return [b + sum(cl[i][k] * d[k] for k in range(K))
+                for i, (b, d) in enumerate(zip(bases, deltas, strict=True))]
+
+    def inplace_loop():  # the same loop without temporaries: clone, then one add_ per task
+        cl = coefs.tolist()
+        res = []
+        for i, (b, d) in enumerate(zip(bases, deltas, strict=True)):
+            o = b.clone()
+            for k in range(K):
+                o.add_(d[k], alpha=cl[i][k])
+            res.append(o)
+        return res
+
+    c.add("ext k_merge_many (one call)", lambda: ops().k_merge_many(bases, deltas, coefs))
+    c.add("python loop: w0 + sum_k c_k * tau_k (peers)", peers_loop)
+    c.add("python loop: clone + add_ per task", inplace_loop)
+    c.add(
+        "torch loop of reference merge",
+        lambda: [reference.merge(b, d, coefs[i]) for i, (b, d) in enumerate(zip(bases, deltas, strict=True))],
+    )
+    c.add("public merge_many backend=cpu", lambda: amf.merge_many(bases, deltas, coefs, backend="cpu"))
+    c.add("public merge_many backend=reference", lambda: amf.merge_many(bases, deltas, coefs, backend="reference"))
+    return c.run(repeats)
 
 
 LINEAR_SHAPES = [(3072, 768, 197), (768, 3072, 197)]  # (out, in, M): ViT-B MLP layers, one image's tokens
@@ -291,29 +282,32 @@ LINEAR_SHAPES = [(3072, 768, 197), (768, 3072, 197)]  # (out, in, M): ViT-B MLP 
 
 def merged_linear_cases(K: int, repeats: int, probe, out: dict):
     """Public ``merged_linear`` forward + backward (dx, dcoef_w, dcoef_b) with backend cpu vs reference."""
-    import adamerge_fast.ops as amf
-
     g = torch.Generator().manual_seed(3)
     for dt, dname in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         for o, i, m in LINEAR_SHAPES:
-            x = torch.randn(m, i, generator=g).requires_grad_()
-            w0, b0 = torch.randn(o, i, generator=g), torch.randn(o, generator=g)
-            tw, tb = torch.randn(K, o, i, generator=g).to(dt), torch.randn(K, o, generator=g).to(dt)
-            cw = torch.randn(K, generator=g).requires_grad_()
-            cb = torch.randn(K, generator=g).requires_grad_()
-            es = tw.element_size()
-            # fwd reads w0 + K tau (merge) and x; bwd reads them again (dx) plus K tau (dcoef)
-            nbytes = o * i * (4 + K * es) * 2 + o * i * K * es + 3 * m * (i + o) * 4
-            c = Case(f"merged_linear fwd+bwd out={o} in={i} M={m}, {dname} task vectors, K={K}", nbytes, probe)
+            out[f"merged_linear_{dname}_{o}x{i}"] = _merged_linear_case(o, i, m, K, dt, dname, g, repeats, probe)
 
-            def step(be):
-                y = amf.merged_linear(x, w0, tw, cw, b0, tb, cb, backend=be)
-                y.sum().backward()
-                x.grad = cw.grad = cb.grad = None
 
-            c.add("ext: public merged_linear backend=cpu", lambda: step("cpu"))
-            c.add("torch: public merged_linear backend=reference", lambda: step("reference"))
-            out[f"merged_linear_{dname}_{o}x{i}"] = c.run(repeats)
+def _merged_linear_case(o: int, i: int, m: int, K: int, dt: torch.dtype, dname: str, g: torch.Generator,
+                        repeats: int, probe) -> dict:
+    x = torch.randn(m, i, generator=g).requires_grad_()
+    w0, b0 = torch.randn(o, i, generator=g), torch.randn(o, generator=g)
+    tw, tb = torch.randn(K, o, i, generator=g).to(dt), torch.randn(K, o, generator=g).to(dt)
+    cw = torch.randn(K, generator=g).requires_grad_()
+    cb = torch.randn(K, generator=g).requires_grad_()
+    es = tw.element_size()
+    # fwd reads w0 + K tau (merge) and x; bwd reads them again (dx) plus K tau (dcoef)
+    nbytes = o * i * (4 + K * es) * 2 + o * i * K * es + 3 * m * (i + o) * 4
+    c = Case(f"merged_linear fwd+bwd out={o} in={i} M={m}, {dname} task vectors, K={K}", nbytes, probe)
+
+    def step(be):
+        y = amf.merged_linear(x, w0, tw, cw, b0, tb, cb, backend=be)
+        y.sum().backward()
+        x.grad = cw.grad = cb.grad = None
+
+    c.add("ext: public merged_linear backend=cpu", lambda: step("cpu"))
+    c.add("torch: public merged_linear backend=reference", lambda: step("reference"))
+    return c.run(repeats)
 
 
 # ------------------------------------------------------------------------------------------------ verdicts
@@ -409,7 +403,7 @@ def write_markdown(path: Path, data: dict):
         "# CPU merge benchmark (C++ extension vs torch)",
         "",
         f"- date: {data['date']}",
-        f"- machine: {m['cpu_model']}, {m['nproc']} logical CPUs (torch threads {m['torch_threads']}), {m['platform']}",
+        f"- machine: {m['cpu_model']}, {m['nproc']} logical CPUs (torch threads {m['cpu_threads']}), {m['platform']}",
         f"- versions: python {m['python']}, torch {m['torch']}, compiler {m['compiler']}; "
         f"extension loops: {m['ext_cpu_isa']}",
         f"- transparent huge pages: {m['thp']}; THP_MEM_ALLOC_ENABLE={m['THP_MEM_ALLOC_ENABLE']}",
@@ -451,7 +445,7 @@ def write_markdown(path: Path, data: dict):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_cpu_merge", description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="12.5e6,100e6", help="comma-separated parameter counts")
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
@@ -481,9 +475,9 @@ def main(argv=None):
     tags = [f"{N / 1e6:g}M" for N in sizes]
     for nt in threads:
         torch.set_num_threads(nt)
-        print(f"\n######## torch.set_num_threads({nt})  (load average {os.getloadavg()})")
+        print(f"\n######## torch.set_num_threads({nt})  (load average {loadavg()})")
         r: dict = {}
-        for N, tag in zip(sizes, tags):
+        for N, tag in zip(sizes, tags, strict=True):
             for key, case in (
                 ("merge_fp32", merge_fp32_case),
                 ("merge_bf16", merge_bf16_case),
@@ -498,7 +492,7 @@ def main(argv=None):
         res[f"threads={nt}"] = r
         for v in verdicts(r, tags):
             verdict_list.append({"threads": nt, **v})
-    info["loadavg_end"] = list(os.getloadavg())
+    info["loadavg_end"] = loadavg()
     data = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "command": "python -m benchmarks.bench_cpu_merge" + (" " + " ".join(argv_used) if argv_used else ""),

@@ -17,10 +17,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -31,7 +28,7 @@ import adamerge_fast.ops as amf
 from adamerge_fast.io import write_text_atomic
 from adamerge_fast.ops import _library
 
-from .bench_cpu_merge import _cpu_model
+from ._env import env_info, loadavg
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -88,24 +85,28 @@ def run(backend: str = "reference", rounds: int = 15, calls: int = 200) -> dict:
             _library.EAGER_FAST_PATH = True
         med = {k: statistics.median(v) * 1e6 for k, v in per.items()}
         res[name] = {"us_per_call_fwd_bwd": med, "saved_us": med["custom op"] - med["fast path (autograd.Function)"]}
-        print(f"{name:26s} " + "  ".join(f"{k}: {v:7.1f} us" for k, v in med.items()) + f"  saved {res[name]['saved_us']:.1f} us")
+        print(f"{name:26s} " + "  ".join(f"{k}: {v:7.1f} us" for k, v in med.items())
+              + f"  saved {res[name]['saved_us']:.1f} us")
     return res
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.bench_host_overhead", description=__doc__.split("\n\n")[0])
     ap.add_argument("--backend", default="reference")
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--out", default=str(RESULTS / "host_overhead"))
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    env = env_info("cpu")
     res = run(args.backend, args.rounds)
+    env["loadavg_end"] = loadavg()
     data = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": env["date"],
         "command": "python -m benchmarks.bench_host_overhead",
-        "machine": f"{_cpu_model()}, {os.cpu_count()} logical CPUs, {platform.platform()}",
-        "torch": torch.__version__,
+        "machine": f"{env['cpu_model']}, {env['nproc']} logical CPUs, {env['platform']}",
+        "torch": env["torch"],
         "backend": args.backend,
+        "env": env,
         "results": res,
     }
     out = Path(args.out)
@@ -123,7 +124,8 @@ def main(argv=None):
     ]
     for name, r in res.items():
         m = r["us_per_call_fwd_bwd"]
-        lines.append(f"| {name} | {m['fast path (autograd.Function)']:.1f} | {m['custom op']:.1f} | {r['saved_us']:.1f} |")
+        lines.append(f"| {name} | {m['fast path (autograd.Function)']:.1f} | {m['custom op']:.1f} | "
+                     f"{r['saved_us']:.1f} |")
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
 

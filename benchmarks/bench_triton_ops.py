@@ -1,4 +1,4 @@
-"""GPU benchmark of the Triton backend, for the issue figures. Needs a CUDA device; refuses to run without one.
+"""GPU benchmark of the Triton backend. Needs a CUDA device; refuses to run without one.
 
 1. ``merge_many`` / ``dcoef_many``: effective bandwidth (bytes the op must move / time) next to the measured
    device-to-device copy bandwidth (``dst.copy_(src)``, 2 x bytes / time), and the torch reference backend.
@@ -12,8 +12,8 @@
 
 Usage::
 
-    python benchmarks/bench_triton_ops.py                    # everything, JSON to benchmarks/results/
-    python benchmarks/bench_triton_ops.py --only merge --quick
+    python -m benchmarks.bench_triton_ops                    # everything, JSON to benchmarks/results/
+    python -m benchmarks.bench_triton_ops --only merge --quick
 """
 
 from __future__ import annotations
@@ -22,9 +22,16 @@ import argparse
 import json
 import os
 import sys
-import time
+from functools import partial
+from pathlib import Path
 
 import torch
+
+import adamerge_fast
+from adamerge_fast.io import write_text_atomic
+from adamerge_fast.ops import get_backend
+
+from ._env import env_info, loadavg
 
 SHAPES = [(768, 768), (2304, 768), (3072, 768), (768, 3072), (4096, 4096), (11008, 4096)]  # (out, in)
 MS = [16, 256, 4096, 16384]
@@ -58,9 +65,6 @@ def copy_bandwidth(nbytes=1 << 30):
 
 
 def bench_merge(quick: bool):
-    import adamerge_fast
-    from adamerge_fast.ops import get_backend
-
     rows = []
     # a ViT-B/32-like parameter list (12 blocks) or a 4-layer LLaMA-7B-like slice
     vit = [(2304, 768), (2304,), (768, 768), (768,), (3072, 768), (3072,), (768, 3072), (768,), (768,), (768,)] * 12
@@ -75,11 +79,12 @@ def bench_merge(quick: bool):
             dcoef_bytes = n_el * (bdt.itemsize + K * ddt.itemsize)  # read grad + K deltas
             for backend in ("triton", "reference"):
                 be = get_backend(backend)
-                t_m = _bench_ms(lambda: be.merge_many(bases, deltas, coefs))
-                t_d = _bench_ms(lambda: be.dcoef_many(bases, deltas))
-                mem = _peak_extra_bytes(lambda: adamerge_fast.merge_many(bases, deltas, coefs, backend=backend))
+                t_m = _bench_ms(partial(be.merge_many, bases, deltas, coefs))
+                t_d = _bench_ms(partial(be.dcoef_many, bases, deltas))
+                mem = _peak_extra_bytes(partial(adamerge_fast.merge_many, bases, deltas, coefs, backend=backend))
                 rows.append(dict(op="merge_many", set=set_name, config=label, backend=backend, tensors=len(shapes),
-                                 elements=n_el, ms=t_m, GBps=merge_bytes / (t_m * 1e-3) / 1e9, peak_extra_MiB=mem / 2**20))  # fmt: skip
+                                 elements=n_el, ms=t_m, GBps=merge_bytes / (t_m * 1e-3) / 1e9,
+                                 peak_extra_MiB=mem / 2**20))  # fmt: skip
                 rows.append(dict(op="dcoef_many", set=set_name, config=label, backend=backend, tensors=len(shapes),
                                  elements=n_el, ms=t_d, GBps=dcoef_bytes / (t_d * 1e-3) / 1e9))  # fmt: skip
                 print(f"{set_name:12s} {label:8s} {backend:9s} merge_many {rows[-2]['GBps']:7.1f} GB/s "
@@ -96,8 +101,11 @@ def _naive_linear(x, w0, tau_w, coef_w, b0, tau_b, coef_b):
     return torch.nn.functional.linear(x, w.to(x.dtype), b.to(x.dtype))
 
 
+def _fwd_bwd(fwd, dy):
+    fwd().backward(dy)
+
+
 def bench_linear(quick: bool, max_fused_m: int):
-    import adamerge_fast
     from adamerge_fast.ops.triton_kernels import merged_linear as tml
 
     rows = []
@@ -113,25 +121,18 @@ def bench_linear(quick: bool, max_fused_m: int):
                 cw = torch.full((K,), 0.3, device="cuda", requires_grad=True)
                 cb = torch.full((K,), 0.3, device="cuda", requires_grad=True)
                 dy = torch.randn(M, out_f, device="cuda").to(dt)
+                args = (x, w0, tau_w, cw, b0, tau_b, cb)
                 variants = {
-                    "naive-autograd": lambda: _naive_linear(x, w0, tau_w, cw, b0, tau_b, cb),
-                    "reference": lambda: adamerge_fast.merged_linear(
-                        x, w0, tau_w, cw, b0, tau_b, cb, backend="reference"
-                    ),
+                    "naive-autograd": partial(_naive_linear, *args),
+                    "reference": partial(adamerge_fast.merged_linear, *args, backend="reference"),
                 }
+                triton_fwd = partial(adamerge_fast.merged_linear, *args, backend="triton")
                 for strategy in ("fused", "jit", None):
                     if strategy == "fused" and M > max_fused_m:
                         continue
-                    variants[f"triton-{strategy or 'auto'}"] = (
-                        lambda s=strategy: _with_strategy(tml, s, lambda: adamerge_fast.merged_linear(
-                            x, w0, tau_w, cw, b0, tau_b, cb, backend="triton"))
-                    )  # fmt: skip
+                    variants[f"triton-{strategy or 'auto'}"] = partial(_with_strategy, tml, strategy, triton_fwd)
                 for name, fwd in variants.items():
-
-                    def step(fwd=fwd):
-                        y = fwd()
-                        y.backward(dy)
-
+                    step = partial(_fwd_bwd, fwd, dy)
                     try:
                         t_f = _bench_ms(fwd, rep=50)
                         t_fb = _bench_ms(step, rep=50)
@@ -159,25 +160,28 @@ def _with_strategy(tml, strategy, fn):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench_triton_ops", description=__doc__.splitlines()[0])
     p.add_argument("--only", choices=["merge", "linear"], default=None)
     p.add_argument("--quick", action="store_true", help="fewer shapes / tensors")
     p.add_argument("--max-fused-m", type=int, default=4096, help="skip the fused strategy above this M")
-    p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_triton_ops.json"))
+    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_triton_ops.json"))
     args = p.parse_args(argv)
 
     if not torch.cuda.is_available():
-        sys.exit("bench_triton_ops.py measures Triton kernels on a CUDA GPU and none is available here; not running.")
+        sys.exit("benchmarks.bench_triton_ops measures Triton kernels on a CUDA GPU and none is available here; "
+                 "not running.")
     if os.environ.get("TRITON_INTERPRET") == "1":
-        sys.exit("bench_triton_ops.py: unset TRITON_INTERPRET (the interpreter is not what should be measured).")
+        sys.exit("benchmarks.bench_triton_ops: unset TRITON_INTERPRET (the interpreter is not what should be "
+                 "measured).")
     try:
         import triton  # noqa: F401
     except ImportError:
-        sys.exit("bench_triton_ops.py needs the 'triton' package.")
+        sys.exit("benchmarks.bench_triton_ops needs the 'triton' package.")
 
     torch.manual_seed(0)
-    result = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=__import__("triton").__version__,
-                  time=time.strftime("%Y-%m-%d %H:%M:%S"), copy_GBps=copy_bandwidth(), rows=[])  # fmt: skip
+    env = env_info("cuda")
+    result = dict(device=env["device"], torch=env["torch"], triton=env["triton"], time=env["date"], env=env,
+                  copy_GBps=copy_bandwidth(), rows=[])  # fmt: skip
     print(f"{result['device']}: device-to-device copy {result['copy_GBps']:.1f} GB/s", flush=True)
     if args.only in (None, "merge"):
         result["rows"] += bench_merge(args.quick)
@@ -186,10 +190,11 @@ def main(argv=None):
     from adamerge_fast.ops.triton_kernels import merged_linear as tml
 
     result["tuned"] = [dict(key=[str(p) for p in k], strategy=v) for k, v in tml.tuned_strategies().items()]
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
-    print(f"wrote {args.out}")
+    env["loadavg_end"] = loadavg()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

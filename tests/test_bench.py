@@ -1,12 +1,21 @@
-"""The step benchmark's own checks: every method computes the same coefficients on a tiny ViT, and the CLI writes
-its JSON. No wall-clock assertions."""
+"""The step benchmark's own checks (``benchmarks/adamerging_step``): every method computes the same coefficients
+on a tiny ViT, and the command writes its JSON. No wall-clock assertions."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from adamerge_fast import bench
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the checkout's benchmarks/ is a plain package, not installed
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks.adamerging_step import main  # noqa: E402
+from benchmarks.adamerging_step.protocol import EquivalenceError, check_equivalence  # noqa: E402
+from benchmarks.adamerging_step.runners import available_methods, make_runner  # noqa: E402
+from benchmarks.adamerging_step.workloads import build_workload  # noqa: E402
 
 DEVICE = torch.device("cpu")
 
@@ -21,12 +30,12 @@ def _no_poison(monkeypatch):
 
 @pytest.mark.parametrize("workload", ["vit-tiny", "llama-tiny"])
 def test_all_methods_agree(workload):
-    wl = bench.build_workload(workload, DEVICE)
-    methods = bench.available_methods(DEVICE)
+    wl = build_workload(workload, DEVICE)
+    methods = available_methods(DEVICE)
     assert methods[:2] == ["official", "functional_call"] and "ours-reference-concat" in methods
-    runners = [bench.make_runner(m, wl) for m in methods]
+    runners = [make_runner(m, wl) for m in methods]
     try:
-        rep = bench.check_equivalence(runners, wl, steps=2)
+        rep = check_equivalence(runners, wl, steps=2)
     finally:
         for r in runners:
             r.close()
@@ -37,12 +46,12 @@ def test_all_methods_agree(workload):
 
 
 def test_equivalence_check_catches_a_wrong_method():
-    wl = bench.build_workload("vit-tiny", DEVICE)
-    runners = [bench.make_runner("official", wl), bench.make_runner("ours-reference-concat", wl)]
+    wl = build_workload("vit-tiny", DEVICE)
+    runners = [make_runner("official", wl), make_runner("ours-reference-concat", wl)]
     runners[1].model.raw_coefficients.data[3, 1] += 0.05  # a different start: must be caught
     try:
-        with pytest.raises(bench.EquivalenceError, match="disagree"):
-            bench.check_equivalence(runners, wl, steps=1)
+        with pytest.raises(EquivalenceError, match="disagree"):
+            check_equivalence(runners, wl, steps=1)
     finally:
         for r in runners:
             r.close()
@@ -50,9 +59,9 @@ def test_equivalence_check_catches_a_wrong_method():
 
 def test_cli_writes_results(tmp_path):
     # llama-tiny: the memory subprocesses need not import open_clip (seconds each)
-    rc = bench.main(["--workloads", "llama-tiny", "--steps", "2", "--mem-steps", "1", "--quick",
-                     "--methods", "functional_call,ours-reference-concat", "--no-kernels", "--no-profile", "--no-live-memory",
-                     "--out", str(tmp_path), "--stem", "t"])
+    rc = main(["--workloads", "llama-tiny", "--steps", "2", "--mem-steps", "1", "--quick",
+               "--methods", "functional_call,ours-reference-concat", "--no-kernels", "--no-profile",
+               "--no-live-memory", "--out", str(tmp_path), "--stem", "t"])
     assert rc == 0
     res = json.loads((tmp_path / "t.json").read_text())
     assert (tmp_path / "t.md").exists()

@@ -28,7 +28,8 @@ def tiny_backbone():
 
 def _perturb(sd, seed, scale=0.1):
     g = torch.Generator().manual_seed(seed)
-    return {k: (v + scale * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone() for k, v in sd.items()}
+    return {k: (v + scale * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone()
+            for k, v in sd.items()}
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def fixture_dir(tmp_path_factory):
             torch.save(sd, d / f"ft{k}.pt")  # a torch state-dict file works as well
         else:
             save_safetensors(sd, d / f"ft{k}.safetensors")
-        ClassificationHead(torch.randn(4, 6, generator=torch.Generator().manual_seed(10 + k)), torch.zeros(4), normalize=k == 0).save(d / f"head{k}.safetensors")
+        w = torch.randn(4, 6, generator=torch.Generator().manual_seed(10 + k))
+        ClassificationHead(w, torch.zeros(4), normalize=k == 0).save(d / f"head{k}.safetensors")
         x = torch.randn(24, 8, generator=torch.Generator().manual_seed(20 + k))
         if k == 1:
             np.save(d / f"data{k}.npy", x.numpy())
@@ -81,7 +83,8 @@ def test_merge_methods(fixture_dir, tmp_path, method, capsys):
     d = fixture_dir
     out = tmp_path / f"{method}.safetensors"
     extra = ["--scale", "0.4"] if method != "average" else []
-    assert main(["merge", "--method", method, "--pretrained", str(d / "pre.safetensors"), "--finetuned", *_ft(d), "-o", str(out), *extra]) == 0
+    pre_ft = ["--pretrained", str(d / "pre.safetensors"), "--finetuned", *_ft(d)]
+    assert main(["merge", "--method", method, *pre_ft, "-o", str(out), *extra]) == 0
     got = load_file(str(out))
     pre = load_file(str(d / "pre.safetensors"))
     fts = [load_file(str(d / "ft0.safetensors")), load_file(str(d / "ft1.safetensors")), torch.load(d / "ft2.pt")]
@@ -98,9 +101,9 @@ def test_merge_methods(fixture_dir, tmp_path, method, capsys):
             torch.testing.assert_close(got[k], ref[k])
     if method == "dare":  # seeded: the same output twice, a different one with another seed
         out2 = tmp_path / "dare2.safetensors"
-        main(["merge", "--method", "dare", "--pretrained", str(d / "pre.safetensors"), "--finetuned", *_ft(d), "-o", str(out2), *extra])
+        main(["merge", "--method", "dare", *pre_ft, "-o", str(out2), *extra])
         out3 = tmp_path / "dare3.safetensors"
-        main(["merge", "--method", "dare", "--seed", "5", "--pretrained", str(d / "pre.safetensors"), "--finetuned", *_ft(d), "-o", str(out3), *extra])
+        main(["merge", "--method", "dare", "--seed", "5", *pre_ft, "-o", str(out3), *extra])
         a, b, c = load_file(str(out)), load_file(str(out2)), load_file(str(out3))
         assert all(torch.equal(a[k], b[k]) for k in a)
         assert not all(torch.equal(a[k], c[k]) for k in a)
@@ -182,7 +185,8 @@ def test_adamerge_open_clip(tmp_path, capsys):
     clip = oc.small_clip(0)
     save_safetensors(clip.state_dict(), tmp_path / "pre.safetensors")
     vis = clip.visual.state_dict()
-    save_safetensors({f"visual.{k}": v for k, v in _perturb(vis, 1, 0.02).items()}, tmp_path / "ft0.safetensors")  # full-CLIP layout
+    full_clip_layout = {f"visual.{k}": v for k, v in _perturb(vis, 1, 0.02).items()}
+    save_safetensors(full_clip_layout, tmp_path / "ft0.safetensors")
     save_safetensors(_perturb(vis, 2, 0.02), tmp_path / "ft1.safetensors")  # visual-only layout
     for t, classes in (("t0", "cat\ndog\n"), ("t1", "# comment\nred\ngreen\nblue\n")):
         (tmp_path / f"{t}.txt").write_text(classes)
@@ -194,7 +198,8 @@ def test_adamerge_open_clip(tmp_path, capsys):
     out = tmp_path / "out"
     args = ["adamerge", "--open-clip", "small", "--pretrained", str(tmp_path / "pre.safetensors"),
             "--finetuned", str(tmp_path / "ft0.safetensors"), str(tmp_path / "ft1.safetensors"),
-            "--classnames", str(tmp_path / "t0.txt"), str(tmp_path / "t1.txt"), "--templates", str(tmp_path / "templates.txt"),
+            "--classnames", str(tmp_path / "t0.txt"), str(tmp_path / "t1.txt"),
+            "--templates", str(tmp_path / "templates.txt"),
             "--data", str(tmp_path / "t0"), str(tmp_path / "t1"), "--steps", "2", "--batch-size", "3",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress", "-o", str(out)]
     assert main(args) == 0
@@ -247,16 +252,18 @@ def test_adamerge_hf_clip(tmp_path):
             arr = (np.random.default_rng(10 * k + i).random((36, 40, 3)) * 255).astype("uint8")
             Image.fromarray(arr).save(tmp_path / f"img{k}" / f"{i}.jpg")
     out = tmp_path / "out"
-    assert main(["adamerge", "--hf-clip", "--pretrained", str(tmp_path / "pre"), "--finetuned", str(tmp_path / "ft0"), str(tmp_path / "ft1"),
-                 "--classnames", str(tmp_path / "c0.txt"), str(tmp_path / "c1.txt"), "--data", str(tmp_path / "img0"), str(tmp_path / "img1"),
-                 "--steps", "2", "--batch-size", "2", "--cache-dir", str(tmp_path / "cache"), "--no-progress", "-o", str(out)]) == 0
+    assert main(["adamerge", "--hf-clip", "--pretrained", str(tmp_path / "pre"),
+                 "--finetuned", str(tmp_path / "ft0"), str(tmp_path / "ft1"),
+                 "--classnames", str(tmp_path / "c0.txt"), str(tmp_path / "c1.txt"),
+                 "--data", str(tmp_path / "img0"), str(tmp_path / "img1"), "--steps", "2", "--batch-size", "2",
+                 "--cache-dir", str(tmp_path / "cache"), "--no-progress", "-o", str(out)]) == 0
     merged = load_file(str(out / "merged.safetensors"))
     assert merged.keys() == hf.CLIPImageEncoder.from_model(clip).state_dict().keys()
     assert len(list((tmp_path / "cache" / "heads").glob("*.safetensors"))) == 2
 
 
 @pytest.mark.slow
-def test_adamerge_hf_causal_lm(tmp_path):
+def test_adamerge_hf_causal_lm(tmp_path, capsys):
     from adamerge_fast.models import hf
 
     fast, vocab = _word_tokenizer("the a cat dog sat ran on under mat log big small".split())
@@ -267,13 +274,26 @@ def test_adamerge_hf_causal_lm(tmp_path):
         m = hf.tiny_causal_lm("gpt2", seed=0, vocab_size=len(vocab))
         m.load_state_dict(_perturb(pre.state_dict(), k + 1, 0.05))
         m.save_pretrained(tmp_path / f"ft{k}")
-        (tmp_path / f"text{k}.txt").write_text("the cat sat on the mat\na dog ran\nthe big log\n" if k else "small cat\nthe dog sat under a log\n")
+        text = "the cat sat on the mat\na dog ran\nthe big log\n" if k else "small cat\nthe dog sat under a log\n"
+        (tmp_path / f"text{k}.txt").write_text(text)
     out = tmp_path / "out"
-    assert main(["adamerge", "--hf-causal-lm", "--pretrained", str(tmp_path / "pre"),
-                 "--finetuned", str(tmp_path / "ft0"), str(tmp_path / "ft1"), "--data", str(tmp_path / "text0.txt"), str(tmp_path / "text1.txt"),
-                 "--max-length", "8", "--steps", "3", "--batch-size", "2", "--no-progress", "-o", str(out)]) == 0
+    args = ["adamerge", "--hf-causal-lm", "--pretrained", str(tmp_path / "pre"),
+            "--finetuned", str(tmp_path / "ft0"), str(tmp_path / "ft1"),
+            "--data", str(tmp_path / "text0.txt"), str(tmp_path / "text1.txt"),
+            "--max-length", "8", "--steps", "3", "--batch-size", "2", "--no-progress", "-o", str(out)]
+    assert main(args) == 0
     merged = load_file(str(out / "merged.safetensors"))
     assert any(k.startswith("lm.transformer.h.0.") for k in merged)
+
+    # every token's logits are a row: the tasks' batches cannot be concatenated (the error follows the progress bar
+    # transformers prints while it loads the model)
+    capsys.readouterr()
+    assert main(args + ["--positions", "all"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("adamerge-fast adamerge: error: ") and "--task-batching sequential" in last
+    assert main(args + ["--positions", "all", "--task-batching", "sequential", "-o", str(tmp_path / "all")]) == 0
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
@@ -282,11 +302,14 @@ def test_bad_inputs_one_line(fixture_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(Path(__file__).parent))
     pre = str(d / "pre.safetensors")
     cases = [
-        (["merge", "--method", "average", "--pretrained", str(d / "missing.safetensors"), "--finetuned", *_ft(d), "-o", str(tmp_path / "m.safetensors")],
+        (["merge", "--method", "average", "--pretrained", str(d / "missing.safetensors"), "--finetuned", *_ft(d),
+          "-o", str(tmp_path / "m.safetensors")],
          1, ["missing.safetensors", "not found"]),
-        (["merge", "--method", "average", "--pretrained", pre, "--finetuned", str(d / "other_arch.safetensors"), "-o", str(tmp_path / "m.safetensors")],
+        (["merge", "--method", "average", "--pretrained", pre, "--finetuned", str(d / "other_arch.safetensors"),
+          "-o", str(tmp_path / "m.safetensors")],
          1, ["other_arch.safetensors", "architecture"]),
-        (["merge", "--method", "ties", "--ties-k", "1.5", "--pretrained", pre, "--finetuned", *_ft(d), "-o", str(tmp_path / "m.safetensors")],
+        (["merge", "--method", "ties", "--ties-k", "1.5", "--pretrained", pre, "--finetuned", *_ft(d),
+          "-o", str(tmp_path / "m.safetensors")],
          2, ["--ties-k"]),
         (_module_args(d, tmp_path / "o", "--steps", "-1"), 2, ["--steps"]),
         (_module_args(d, tmp_path / "o", "--lr", "abc"), 2, ["--lr"]),
@@ -302,7 +325,8 @@ def test_bad_inputs_one_line(fixture_dir, tmp_path, monkeypatch, capsys):
 
     base = _module_args(d, tmp_path / "o", "--steps", "2")
     for argv, needles in [
-        (swap(base, str(d / "ft1.safetensors"), str(d / "other_arch.safetensors")), ["other_arch.safetensors", "another architecture"]),
+        (swap(base, str(d / "ft1.safetensors"), str(d / "other_arch.safetensors")),
+         ["other_arch.safetensors", "another architecture"]),
         (swap(base, str(d / "ft1.safetensors"), str(d / "nope.pt")), ["nope.pt", "not found"]),
         (swap(base, str(d / "data1.npy"), str(d / "empty.pt")), ["no examples", "empty.pt"]),
         (swap(base, str(d / "data1.npy"), str(d / "empty_dir")), ["no images"]),
@@ -319,7 +343,8 @@ def test_bad_inputs_one_line(fixture_dir, tmp_path, monkeypatch, capsys):
 
 def test_debug_shows_traceback(fixture_dir, tmp_path):
     with pytest.raises(FileNotFoundError):
-        main(["--debug", "merge", "--method", "average", "--pretrained", str(tmp_path / "x.pt"), "--finetuned", "y", "-o", str(tmp_path / "o.safetensors")])
+        main(["--debug", "merge", "--method", "average", "--pretrained", str(tmp_path / "x.pt"), "--finetuned", "y",
+              "-o", str(tmp_path / "o.safetensors")])
 
 
 def test_help_everywhere(capsys):
@@ -328,26 +353,37 @@ def test_help_everywhere(capsys):
         assert "usage:" in capsys.readouterr().out
 
 
-def test_bench_subcommand_missing_or_present(monkeypatch, capsys):
-    import importlib
-
-    real = importlib.import_module
-
-    def fake(name, *a, **k):
-        if name == "adamerge_fast.bench":
-            e = ModuleNotFoundError("No module named 'adamerge_fast.bench'")
-            e.name = name
-            raise e
-        return real(name, *a, **k)
-
-    monkeypatch.setattr(importlib, "import_module", fake)
+def test_bench_subcommand_without_harness(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(cli, "_checkout_root", lambda: tmp_path)  # an installation without benchmarks/
     assert main(["bench", "--quick"]) == 1
-    _one_error_line(capsys, "adamerge_fast.bench")
+    _one_error_line(capsys, "the benchmarks live in the source checkout", "python -m benchmarks.adamerging_step")
+
+
+def test_bench_subcommand_forwards_to_the_checkout(monkeypatch, tmp_path):
+    pkg = tmp_path / "benchmarks" / "adamerging_step"
+    pkg.mkdir(parents=True)
+    (tmp_path / "benchmarks" / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("CALLS = []\n\n\ndef main(argv, prog=None):\n"
+                                     "    CALLS.append((list(argv), prog))\n    return 3\n")
+    monkeypatch.setattr(cli, "_checkout_root", lambda: tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+        monkeypatch.delitem(sys.modules, name)  # put back after the test
+    try:
+        assert main(["bench", "--quick", "--steps", "2"]) == 3
+        harness = sys.modules["benchmarks.adamerging_step"]
+        assert Path(harness.__file__) == pkg / "__init__.py"
+        assert harness.CALLS == [(["--quick", "--steps", "2"], "adamerge-fast bench")]
+        assert sys.path[0] == str(tmp_path)
+    finally:
+        for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
+            del sys.modules[name]  # the stub
 
 
 def test_python_m_help():
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = subprocess.run([sys.executable, "-m", "adamerge_fast", "--help"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    r = subprocess.run([sys.executable, "-m", "adamerge_fast", "--help"], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     for cmd in ("merge", "adamerge", "plot", "demo", "bench"):
         assert cmd in r.stdout

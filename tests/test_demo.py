@@ -24,7 +24,8 @@ ROWS = [
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "run"
     fig = tmp_path / "docs" / "heatmap.png"
-    args = ["demo", "--quick", "--steps", "15", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out), "--no-progress"]
+    args = ["demo", "--quick", "--steps", "15", "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(out),
+            "--no-progress"]
     assert main(args + ["--save-figure", str(fig)]) == 0
     first = capsys.readouterr().out
     table = first[first.index("Method"):]

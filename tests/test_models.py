@@ -86,7 +86,8 @@ def test_open_clip_zero_shot_head_matches_open_clip(small_clip):
     tok = oc.tokenizer_for("small")
     classes, templates = ["cat", "dog", "red car"], ["a photo of a {}.", "a blurry photo of the {}.", "{}"]
     head = oc.zero_shot_head(small_clip, tok, classes, templates)
-    ref = open_clip.build_zero_shot_classifier(small_clip, tok, classes, templates, num_classes_per_batch=None)  # [D, C]
+    ref = open_clip.build_zero_shot_classifier(small_clip, tok, classes, templates, num_classes_per_batch=None)
+    # ref: [D, C]
     assert_close(head.weight, ref.T * small_clip.logit_scale.exp().detach(), torch.float32, "zero-shot weights")
     assert head.normalize
     feats = torch.randn(4, head.weight.shape[1])
@@ -101,7 +102,8 @@ def test_zero_shot_head_hand_computed():
         "a B": torch.tensor([-1.0, 0.0]),  # (-1, 0)
         "the B": torch.tensor([-5.0, 0.0]),  # (-1, 0)
     }
-    w = zero_shot_weights(lambda texts: torch.stack([table[t] for t in texts]), ["A", "B"], ["a {}", "the {}"], logit_scale=torch.tensor(2.0).log())
+    w = zero_shot_weights(lambda texts: torch.stack([table[t] for t in texts]), ["A", "B"], ["a {}", "the {}"],
+                          logit_scale=torch.tensor(2.0).log())
     a = torch.tensor([0.3, 0.9])
     a = a / a.norm()
     expected = torch.stack([a, torch.tensor([-1.0, 0.0])]) * 2.0
@@ -123,9 +125,10 @@ def test_head_cache(tmp_path, small_clip):
 
     oc.zero_shot_head = counting
     try:
-        h1 = oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b"], ["x {}"], weights_id="w1", cache_dir=tmp_path)
-        h2 = oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b"], ["x {}"], weights_id="w1", cache_dir=tmp_path)
-        oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b", "c"], ["x {}"], weights_id="w1", cache_dir=tmp_path)
+        kw = dict(weights_id="w1", cache_dir=tmp_path)
+        h1 = oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b"], ["x {}"], **kw)
+        h2 = oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b"], ["x {}"], **kw)
+        oc.cached_zero_shot_head("small", small_clip, tok, ["a", "b", "c"], ["x {}"], **kw)
     finally:
         oc.zero_shot_head = real
     assert len(calls) == 2  # the second call was served from the cache
@@ -146,7 +149,7 @@ def test_open_clip_checkpoints(tmp_path, small_clip):
     full = tmp_path / "clip.safetensors"
     save_safetensors(small_clip.state_dict(), full)
     m = oc.create_clip("small", full, seed=123)
-    for (n, a), b in zip(small_clip.state_dict().items(), m.state_dict().values()):
+    for (n, a), b in zip(small_clip.state_dict().items(), m.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, msg=n)
     vis_keys = set(dict(small_clip.visual.named_parameters()))
     # full CLIP, task_vectors ImageEncoder ("model.visual.") and visual-only layouts give the same keys
@@ -172,7 +175,7 @@ def test_pickled_checkpoint_needs_opt_in(tmp_path):
     with pytest.raises(CheckpointError, match="trust_pickle=True"):
         load_state_dict(path)
     sd = load_state_dict(path, trust_pickle=True)
-    for (n, a), b in zip(module.state_dict().items(), sd.values()):
+    for (n, a), b in zip(module.state_dict().items(), sd.values(), strict=True):
         torch.testing.assert_close(a, b, msg=n)
     # a pickled head module: weight/bias read only with the opt-in
     head = torch.nn.Linear(4, 3)
@@ -194,6 +197,66 @@ def test_head_file_roundtrip(tmp_path):
     save_safetensors({"weight": torch.randn(3)}, tmp_path / "bad.safetensors")
     with pytest.raises(CheckpointError, match="not a classification head"):
         load_head(tmp_path / "bad.safetensors")
+
+
+def test_open_clip_adapter_from_python(tmp_path, small_clip):
+    from adamerge_fast.models import open_clip as oc
+
+    save_safetensors(small_clip.state_dict(), tmp_path / "clip.safetensors")
+    vis = small_clip.visual.state_dict()
+    fts = [{f"visual.{k}": v + 0.01 for k, v in vis.items()}, {k: v - 0.01 for k, v in vis.items()}]  # two layouts
+    spec = oc.build("small", tmp_path / "clip.safetensors", fts, ["pets", "colors"],
+                    classnames=[["cat", "dog"], ["red", "green", "blue"]], templates=["a {}"], cache_dir=False)
+    assert spec.tasks == ["pets", "colors"] and spec.metadata == {"model": "open_clip:small", "component": "visual"}
+    assert [h.num_classes for h in spec.heads.values()] == [2, 3] and spec.head_files == {}
+    assert set(spec.finetuned[0]) >= set(dict(spec.backbone.named_parameters()))
+    torch.testing.assert_close(spec.finetuned[0]["conv1.weight"], vis["conv1.weight"] + 0.01)
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(spec.backbone(x), small_clip.visual(x))
+    with pytest.raises(ValueError, match=r"classnames \(or heads\) gives 1 for 2 tasks"):
+        oc.build("small", tmp_path / "clip.safetensors", fts, ["pets", "colors"], classnames=[["cat"]])
+
+
+def test_factory_adapter_from_python(tmp_path):
+    from torch.utils.data import DataLoader
+
+    from adamerge_fast.models import factory
+
+    def make():
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 6))
+
+    torch.manual_seed(0)
+    pre = make()
+    save_safetensors(pre.state_dict(), tmp_path / "pre.safetensors")
+    fts = [{k: v + 0.1 * (i + 1) for k, v in pre.state_dict().items()} for i in range(2)]
+    ClassificationHead(torch.randn(3, 6), normalize=True).save(tmp_path / "head.safetensors")
+    heads = [ClassificationHead(torch.randn(4, 6), normalize=False), tmp_path / "head.safetensors"]
+    spec = factory.build(make, tmp_path / "pre.safetensors", fts, ["a", "b"], heads=heads)
+    assert spec.tasks == ["a", "b"] and spec.metadata["model"].endswith("make")
+    assert spec.head_files == {"b": str(tmp_path / "head.safetensors")} and spec.heads["b"].normalize  # as stored
+    assert spec.rows_per_example and spec.tokenizer is None and spec.finetuned == fts
+    for k, v in pre.state_dict().items():
+        assert torch.equal(spec.backbone.state_dict()[k], v), k
+
+    spec.check_data({"a": DataLoader(torch.randn(5, 8)), "b": DataLoader(torch.randn(3, 8))})
+    with pytest.raises(ValueError, match=r"task 'a': the model cannot run on its data \(one example has shape \[7\]\)"):
+        spec.check_data({"a": DataLoader(torch.randn(5, 7))})
+    spec.heads["b"] = ClassificationHead(torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"task 'b': its head \(.*head.safetensors\) expects 5 features, the model "
+                       r"outputs shape \[6\]"):
+        spec.check_data({"b": DataLoader(torch.randn(3, 8))})
+
+    with pytest.raises(ValueError, match="heads gives 1 for 2 tasks"):
+        factory.build(make, tmp_path / "pre.safetensors", fts, ["a", "b"], heads=heads[:1])
+    with pytest.raises(CheckpointError, match="fine-tuned state dict 1: key '0.weight' has dtype torch.float64"):
+        factory.build(make, tmp_path / "pre.safetensors", [fts[0], {k: v.double() for k, v in fts[1].items()}],
+                      ["a", "b"], heads=heads)
+    with pytest.raises(FileNotFoundError, match="nope.pt: fine-tuned checkpoint not found"):
+        factory.build(make, tmp_path / "pre.safetensors", [fts[0], tmp_path / "nope.pt"], ["a", "b"], heads=heads)
+    with pytest.raises(ValueError, match="not an nn.Module"):
+        factory.build(lambda: "x", tmp_path / "pre.safetensors", fts, ["a", "b"], heads=heads)
+    with pytest.raises(ValueError, match="MODULE:FUNCTION"):
+        factory.load_factory("no_colon")
 
 
 # --------------------------------------------------------------------------------------------- HF models

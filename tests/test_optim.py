@@ -9,6 +9,7 @@ from torch import nn
 import adamerge_fast as af
 from _tol import assert_close
 from adamerge_fast.io import CheckpointError
+from adamerge_fast.optim import HISTORY_FORMAT, load_history, save_history
 
 
 def backbone(seed):
@@ -48,7 +49,10 @@ def official(pre, fts, heads, data, steps, granularity="layer", lr=1e-3):
         for t, head in heads.items():
             x = next(its[t])
             lam = torch.clamp(raw, 0.0, 1.0)
-            params = {n: base[n] + sum(lam[i if rows > 1 else 0, k] * tvs[k][n] for k in range(len(fts))) for i, n in enumerate(names)}
+            params = {
+                n: base[n] + sum(lam[i if rows > 1 else 0, k] * tvs[k][n] for k in range(len(fts)))
+                for i, n in enumerate(names)
+            }
             out = head(torch.func.functional_call(pre, params, (x,)))
             p = out.softmax(1)
             losses = losses + (-(p * out.log_softmax(1)).sum(1)).mean(0)
@@ -67,7 +71,7 @@ def test_matches_official_algorithm(granularity, task_batching):
     model = af.AdaMergedModel(pre, fts, granularity=granularity)
     hist = af.adamerge(model, heads, data, steps=6, task_batching=task_batching, progress=False)
     assert len(hist.loss) == 6 and len(hist.coefficients) == 6
-    for step, (a, b) in enumerate(zip(hist.coefficients, ref)):
+    for step, (a, b) in enumerate(zip(hist.coefficients, ref, strict=True)):
         assert_close(a, b.double(), torch.float32, f"step {step}")
     assert set(hist.task_loss[0]) == set(heads)
     assert abs(hist.loss[0] - sum(hist.task_loss[0].values())) < 1e-5
@@ -84,9 +88,9 @@ def test_batches_per_step_and_labelled_batches():
     labelled = {t: [(x, torch.zeros(len(x), dtype=torch.long)) for x in xs] for t, xs in data.items()}
     a = af.adamerge(af.AdaMergedModel(pre, fts), heads, labelled, steps=3, batches_per_step=2, progress=False)
     # two batches per step of equal size == one concatenated batch per step
-    cat = {t: [torch.cat(xs[i:i + 2]) for i in range(0, 4, 2)] for t, xs in data.items()}
+    cat = {t: [torch.cat(xs[i : i + 2]) for i in range(0, 4, 2)] for t, xs in data.items()}
     b = af.adamerge(af.AdaMergedModel(pre, fts), heads, cat, steps=3, progress=False)
-    for x, y in zip(a.coefficients, b.coefficients):
+    for x, y in zip(a.coefficients, b.coefficients, strict=True):
         assert_close(x, y.double(), torch.float32, "batches_per_step")
 
 
@@ -127,3 +131,29 @@ def test_bad_inputs():
     ragged = {**data, "t0": [torch.randn(4, 7)]}
     with pytest.raises(ValueError, match="sequential"):
         af.adamerge(model, heads, ragged, steps=1, progress=False)
+
+
+def test_history_file_round_trip(tmp_path):
+    pre, fts, heads, data = setup()
+    model = af.AdaMergedModel(pre, fts, task_names=list(heads))
+    hist = af.adamerge(model, heads, data, steps=3, progress=False)
+    path = save_history(tmp_path / "run" / "history.json", hist, model, {"steps": 3, "model": {"model": "mlp"}})
+    h = load_history(path)
+    assert h["format"] == HISTORY_FORMAT and h["tasks"] == list(heads) and h["granularity"] == "layer"
+    assert h["loss"] == hist.loss and h["task_loss"] == hist.task_loss
+    assert h["coefficient_rows"] == [r for r, _ in model.coefficient_table()]
+    assert h["coefficients"] == [v for _, v in model.coefficient_table()]
+    assert h["trajectory_stride"] == 1
+    assert h["mean_coefficient_trajectory"] == [c.float().mean(0).tolist() for c in hist.coefficients]
+    assert h["steps"] == 3 and h["model"] == {"model": "mlp"}
+    assert [p.name for p in path.parent.iterdir()] == ["history.json"]  # no temporary file left
+
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json: not a JSON file"):
+        load_history(tmp_path / "bad.json")
+    (tmp_path / "other.json").write_text('{"format": "something/1", "loss": []}')
+    with pytest.raises(ValueError, match="other.json: not an adamerge history file"):
+        load_history(tmp_path / "other.json")
+    (tmp_path / "partial.json").write_text(f'{{"format": "{HISTORY_FORMAT}", "tasks": ["a"], "granularity": "task"}}')
+    with pytest.raises(ValueError, match="partial.json: adamerge history file without 'loss'"):
+        load_history(tmp_path / "partial.json")

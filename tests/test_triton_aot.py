@@ -1,4 +1,4 @@
-"""Cross-compile the Triton kernels for sm_90 / sm_80 (no GPU needed): see ``tests/triton_aot_check.py``.
+"""Cross-compile the Triton kernels for sm_90 / sm_80 (no GPU needed): see ``tools/triton_aot_check.py``.
 
 The interpreter tests (``test_triton.py``) never lower the kernels to PTX/SASS; this one runs the AOT check
 script (``--quick``: every launcher-chosen config for sm_90, a representative cover for sm_80) in a fresh
@@ -17,7 +17,7 @@ import pytest
 pytestmark = pytest.mark.triton
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "tests" / "triton_aot_check.py"
+SCRIPT = ROOT / "tools" / "triton_aot_check.py"
 TIMEOUT_S = 300  # the check itself takes ~1 min on 2 busy cores; this only guards against a hang
 
 

@@ -57,10 +57,17 @@ class MergedLinear(nn.Module):
         self.register_buffer("tau_b", tau_b, persistent=False)  # [K, out] | None
         self.w_row, self.b_row, self.backend = w_row, b_row, backend
 
-    def forward(self, x):
+    def forward(self, x, rows: slice | None = None):
+        """``x @ W.T + b``; ``rows`` restricts the layer to output rows ``rows`` (attention's separate
+        q/k/v projections use thirds of the packed in-projection)."""
+        w0, tau_w, b0, tau_b = self.w0, self.tau_w, self.b0, self.tau_b
+        if rows is not None:
+            w0, tau_w = w0[rows], tau_w[:, rows]
+            b0 = None if b0 is None else b0[rows]
+            tau_b = None if tau_b is None else tau_b[:, rows]
         c = self._ctx.get()
-        cb = c[self.b_row] if self.tau_b is not None else None
-        return ops.merged_linear(x, self.w0, self.tau_w, c[self.w_row], self.b0, self.tau_b, cb, backend=self.backend)
+        cb = c[self.b_row] if tau_b is not None else None
+        return ops.merged_linear(x, w0, tau_w, c[self.w_row], b0, tau_b, cb, backend=self.backend)
 
     def extra_repr(self):
         return f"in={self.w0.shape[1]}, out={self.w0.shape[0]}, K={self.tau_w.shape[0]}, row={self.w_row}"
@@ -75,14 +82,6 @@ class MergedMultiheadAttention(nn.Module):
         self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
         self.batch_first, self.dropout = mha.batch_first, mha.dropout
         self.in_proj, self.out_proj = in_proj, out_proj
-
-    def _project(self, t, lo, hi):
-        p = self.in_proj
-        c = p._ctx.get()
-        tb = p.tau_b[:, lo:hi] if p.tau_b is not None else None
-        b0 = p.b0[lo:hi] if p.b0 is not None else None
-        cb = c[p.b_row] if tb is not None else None
-        return ops.merged_linear(t, p.w0[lo:hi], p.tau_w[:, lo:hi], c[p.w_row], b0, tb, cb, backend=p.backend)
 
     def forward(
         self,
@@ -104,16 +103,17 @@ class MergedMultiheadAttention(nn.Module):
         if query is key and key is value:
             q, k, v = self.in_proj(query).chunk(3, dim=-1)
         else:
-            q, k, v = self._project(query, 0, E), self._project(key, E, 2 * E), self._project(value, 2 * E, 3 * E)
+            proj = self.in_proj
+            q, k, v = (proj(t, slice(i * E, (i + 1) * E)) for i, t in enumerate((query, key, value)))
         N, L, S = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(N, -1, H, E // H).transpose(1, 2) for t in (q, k, v))  # [N, H, L|S, D]
         mask = None
         if attn_mask is not None:
             m = attn_mask.reshape(N, H, L, S) if attn_mask.dim() == 3 else attn_mask
-            mask = torch.zeros(m.shape, dtype=q.dtype, device=q.device).masked_fill(m, float("-inf")) if m.dtype == torch.bool else m.to(q.dtype)
+            mask = _additive_mask(m, q)
         if key_padding_mask is not None:
             kp = key_padding_mask.reshape(N, 1, 1, S)
-            kp = torch.zeros(kp.shape, dtype=q.dtype, device=q.device).masked_fill(kp, float("-inf")) if kp.dtype == torch.bool else kp.to(q.dtype)
+            kp = _additive_mask(kp, q)
             mask = kp if mask is None else mask + kp
         causal = bool(is_causal) and mask is None
         p = self.dropout if self.training else 0.0
@@ -138,6 +138,13 @@ class MergedMultiheadAttention(nn.Module):
             if unbatched:
                 w = w.squeeze(0)
         return o, w
+
+
+def _additive_mask(m: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A boolean mask (True = masked) as an additive ``-inf``/0 mask in ``like``'s dtype; float masks as they are."""
+    if m.dtype == torch.bool:
+        return torch.zeros(m.shape, dtype=like.dtype, device=like.device).masked_fill(m, float("-inf"))
+    return m.to(like.dtype)
 
 
 def _rewritable_mha(m: nn.Module) -> bool:
@@ -169,6 +176,30 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     parent, _, name = path.rpartition(".")
     (root.get_submodule(parent) if parent else root)._modules[name] = new
     return root
+
+
+def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle):
+    """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned``, or checked), in
+    ``dtype``, TIES-split for AdaMerging++, contiguous, on the pretrained parameters' devices."""
+    names = list(base)
+    if task_vectors is None:
+        tv = make_task_vectors(pretrained, finetuned, keys=names, dtype=dtype, trust_pickle=trust_pickle)
+    else:
+        check_task_vectors(task_vectors, base, names)
+        tv = {n: task_vectors[n].detach().to(device=base[n].device, dtype=dtype or task_vectors[n].dtype)
+              for n in names}
+    if ties:
+        tv = ties_split(tv, **({} if ties is True else dict(ties)))
+    return {n: t.contiguous() for n, t in tv.items()}
+
+
+def _initial_table(init: float | torch.Tensor, rows: int, K: int) -> torch.Tensor:
+    """The initial raw coefficient table ``[rows, K]``: ``init`` everywhere, or a copy of a given table."""
+    if isinstance(init, torch.Tensor):
+        if tuple(init.shape) != (rows, K):
+            raise ValueError(f"init must have shape [{rows}, {K}], got {list(init.shape)}")
+        return init.detach().float().clone()
+    return torch.full((rows, K), float(init))
 
 
 class AdaMergedModel(nn.Module):
@@ -215,35 +246,25 @@ class AdaMergedModel(nn.Module):
         if not named:
             raise ValueError("pretrained model has no floating-point parameters to merge")
         names = [n for n, _ in named]
-        base_sd = dict(named)
-        if task_vectors is None:
-            tv = make_task_vectors(pretrained, finetuned, keys=names, dtype=task_vector_dtype, trust_pickle=trust_pickle)
-        else:
-            check_task_vectors(task_vectors, base_sd, names)
-            tv = {n: task_vectors[n].detach().to(device=base_sd[n].device, dtype=task_vector_dtype or task_vectors[n].dtype) for n in names}
-        if ties:
-            tv = ties_split(tv, **({} if ties is True else dict(ties)))
-        tv = {n: t.contiguous() for n, t in tv.items()}
+        tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
+                                   trust_pickle)
         K = next(iter(tv.values())).shape[0]
         self.num_tasks, self.granularity, self.clamp_range, self.backend = K, granularity, clamp, backend
         self.param_names = names
         self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(K)]
         if len(self.task_names) != K:
             raise ValueError(f"task_names has {len(self.task_names)} names for {K} tasks")
-
         rows = len(names) if granularity == "layer" else 1
-        if isinstance(init, torch.Tensor):
-            if tuple(init.shape) != (rows, K):
-                raise ValueError(f"init must have shape [{rows}, {K}], got {list(init.shape)}")
-            raw = init.detach().float().clone()
-        else:
-            raw = torch.full((rows, K), float(init))
-        self.raw_coefficients = nn.Parameter(raw.to(next(iter(base_sd.values())).device))
+        self.raw_coefficients = nn.Parameter(_initial_table(init, rows, K).to(named[0][1].device))
 
         object.__setattr__(self, "_template", _meta_template(pretrained))
-        # every name under which each parameter is reachable (tied weights have several)
+        # every name under which each parameter is reachable (tied weights have several) -> its row in `names`
         row_of_id = {id(p): i for i, (_, p) in enumerate(named)}
-        self._aliases = {n: row_of_id[id(p)] for n, p in pretrained.named_parameters(remove_duplicate=False) if id(p) in row_of_id}
+        self._aliases = {
+            n: row_of_id[id(p)] for n, p in pretrained.named_parameters(remove_duplicate=False) if id(p) in row_of_id
+        }
+        self._row_index = {n: i for i, n in enumerate(names)}
+        self._ctx = _CoefContext()
 
         if copy:  # own modules, but the parameters' storage is shared with `pretrained` (never written)
             memo = {id(p): nn.Parameter(p.detach(), requires_grad=False) for p in pretrained.parameters()}
@@ -251,47 +272,55 @@ class AdaMergedModel(nn.Module):
         else:
             skel = pretrained
         skel.requires_grad_(False)
-        sk = dict(skel.named_parameters())
-        self._ctx = _CoefContext()
-        row = (lambda i: i) if granularity == "layer" else (lambda i: 0)
-        idx = {n: i for i, n in enumerate(names)}
+        skel = self._rewrite_linear_modules(skel, tv)
+        self._collect_generic_parameters(skel, tv)
+        self.skeleton = skel
 
-        def merged_linear_of(lin: nn.Module, wname: str, bname: str) -> MergedLinear:
-            w, b = idx[wname], idx.get(bname)
-            return MergedLinear(
-                self._ctx, sk[wname].detach(), tv[wname], row(w),
-                None if lin.bias is None else lin.bias.detach(),
-                None if b is None else tv[bname], None if b is None else row(b), backend,
-            )
+    def _coef_row(self, name: str) -> int:
+        """The coefficient-table row of parameter ``name`` (0 for every parameter when task-wise)."""
+        return self._row_index[name] if self.granularity == "layer" else 0
 
+    def _merged_linear(self, weight: str, bias: str | None, w0: torch.Tensor, b0: torch.Tensor | None,
+                       tv: Mapping[str, torch.Tensor]) -> MergedLinear:
+        """A :class:`MergedLinear` over parameter ``weight`` (and ``bias``, merged when it has a row)."""
+        merged_bias = b0 is not None and bias in self._row_index
+        return MergedLinear(
+            self._ctx, w0.detach(), tv[weight], self._coef_row(weight),
+            None if b0 is None else b0.detach(),
+            tv[bias] if merged_bias else None, self._coef_row(bias) if merged_bias else None, self.backend,
+        )  # fmt: skip
+
+    def _rewrite_linear_modules(self, skel: nn.Module, tv: Mapping[str, torch.Tensor]) -> nn.Module:
+        """Replace every ``nn.Linear`` and rewritable ``nn.MultiheadAttention`` whose weight has a coefficient
+        row by its merged counterpart; ``self._rewritten`` lists their paths. Returns the (new) root."""
         self._rewritten: list[str] = []
         for path, m in list(skel.named_modules()):
             if any(path.startswith(h + ".") or h == "" for h in self._rewritten):
-                continue
+                continue  # inside a module already rewritten
             pre = path + "." if path else ""
-            if _rewritable_mha(m) and pre + "in_proj_weight" in idx:
-                inp = MergedLinear(
-                    self._ctx, sk[pre + "in_proj_weight"].detach(), tv[pre + "in_proj_weight"], row(idx[pre + "in_proj_weight"]),
-                    None if m.in_proj_bias is None else m.in_proj_bias.detach(),
-                    tv.get(pre + "in_proj_bias") if m.in_proj_bias is not None else None,
-                    row(idx[pre + "in_proj_bias"]) if m.in_proj_bias is not None else None, backend,
-                )
-                outp = merged_linear_of(m.out_proj, pre + "out_proj.weight", pre + "out_proj.bias")
-                skel = _set_child(skel, path, MergedMultiheadAttention(m, inp, outp))
-                self._rewritten.append(path)
-            elif type(m) in _LINEARS and pre + "weight" in idx:
-                bname = pre + "bias"
-                if m.bias is not None and bname not in idx:  # bias tied elsewhere: keep the module generic
-                    continue
-                skel = _set_child(skel, path, merged_linear_of(m, pre + "weight", bname))
-                self._rewritten.append(path)
+            if _rewritable_mha(m) and pre + "in_proj_weight" in self._row_index:
+                inp = self._merged_linear(pre + "in_proj_weight", pre + "in_proj_bias", m.in_proj_weight,
+                                          m.in_proj_bias, tv)
+                outp = self._merged_linear(pre + "out_proj.weight", pre + "out_proj.bias", m.out_proj.weight,
+                                           m.out_proj.bias, tv)
+                new: nn.Module = MergedMultiheadAttention(m, inp, outp)
+            elif type(m) in _LINEARS and pre + "weight" in self._row_index:
+                if m.bias is not None and pre + "bias" not in self._row_index:
+                    continue  # bias tied elsewhere: keep the module generic
+                new = self._merged_linear(pre + "weight", pre + "bias", m.weight, m.bias, tv)
+            else:
+                continue
+            skel = _set_child(skel, path, new)
+            self._rewritten.append(path)
+        return skel
 
-        # Every parameter left in a generic module becomes a non-persistent buffer of the skeleton (the base)
-        # and is merged by merge_many. A parameter reachable under several names (tied weights) is merged
-        # once and fed under each of its names; a row also used by a MergedLinear is merged here too.
-        self._other: list[str] = []  # canonical (named_parameters) names of the rows merged by merge_many
-        self._other_base: list[str] = []  # the skeleton buffer holding each such row's base tensor
-        self._feed: list[tuple[str, int]] = []  # (name in the skeleton, index into self._other)
+    def _collect_generic_parameters(self, skel: nn.Module, tv: Mapping[str, torch.Tensor]) -> None:
+        """Every parameter left in a generic module becomes a non-persistent buffer of the skeleton (its base
+        tensor) and is merged by one ``merge_many`` per forward, then fed to ``functional_call``. A parameter
+        reachable under several names (tied weights) is merged once and fed under each of its names."""
+        self._generic_names: list[str] = []  # canonical (named_parameters) names of the merge_many rows
+        self._generic_base_buffers: list[str] = []  # the skeleton buffer holding each one's base tensor
+        self._generic_feed: list[tuple[str, int]] = []  # (name in the skeleton, index into _generic_names)
         pos: dict[str, int] = {}
         for full, p in list(skel.named_parameters(remove_duplicate=False)):
             mod_path, _, pn = full.rpartition(".")
@@ -300,32 +329,33 @@ class AdaMergedModel(nn.Module):
             mod.register_buffer(pn, p.detach(), persistent=False)
             if full not in self._aliases:  # a non-floating parameter: kept as it is
                 continue
-            canon = names[self._aliases[full]]
+            canon = self.param_names[self._aliases[full]]
             if canon not in pos:
-                pos[canon] = len(self._other)
-                self._other.append(canon)
-                self._other_base.append(full)
-            self._feed.append((full, pos[canon]))
-        self._other_rows = [row(idx[n]) for n in self._other]
-        self.register_buffer("_other_rows_t", torch.tensor(self._other_rows, dtype=torch.long, device=raw.device), persistent=False)
-        self._tv_other = nn.Module()
-        for i, n in enumerate(self._other):
-            self._tv_other.register_buffer(f"t{i}", tv[n], persistent=False)
-        self.skeleton = skel
-        self._cache: list | None = None
-        self._row_index = idx
+                pos[canon] = len(self._generic_names)
+                self._generic_names.append(canon)
+                self._generic_base_buffers.append(full)
+            self._generic_feed.append((full, pos[canon]))
+        self._generic_rows = [self._coef_row(n) for n in self._generic_names]
+        device = self.raw_coefficients.device
+        self.register_buffer("_generic_rows_t", torch.tensor(self._generic_rows, dtype=torch.long, device=device),
+                             persistent=False)
+        self._generic_task_vectors = nn.Module()
+        for i, n in enumerate(self._generic_names):
+            self._generic_task_vectors.register_buffer(f"t{i}", tv[n], persistent=False)
+        self._generic_cache: list | None = None
 
     # -------------------------------------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
-        self._cache = None
+        self._generic_cache = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _other_tensors(self):
-        if self._cache is None:
-            bases = [self.skeleton.get_buffer(n) for n in self._other_base]
-            deltas = [self._tv_other.get_buffer(f"t{i}") for i in range(len(self._other))]
-            self._cache = [bases, deltas]
-        return self._cache
+    def _generic_tensors(self) -> list[list[torch.Tensor]]:
+        """``[bases, task vectors]`` of the parameters merged by ``merge_many`` (cached until ``.to()``)."""
+        if self._generic_cache is None:
+            bases = [self.skeleton.get_buffer(n) for n in self._generic_base_buffers]
+            deltas = [self._generic_task_vectors.get_buffer(f"t{i}") for i in range(len(self._generic_names))]
+            self._generic_cache = [bases, deltas]
+        return self._generic_cache
 
     @property
     def coefficients(self) -> torch.Tensor:
@@ -340,10 +370,10 @@ class AdaMergedModel(nn.Module):
         self._ctx.coefs = coefs
         try:
             params = {}
-            if self._other:
-                bases, deltas = self._other_tensors()
-                merged = ops.merge_many(bases, deltas, coefs[self._other_rows_t], backend=self.backend)
-                params = {full: merged[i] for full, i in self._feed}
+            if self._generic_names:
+                bases, deltas = self._generic_tensors()
+                merged = ops.merge_many(bases, deltas, coefs[self._generic_rows_t], backend=self.backend)
+                params = {full: merged[i] for full, i in self._generic_feed}
             return torch.func.functional_call(self.skeleton, params, args, kwargs)
         finally:
             self._ctx.coefs = None
@@ -351,10 +381,10 @@ class AdaMergedModel(nn.Module):
     # -------------------------------------------------------------------------------------------------
     def _row_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(base, task vectors [K, ...], coefficient row) of parameter ``name``."""
-        if name in self._other:
-            i = self._other.index(name)
-            bases, deltas = self._other_tensors()
-            return bases[i], deltas[i], self._other_rows[i]
+        if name in self._generic_names:
+            i = self._generic_names.index(name)
+            bases, deltas = self._generic_tensors()
+            return bases[i], deltas[i], self._generic_rows[i]
         mod_path, _, leaf = name.rpartition(".")
         if leaf in ("in_proj_weight", "in_proj_bias"):
             m = self.skeleton.get_submodule(mod_path).in_proj
@@ -438,7 +468,9 @@ class AdaMergedModel(nn.Module):
         w = max(len(n) for n, _ in rows)
         head = " " * w + " | " + " ".join(f"{t[:8]:>8}" for t in self.task_names)
         lines = [head, "-" * len(head)]
-        shown = rows if max_rows is None or len(rows) <= max_rows else rows[: max_rows // 2] + [("...", [])] + rows[-max_rows // 2 :]
+        shown = rows
+        if max_rows is not None and len(rows) > max_rows:
+            shown = rows[: max_rows // 2] + [("...", [])] + rows[-max_rows // 2 :]
         for n, vals in shown:
             lines.append(f"{n:<{w}} | " + " ".join(f"{v:8.4f}" for v in vals))
         return "\n".join(lines)

@@ -4,10 +4,11 @@
 - :func:`task_arithmetic`: ``theta_0 + scale * sum_k tau_k`` (Ilharco et al.).
 - :func:`ties_split` / :func:`ties_merge`: TIES (Yadav et al.): trim each task vector to its top-``k``
   fraction by magnitude (exactly as the official code: keep magnitudes >= the ``(d - int(d*k))``-th smallest,
-  i.e. ``int(d*k) + 1`` entries of ``d`` barring ties), elect a sign per entry by the sign of the sum over tasks (zeros take the majority
-  sign), keep only entries agreeing with it (the per-task "split" form AdaMerging++ feeds to AdaMerging), and
-  take their disjoint mean (or sum). ``scope="global"`` trims over each task's whole flattened vector as the
-  official AdaMerging++ code does; ``scope="tensor"`` trims each tensor separately.
+  i.e. ``int(d*k) + 1`` entries of ``d`` barring ties), elect a sign per entry by the sign of the sum over
+  tasks (zeros take the majority sign), keep only entries agreeing with it (the per-task "split" form
+  AdaMerging++ feeds to AdaMerging), and take their disjoint mean (or sum). ``scope="global"`` trims over
+  each task's whole flattened vector as the official AdaMerging++ code does; ``scope="tensor"`` trims each
+  tensor separately.
 - :func:`dare`: drop each entry with probability ``p`` (seeded), rescale survivors by ``1/(1-p)``.
 """
 
@@ -43,7 +44,9 @@ def weight_average(base: Mapping[str, torch.Tensor], tv: TV, *, backend=None) ->
     return _combine(base, tv, torch.full((K,), 1.0 / K), backend)
 
 
-def task_arithmetic(base: Mapping[str, torch.Tensor], tv: TV, scale: float = 0.3, *, backend=None) -> dict[str, torch.Tensor]:
+def task_arithmetic(
+    base: Mapping[str, torch.Tensor], tv: TV, scale: float = 0.3, *, backend=None
+) -> dict[str, torch.Tensor]:
     """``theta_0 + scale * sum_k tau_k`` (0.3: the AdaMerging paper's task-arithmetic setting)."""
     return _combine(base, tv, torch.full((_K(tv),), float(scale)), backend)
 

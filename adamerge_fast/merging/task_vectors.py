@@ -35,7 +35,9 @@ def floating_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
     return [k for k, v in sd.items() if torch.is_floating_point(v)]
 
 
-def check_compatible(ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], keys: Sequence[str], what: str) -> None:
+def check_compatible(
+    ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], keys: Sequence[str], what: str
+) -> None:
     """All ``keys`` present in ``other`` with the reference's shape and dtype; otherwise a clear error."""
     for k in keys:
         if k not in other:
@@ -94,7 +96,8 @@ def check_task_vectors(tv: Mapping[str, torch.Tensor], base: Mapping[str, torch.
         t = tv[k]
         if t.dim() != base[k].dim() + 1 or tuple(t.shape[1:]) != tuple(base[k].shape):
             raise CheckpointError(
-                f"task vectors: key {k!r} must have shape [K, {', '.join(map(str, base[k].shape))}], got {list(t.shape)}"
+                f"task vectors: key {k!r} must have shape [K, {', '.join(map(str, base[k].shape))}], "
+                f"got {list(t.shape)}"
             )
         if K is None:
             K = t.shape[0]

@@ -48,7 +48,9 @@ class ClassificationHead(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if self.normalize:
             features = F.normalize(features, dim=-1)
-        return F.linear(features, self.weight.to(features.dtype), None if self.bias is None else self.bias.to(features.dtype))
+        return F.linear(
+            features, self.weight.to(features.dtype), None if self.bias is None else self.bias.to(features.dtype)
+        )
 
     def extra_repr(self) -> str:
         return f"features={self.weight.shape[1]}, classes={self.weight.shape[0]}, normalize={self.normalize}"
@@ -58,7 +60,9 @@ class ClassificationHead(nn.Module):
         t = {"weight": self.weight}
         if self.bias is not None:
             t["bias"] = self.bias
-        return save_safetensors(t, path, {"format": "adamerge_fast.head/1", "normalize": str(int(self.normalize)), **(metadata or {})})
+        return save_safetensors(
+            t, path, {"format": "adamerge_fast.head/1", "normalize": str(int(self.normalize)), **(metadata or {})}
+        )
 
 
 def load_head(path, *, normalize: bool | None = None, trust_pickle: bool = False) -> ClassificationHead:
@@ -73,7 +77,9 @@ def load_head(path, *, normalize: bool | None = None, trust_pickle: bool = False
     keys = list(sd.keys())
     wkey = "weight" if "weight" in sd else next((k for k in keys if k.endswith(".weight") and sd[k].dim() == 2), None)
     if wkey is None or sd[wkey].dim() != 2:
-        raise CheckpointError(f"{p}: not a classification head (expected a 'weight' tensor [classes, features]; keys: {keys[:6]})")
+        raise CheckpointError(
+            f"{p}: not a classification head (expected a 'weight' tensor [classes, features]; keys: {keys[:6]})"
+        )
     bkey = wkey[: -len("weight")] + "bias"
     bias = sd[bkey] if bkey in sd else None
     if normalize is None:

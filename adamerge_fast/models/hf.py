@@ -9,6 +9,9 @@ Vision (the paper's setting on HF CLIP):
 - :func:`clip_zero_shot_head`: the zero-shot head from the text tower (``CLIPModel.get_text_features``) and
   ``logit_scale``, with the paper's recipe (:func:`adamerge_fast.models.heads.zero_shot_weights`).
 
+Adapters: :func:`build_clip` and :func:`build_causal_lm` return the
+:class:`~adamerge_fast.models.spec.TaskSpec` of a local HF CLIP or causal LM directory.
+
 Language models (entropy of the next-token distribution as the objective):
 
 - :class:`CausalLMForEntropy` wraps a causal LM (GPT-2, Llama, ...). ``positions="last"`` (default) returns the
@@ -28,14 +31,13 @@ import torch
 from torch import nn
 
 from .._compat import import_transformers
-from ..io import CheckpointError
-from .heads import ClassificationHead, Template, zero_shot_weights
+from ..io import CheckpointError, add_prefix, existing
+from .heads import ClassificationHead, Template, cached_head, file_identity, head_key, zero_shot_weights
+from .spec import Source, TaskSpec, load_finetuned, load_heads, per_task, text_list
 
 
 def _from_pretrained(cls, path, what: str, **kw):
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: {what} not found")
+    p = existing(path, what)
     try:
         return cls.from_pretrained(str(p), local_files_only=True, **kw)
     except (OSError, ValueError, KeyError) as e:
@@ -78,7 +80,8 @@ class CLIPImageEncoder(nn.Module):
 def tiny_clip_config(**overrides):
     """A tiny ``CLIPConfig`` (vision: 2 layers, width 32, 32x32 images, patch 8; text: 2 layers, width 32)."""
     tf = import_transformers()
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8, projection_dim=16)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                  patch_size=8, projection_dim=16)
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=100,
                 max_position_embeddings=16, projection_dim=16, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     vision.update(overrides.pop("vision", {}))
@@ -93,7 +96,8 @@ def tiny_clip_vision_config(**overrides):
 
 @torch.no_grad()
 def clip_zero_shot_head(
-    clip_model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[Template], *, progress: bool = False
+    clip_model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[Template], *,
+    progress: bool = False,
 ) -> ClassificationHead:
     """The paper's zero-shot head from an HF ``CLIPModel``: text features of the filled templates (the text
     tower + ``text_projection``), normalized, averaged, renormalized, times ``logit_scale.exp()``.
@@ -166,6 +170,85 @@ def load_tokenizer(path):
     return _from_pretrained(tf.AutoTokenizer, path, "tokenizer")
 
 
+# -------------------------------------------------------------------------------------------- adapters
+def build_clip(
+    pretrained: str | Path,
+    finetuned: Sequence[Source],
+    tasks: Sequence[str],
+    *,
+    classnames: Sequence[str | Path | Sequence[str]] | None = None,
+    templates: str | Path | Sequence[Template] | None = None,
+    heads: Sequence[str | Path | nn.Module] | None = None,
+    head_normalize: bool | None = None,
+    tokenizer: str | Path | None = None,
+    image_size: int = 224,
+    cache_dir=None,
+    trust_pickle: bool = False,
+    progress: bool = False,
+) -> TaskSpec:
+    """The paper's setting on a local HF CLIP directory: merge :class:`CLIPImageEncoder`.
+
+    Args:
+        pretrained: a ``CLIPModel`` directory (a ``CLIPVisionModelWithProjection`` one suffices with ``heads``).
+        finetuned: one checkpoint (file, directory or state dict) per task with the encoder's HF key names.
+        tasks: the task names.
+        heads: one head file (or module) per task; ``head_normalize`` (``None``: ``True``) L2-normalizes the
+            features first. Without ``heads``, zero-shot heads from ``classnames`` (per task a class-names file
+            or a list of names) and ``templates`` (a file or a list; default ``"a photo of a {}."``) through the
+            text tower and ``tokenizer`` (a directory; default ``pretrained``), cached under ``cache_dir``.
+        image_size: the image-folder transform's size when the vision config does not give one.
+    """
+    from ..data import CLIP_MEAN, CLIP_STD, ImageTransform
+
+    head_files: dict[str, str] = {}
+    if heads is not None:
+        backbone = CLIPImageEncoder.from_pretrained(pretrained)
+        head_map, head_files = load_heads(heads, tasks, normalize=True if head_normalize is None else head_normalize,
+                                          trust_pickle=trust_pickle)
+    else:
+        classes = per_task(classnames, tasks, "classnames (or heads)")
+        clip = load_clip(pretrained)
+        backbone = CLIPImageEncoder.from_model(clip)
+        tok = load_tokenizer(tokenizer or pretrained)
+        temps = text_list(templates, "templates file") if templates is not None else ["a photo of a {}."]
+        wid = file_identity(pretrained)
+        head_map = {}
+        for t, c in zip(tasks, classes, strict=True):
+            names = text_list(c, "class-names file")
+            head_map[t] = cached_head(head_key("hf-clip", wid, names, temps),
+                                      lambda n=names: clip_zero_shot_head(clip, tok, n, temps, progress=progress),
+                                      cache_dir)
+        del clip
+    config = getattr(backbone.vision_model, "config", None)
+    transform = ImageTransform(config.image_size if config is not None else image_size, CLIP_MEAN, CLIP_STD)
+    fts = load_finetuned(finetuned, backbone, trust_pickle=trust_pickle)
+    return TaskSpec(backbone, fts, head_map, transform=transform, head_files=head_files,
+                    metadata={"model": "hf-clip", "component": "vision_model+visual_projection"})
+
+
+def build_causal_lm(
+    pretrained: str | Path,
+    finetuned: Sequence[Source],
+    tasks: Sequence[str],
+    *,
+    tokenizer: str | Path | None = None,
+    positions: Literal["last", "all"] = "last",
+    trust_pickle: bool = False,
+) -> TaskSpec:
+    """A local HF causal LM directory as :class:`CausalLMForEntropy` (``positions``), an :class:`IdentityHead`
+    per task, the tokenizer of ``tokenizer`` (default ``pretrained``; its EOS token pads when it has no pad
+    token). ``finetuned``: one LM checkpoint (directory, file or state dict) per task, with the LM's own key
+    names. ``positions="all"`` gives one row per token: the spec's ``rows_per_example`` is then ``False``."""
+    backbone = CausalLMForEntropy(load_causal_lm(pretrained), positions=positions)
+    tok = load_tokenizer(tokenizer or pretrained)
+    if getattr(tok, "pad_token", None) is None:
+        tok.pad_token = tok.eos_token
+    fts = load_finetuned(finetuned, backbone, transform_keys=lambda sd: add_prefix(sd, "lm."),
+                         trust_pickle=trust_pickle)
+    return TaskSpec(backbone, fts, {t: IdentityHead() for t in tasks}, tokenizer=tok,
+                    rows_per_example=positions == "last", metadata={"model": "hf-causal-lm", "component": "lm"})
+
+
 def tiny_gpt2_config(**overrides):
     tf = import_transformers()
     kw = dict(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
@@ -193,6 +276,8 @@ def tiny_causal_lm(kind: Literal["gpt2", "llama"] = "gpt2", seed: int = 0, **ove
 
 
 __all__ = [
+    "build_clip",
+    "build_causal_lm",
     "CLIPImageEncoder",
     "clip_zero_shot_head",
     "tiny_clip_config",

@@ -9,20 +9,23 @@
 - :func:`visual_state_dict`: a fine-tuned checkpoint's visual-tower tensors, whatever the key layout (a full
   CLIP state dict ``visual.*``, the task_vectors ``ImageEncoder`` layout ``model.visual.*``, or the visual
   tower's own keys).
+- :func:`build`: the :class:`~adamerge_fast.models.spec.TaskSpec` of the paper's setting (image encoder,
+  fine-tuned checkpoints, zero-shot heads or head files, open_clip's preprocessing).
 - :func:`small_clip`: a tiny random-init CLIP (2-layer ViT on 32x32 images) for tests.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .._compat import import_open_clip
-from ..io import CheckpointError, load_state_dict
+from ..io import existing, load_into, load_state_dict, strip_prefix
 from .heads import ClassificationHead, Template, cached_head, file_identity, head_key, zero_shot_weights
+from .spec import Source, TaskSpec, load_finetuned, load_heads, per_task, text_list
 
 #: the paper's names -> open_clip's
 MODEL_NAMES = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14"}
@@ -44,45 +47,9 @@ def canonical_name(name: str) -> str:
     if n == "small":
         return n
     if n not in oc.list_models():
-        raise ValueError(f"unknown open_clip model {name!r} (e.g. {', '.join(MODEL_NAMES)}; or one of open_clip.list_models())")
+        raise ValueError(f"unknown open_clip model {name!r} (e.g. {', '.join(MODEL_NAMES)}; or one of "
+                         "open_clip.list_models())")
     return n
-
-
-class _PrefixView(Mapping[str, torch.Tensor]):
-    """A lazy view of ``sd`` restricted to keys under ``prefix``, with the prefix removed."""
-
-    def __init__(self, sd: Mapping[str, torch.Tensor], prefix: str):
-        self.sd, self.prefix = sd, prefix
-        self._keys = [k[len(prefix):] for k in sd.keys() if k.startswith(prefix)]
-
-    def __getitem__(self, key):
-        return self.sd[self.prefix + key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-
-def shape_dtype(sd: Mapping[str, torch.Tensor], key: str) -> tuple[tuple[int, ...], torch.dtype]:
-    """Shape and dtype of ``sd[key]`` without reading the tensor when ``sd`` is a lazy safetensors mapping."""
-    prefix = ""
-    while isinstance(sd, _PrefixView):
-        prefix, sd = sd.prefix + prefix, sd.sd
-    if hasattr(sd, "shape_dtype"):
-        return sd.shape_dtype(prefix + key)
-    t = sd[prefix + key]
-    return tuple(t.shape), t.dtype
-
-
-def strip_prefix(sd: Mapping[str, torch.Tensor], prefixes: Sequence[str]) -> Mapping[str, torch.Tensor]:
-    """The view under the first of ``prefixes`` that some key starts with, else ``sd`` itself."""
-    keys = list(sd.keys())
-    for pre in prefixes:
-        if any(k.startswith(pre) for k in keys):
-            return _PrefixView(sd, pre)
-    return sd
 
 
 def visual_state_dict(src, *, trust_pickle: bool = False) -> Mapping[str, torch.Tensor]:
@@ -92,43 +59,6 @@ def visual_state_dict(src, *, trust_pickle: bool = False) -> Mapping[str, torch.
     sd = load_state_dict(src, trust_pickle=trust_pickle) if isinstance(src, (str, Path)) else src
     sd = strip_prefix(sd, ["module."])
     return strip_prefix(sd, ["model.visual.", "visual."])
-
-
-def check_fits(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, *, params_only: bool = True, check_dtype: bool = False) -> None:
-    """Raise a one-line :class:`CheckpointError` when ``sd`` does not hold ``module``'s tensors with its shapes
-    (and dtypes, with ``check_dtype``)."""
-    ref = dict(module.named_parameters()) if params_only else module.state_dict()
-    keys = set(sd.keys())
-    missing = [k for k in ref if k not in keys]
-    if missing:
-        extra = sorted(keys - set(ref))
-        hint = f"; it has other keys such as {extra[0]!r}" if extra else ""
-        raise CheckpointError(
-            f"{what}: does not fit the model: {len(missing)} of its {len(ref)} tensors are missing, e.g. {missing[0]!r}{hint} "
-            "(a checkpoint of another architecture?)"
-        )
-    for k, v in ref.items():
-        shape, dtype = shape_dtype(sd, k)
-        if shape != tuple(v.shape):
-            raise CheckpointError(
-                f"{what}: key {k!r} has shape {list(shape)}, the model has {list(v.shape)} (a checkpoint of another architecture?)"
-            )
-        if check_dtype and dtype != v.dtype:
-            raise CheckpointError(f"{what}: key {k!r} has dtype {dtype}, the pretrained model has {v.dtype} (convert it first)")
-
-
-def load_into(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str) -> nn.Module:
-    """Copy ``sd``'s tensors into ``module`` (cast to the module's dtypes), after :func:`check_fits`; extra keys
-    are ignored."""
-    check_fits(module, sd, what)
-    own = module.state_dict()
-    with torch.no_grad():
-        for k, t in own.items():
-            if k in sd:
-                if tuple(sd[k].shape) != tuple(t.shape):
-                    raise CheckpointError(f"{what}: key {k!r} has shape {list(sd[k].shape)}, the model has {list(t.shape)}")
-                t.copy_(sd[k].to(t.dtype))
-    return module
 
 
 def create_clip(
@@ -191,9 +121,10 @@ def preprocess_for(model: nn.Module):
 
 
 def zero_shot_head(
-    model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[Template] = DEFAULT_TEMPLATES, *, progress: bool = False
+    model: nn.Module, tokenizer, classnames: Sequence[str], templates: Sequence[Template] = DEFAULT_TEMPLATES, *,
+    progress: bool = False,
 ) -> ClassificationHead:
-    """The paper's zero-shot head: ``ClassificationHead(normalize=True, weights=zero-shot weights * logit_scale.exp())``."""
+    """The paper's zero-shot head: ``ClassificationHead(zero-shot weights * logit_scale.exp(), normalize=True)``."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -222,7 +153,64 @@ def cached_zero_shot_head(
     """:func:`zero_shot_head`, cached as ``<cache>/heads/<hash>.safetensors``; the hash covers the model name,
     ``weights_id`` (e.g. :func:`file_identity` of the pretrained file), the class names and the templates."""
     key = head_key("open_clip", canonical_name(name), weights_id, list(classnames), list(templates))
-    return cached_head(key, lambda: zero_shot_head(model, tokenizer, classnames, templates, progress=progress), cache_dir)
+    return cached_head(key, lambda: zero_shot_head(model, tokenizer, classnames, templates, progress=progress),
+                       cache_dir)
+
+
+def build(
+    name: str,
+    pretrained: str | Path,
+    finetuned: Sequence[Source],
+    tasks: Sequence[str],
+    *,
+    classnames: Sequence[str | Path | Sequence[str]] | None = None,
+    templates: str | Path | Sequence[Template] | None = None,
+    heads: Sequence[str | Path | nn.Module] | None = None,
+    head_normalize: bool | None = None,
+    cache_dir=None,
+    trust_pickle: bool = False,
+    progress: bool = False,
+) -> TaskSpec:
+    """The paper's setting: the image encoder of the open_clip model ``name`` with one head per task.
+
+    Args:
+        name: an open_clip model name (:func:`canonical_name`).
+        pretrained: a local CLIP checkpoint (:func:`create_clip`).
+        finetuned: one image-encoder checkpoint (path or state dict) per task, in any layout
+            :func:`visual_state_dict` reads.
+        tasks: the task names.
+        heads: one head file (or module) per task; ``head_normalize`` (``None``: ``True``) L2-normalizes the
+            features first. Without ``heads``, zero-shot heads from ``classnames`` (per task a class-names file
+            or a list of names) and ``templates`` (a file or a list; default :data:`DEFAULT_TEMPLATES`), cached
+            under ``cache_dir`` (:func:`cached_zero_shot_head`).
+    """
+    model = create_clip(name, existing(pretrained, "pretrained checkpoint"), trust_pickle=trust_pickle)
+    backbone = image_encoder(model)
+    try:
+        transform = preprocess_for(model)
+    except Exception:  # open_clip's transform needs a working torchvision; the plain PIL transform does not
+        from ..data import ImageTransform
+
+        size = backbone.image_size
+        transform = ImageTransform(size[0] if isinstance(size, (tuple, list)) else size)
+    fts = load_finetuned(finetuned, backbone, transform_keys=visual_state_dict, trust_pickle=trust_pickle)
+    head_files: dict[str, str] = {}
+    if heads is not None:
+        head_map, head_files = load_heads(heads, tasks, normalize=True if head_normalize is None else head_normalize,
+                                          trust_pickle=trust_pickle)
+    else:
+        classes = per_task(classnames, tasks, "classnames (or heads)")
+        temps = text_list(templates, "templates file") if templates is not None else list(DEFAULT_TEMPLATES)
+        tok = tokenizer_for(name)
+        wid = file_identity(pretrained)
+        head_map = {
+            t: cached_zero_shot_head(name, model, tok, text_list(c, "class-names file"), temps, weights_id=wid,
+                                     cache_dir=cache_dir, progress=progress)
+            for t, c in zip(tasks, classes, strict=True)
+        }
+    model.transformer = None  # the text tower is not needed after the zero-shot heads
+    return TaskSpec(backbone, fts, head_map, transform=transform, head_files=head_files,
+                    metadata={"model": f"open_clip:{canonical_name(name)}", "component": "visual"})
 
 
 def small_clip(seed: int = 0) -> nn.Module:
@@ -242,9 +230,7 @@ __all__ = [
     "zero_shot_head",
     "cached_zero_shot_head",
     "visual_state_dict",
-    "strip_prefix",
-    "check_fits",
-    "load_into",
+    "build",
     "small_clip",
     "file_identity",
 ]

@@ -27,7 +27,7 @@ variant fails (they are listed at the end), 2 when nothing was compiled, 3 on an
 
 Usage::
 
-    PYTHONPATH=. python tests/triton_aot_check.py [--tmp DIR] [--cc 90 80] [--quick] [-j N] [--strict] [--list]
+    PYTHONPATH=. python tools/triton_aot_check.py [--tmp DIR] [--cc 90 80] [--quick] [-j N] [--strict] [--list]
 
 ``--tmp`` (or ``$ADAMERGE_AOT_TMP``): directory for ``TRITON_CACHE_DIR`` (default: a fresh temporary directory,
 removed at exit). Without ``--quick`` every distinct variant is compiled for every target (about 420 per target,
@@ -237,8 +237,9 @@ class Variant:
         self.spec = " ".join(f"{k}={_fmt(v)}" for k, v in cx.items() if k not in declared)
         ints = [k for k, t in signature.items() if t[0] == "i" or (t == "constexpr" and k not in declared)]
         self.ints = [(k, k in cx) for k in ints]  # (int parameter, specialized to 1?)
-        self.key = (fn.__name__, cc, repr(sorted(signature.items())), repr(sorted((k, _fmt(v)) for k, v in
-                    constexprs.items())), repr(sorted(attrs.items())), repr(sorted(options.__dict__.items())))  # fmt: skip
+        self.key = (fn.__name__, cc, repr(sorted(signature.items())),
+                    repr(sorted((k, _fmt(v)) for k, v in constexprs.items())), repr(sorted(attrs.items())),
+                    repr(sorted(options.__dict__.items())))  # fmt: skip
 
     def features(self, fine: bool):
         """What --quick covers. Always: each exact pointer dtype, flag combination and int specialization (M=1,
