@@ -14,7 +14,7 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from ..io import CheckpointError, load_state_dict
+from ..io import CheckpointError, check_fits, load_state_dict, shape_dtype
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 TaskVectors = dict[str, torch.Tensor]  # name -> [K, *shape]
@@ -32,21 +32,9 @@ def as_state_dict(src: Source, *, trust_pickle: bool = False, params_only: bool 
 
 
 def floating_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
-    return [k for k, v in sd.items() if torch.is_floating_point(v)]
-
-
-def check_compatible(
-    ref: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], keys: Sequence[str], what: str
-) -> None:
-    """All ``keys`` present in ``other`` with the reference's shape and dtype; otherwise a clear error."""
-    for k in keys:
-        if k not in other:
-            raise CheckpointError(f"{what}: missing key {k!r} (present in the pretrained model)")
-        a, b = ref[k], other[k]
-        if tuple(a.shape) != tuple(b.shape):
-            raise CheckpointError(f"{what}: key {k!r} has shape {list(b.shape)}, pretrained has {list(a.shape)}")
-        if a.dtype != b.dtype:
-            raise CheckpointError(f"{what}: key {k!r} has dtype {b.dtype}, pretrained has {a.dtype}")
+    """The keys of ``sd`` holding floating-point tensors (dtypes read lazily: no tensor of a lazy checkpoint
+    is loaded)."""
+    return [k for k in sd.keys() if shape_dtype(sd, k)[1].is_floating_point]
 
 
 def task_vectors(
@@ -72,7 +60,7 @@ def task_vectors(
     keys = list(keys) if keys is not None else floating_keys(base)
     fts = [as_state_dict(f, trust_pickle=trust_pickle) for f in finetuned]
     for i, ft in enumerate(fts):
-        check_compatible(base, ft, keys, f"fine-tuned model {i}")
+        check_fits(base, ft, f"fine-tuned model {i}", keys=keys, check_dtype=True, ref_name="the pretrained model")
     out: TaskVectors = {}
     for k in keys:
         b = base[k].detach()
