@@ -1,7 +1,8 @@
 // adamerge_fast._C: the low-level kernel ops of the "cpu" and "cuda" backends.
 //
-// Schemas live here; the CPU kernels are registered in cpu/merge_cpu.cpp and the CUDA kernels (only when the
-// extension is built with CUDA, macro ADAMERGE_WITH_CUDA) in cuda/bindings_cuda.cpp. The ops carry a k_
+// Schemas live here; the CPU kernels are registered in cpu/merge_cpu.cpp (quantized task vectors: cpu/qmerge_cpu.cpp)
+// and the CUDA kernels (only when the extension is built with CUDA, macro ADAMERGE_WITH_CUDA) in
+// cuda/bindings_cuda.cpp. The ops carry a k_
 // prefix: the namespace adamerge_fast also holds the Python-level custom ops (merge, merge_dcoef, ...), which
 // wrap these kernels behind the backend registry (adamerge_fast/ops/cpp_backend.py).
 //
@@ -24,6 +25,22 @@ TORCH_LIBRARY_FRAGMENT(adamerge_fast, m) {
   m.def("k_dcoef_many(Tensor[] grads, Tensor[] deltas) -> Tensor");
   // CPU only: (k_merge(base, deltas, coef), k_dcoef(grad, deltas)) reading each task vector once.
   m.def("k_merge_dcoef(Tensor base, Tensor deltas, Tensor coef, Tensor grad) -> (Tensor, Tensor)");
+  // Quantized task vectors (adamerge_fast/ops/quant.py; CPU only): deq_k = scales[k, r] * qdata[k, r, c] (bits 8)
+  // or scales[k, r, g] * (q[k, r, c] - zeros[k, r, g]), g = c // group_size (bits 4, two values per byte). zeros:
+  // None / an empty list for int8. k_merge_dcoef_q: (k_merge_q(...), k_dcoef_q(grad, ...)) in one pass.
+  m.def(
+      "k_merge_q(Tensor base, Tensor qdata, Tensor scales, Tensor? zeros, Tensor coef, int bits, int group_size, "
+      "Tensor(a!)? out=None) -> Tensor(a!)");
+  m.def("k_dcoef_q(Tensor grad, Tensor qdata, Tensor scales, Tensor? zeros, int bits, int group_size) -> Tensor");
+  m.def(
+      "k_merge_many_q(Tensor[] bases, Tensor[] qdata, Tensor[] scales, Tensor?[] zeros, Tensor coefs, int bits, "
+      "int group_size, Tensor(a!)[]? outs=None) -> Tensor(a!)[]");
+  m.def(
+      "k_dcoef_many_q(Tensor[] grads, Tensor[] qdata, Tensor[] scales, Tensor?[] zeros, int bits, int group_size) "
+      "-> Tensor");
+  m.def(
+      "k_merge_dcoef_q(Tensor base, Tensor qdata, Tensor scales, Tensor? zeros, Tensor coef, Tensor grad, int bits, "
+      "int group_size) -> (Tensor, Tensor)");
   // CUDA only (no CPU kernel is registered: the cpu backend uses the composite in Backend).
   m.def(
       "k_merged_linear_fwd(Tensor x, Tensor w0, Tensor tau_w, Tensor coef_w, Tensor? b0, Tensor? tau_b, "

@@ -12,7 +12,10 @@ Plain-torch semantics (``K`` task vectors, accumulation in fp32, or fp64 when an
 All are differentiable. The fast paths are the coefficient gradients:
 ``d coef[k] = <grad, deltas[k]>`` and, for ``merged_linear``, ``d coef_w[k] = <dy^T x, tau_w[k]>`` computed
 without allocating the ``[out, in]`` weight gradient on fused backends; the merged weight is recomputed in
-backward, never saved. Task vectors may be stored in bf16/fp16 below an fp32 ``w0``.
+backward, never saved. Task vectors may be stored in bf16/fp16 below an fp32 ``w0``, or quantized: wherever an op
+takes task vectors (``deltas``, ``tau_w``) it also takes a :class:`~.quant.QuantizedTensor` (int8 with a scale per
+row, int4 with a scale and zero point per group of input columns; :func:`.quant.quantize`), which the kernels read
+directly; coefficient gradients are then taken against the dequantized values the forward merged.
 
 ``backend``: ``"auto"`` (default; or the ``ADAMERGE_BACKEND`` environment variable), or a registered name:
 ``"reference"``, ``"cpu"`` (C++ extension), ``"triton"``, ``"cuda"`` (see :func:`backend_names`). The backends and
@@ -22,10 +25,12 @@ Import graph of this package (``a -> b``: module ``a`` imports ``b``; no cycle; 
 is first constructed, as an optional dependency)::
 
     _common                       -> (torch only)
-    reference                     -> _common
+    quant                         -> (torch only)
+    reference                     -> _common, quant
     _backend                      -> _common, reference
     _registry                     -> _backend
     _library                      -> _common, _registry
+    _library_quant                -> _common, _library, _registry, quant
     cpp_backend                   -> _common, _backend; adamerge_fast._C (lazy)
     triton_backend                -> _common, _backend, reference; triton, triton_kernels (lazy)
     triton_kernels                -> triton_kernels._common
@@ -33,7 +38,9 @@ is first constructed, as an optional dependency)::
     triton_kernels.merge          -> _common, triton_kernels._common
     triton_kernels.merged_linear  -> _common, triton_kernels._common, triton_kernels.merge
     triton_kernels.entropy        -> _common, triton_kernels._common
-    __init__                      -> _backend, _registry, _library, cpp_backend, triton_backend
+    triton_kernels.quant          -> _common, quant, triton_kernels._common, triton_kernels.merge,
+                                     triton_kernels.merged_linear
+    __init__                      -> _backend, _registry, _library, _library_quant, cpp_backend, quant, triton_backend
 
 Kernel modules and backends never import the registry or the dispatcher; only ``_library`` (the custom ops,
 which carry a backend *name*) and this module do.
@@ -46,7 +53,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _library
+from . import _library, _library_quant
 from ._backend import Backend, ReferenceBackend
 from ._registry import (
     ANY_DEVICE,
@@ -63,6 +70,7 @@ from ._registry import (
     unregister_backend,
 )
 from .cpp_backend import CppBackend, CudaBackend
+from .quant import QuantizedTensor, check_quantized
 from .triton_backend import TritonBackend
 
 __all__ = [
@@ -70,6 +78,7 @@ __all__ = [
     "merge_many",
     "merged_linear",
     "entropy",
+    "QuantizedTensor",
     "resolve",
     "backend_status",
     "get_backend",
@@ -125,17 +134,38 @@ def _check_merge_args(where: str, base: Tensor, deltas: Tensor, coef: Tensor, co
             raise ValueError(f"{where}: {n} is on {t.device} but base is on {base.device}")
 
 
-def merge(base: Tensor, deltas: Tensor, coef: Tensor, *, backend: str | None = None) -> Tensor:
-    """``base[*S] + sum_k coef[k] * deltas[k]`` with ``deltas[K, *S]``, ``coef[K]`` -> ``[*S]`` (base dtype)."""
+def _check_quantized_args(where: str, base: Tensor, qt: QuantizedTensor, coef: Tensor, coef_name: str = "coef"):
+    _check_float(f"{where}: base", base)
+    _check_float(f"{where}: {coef_name}", coef)
+    check_quantized(f"{where}: deltas", qt, base.shape)
+    K = qt.shape[0]
+    if coef.shape != (K,):
+        raise ValueError(f"{where}: {coef_name} must have shape [K]=[{K}], got {list(coef.shape)}")
+    for n, t in (("deltas", qt.qdata), (coef_name, coef)):
+        if t.device != base.device:
+            raise ValueError(f"{where}: {n} is on {t.device} but base is on {base.device}")
+
+
+def merge(base: Tensor, deltas: Tensor | QuantizedTensor, coef: Tensor, *, backend: str | None = None) -> Tensor:
+    """``base[*S] + sum_k coef[k] * deltas[k]`` with ``deltas[K, *S]`` (dense or a :class:`QuantizedTensor`),
+    ``coef[K]`` -> ``[*S]`` (base dtype)."""
+    if isinstance(deltas, QuantizedTensor):
+        _check_quantized_args("merge", base, deltas, coef)
+        return _library_quant.merge_q(base, deltas, coef, resolve(backend, "merge", base.device))
     _check_merge_args("merge", base, deltas, coef)
     be = resolve(backend, "merge", base.device)
     return _library.merge(base, deltas, coef, be)
 
 
 def merge_many(
-    bases: Sequence[Tensor], deltas: Sequence[Tensor], coefs: Tensor, *, backend: str | None = None
+    bases: Sequence[Tensor],
+    deltas: Sequence[Tensor | QuantizedTensor],
+    coefs: Tensor,
+    *,
+    backend: str | None = None,
 ) -> list[Tensor]:
-    """``[merge(bases[i], deltas[i], coefs[i]) for i]`` in one call; ``coefs`` is ``[n, K]``."""
+    """``[merge(bases[i], deltas[i], coefs[i]) for i]`` in one call; ``coefs`` is ``[n, K]``. ``deltas`` may mix
+    dense and quantized task vectors: one call per storage format."""
     bases, deltas = list(bases), list(deltas)
     if len(bases) != len(deltas):
         raise ValueError(f"merge_many: {len(bases)} bases but {len(deltas)} deltas")
@@ -144,6 +174,8 @@ def merge_many(
     _check_float("merge_many: coefs", coefs)
     if coefs.dim() != 2 or coefs.shape[0] != len(bases):
         raise ValueError(f"merge_many: coefs must have shape [n={len(bases)}, K], got {list(coefs.shape)}")
+    if any(isinstance(d, QuantizedTensor) for d in deltas):
+        return _merge_many_mixed(bases, deltas, coefs, backend)
     K, dev = coefs.shape[1], coefs.device
     for i, (b, d) in enumerate(zip(bases, deltas, strict=True)):
         # one cheap predicate per item (this runs once per forward over every small tensor of a model); the
@@ -162,10 +194,35 @@ def merge_many(
     return _library.merge_many(bases, deltas, coefs, be)
 
 
+def _merge_many_mixed(bases: list[Tensor], deltas: list, coefs: Tensor, backend: str | None) -> list[Tensor]:
+    """``merge_many`` over a list with quantized task vectors: the dense items in one call, the quantized items of
+    each format (bits, group size) in one call each; coefficient rows picked by index (differentiable)."""
+    K = coefs.shape[1]
+    groups: dict[tuple, list[int]] = {}
+    for i, (b, d) in enumerate(zip(bases, deltas, strict=True)):
+        if isinstance(d, QuantizedTensor):
+            _check_quantized_args(f"merge_many[{i}]", b, d, coefs[i], "coefs[i]")
+            groups.setdefault((d.bits, d.group_size), []).append(i)
+        else:
+            _check_merge_args(f"merge_many[{i}]", b, d, coefs[i], "coefs[i]")
+            if d.shape[0] != K:
+                raise ValueError(f"merge_many[{i}]: deltas holds K={d.shape[0]} task vectors, coefs has K={K}")
+            groups.setdefault(("dense",), []).append(i)
+    be = resolve(backend, "merge_many", bases[0].device)
+    out: list[Tensor | None] = [None] * len(bases)
+    for key, idx in groups.items():
+        c = coefs[torch.tensor(idx, device=coefs.device)] if len(idx) < len(bases) else coefs
+        bs, ds = [bases[i] for i in idx], [deltas[i] for i in idx]
+        res = _library.merge_many(bs, ds, c, be) if key == ("dense",) else _library_quant.merge_many_q(bs, ds, c, be)
+        for i, r in zip(idx, res, strict=True):
+            out[i] = r
+    return out
+
+
 def merged_linear(
     x: Tensor,
     w0: Tensor,
-    tau_w: Tensor,
+    tau_w: Tensor | QuantizedTensor,
     coef_w: Tensor,
     b0: Optional[Tensor] = None,
     tau_b: Optional[Tensor] = None,
@@ -175,12 +232,18 @@ def merged_linear(
 ) -> Tensor:
     """``x[*, in] @ (w0 + sum_k coef_w[k] tau_w[k]).T + (b0 + sum_k coef_b[k] tau_b[k])`` -> ``[*, out]``.
 
-    ``w0[out, in]``, ``tau_w[K, out, in]``, ``coef_w[K]``; ``b0[out]`` or None; ``tau_b[K, out]`` and
-    ``coef_b[K]`` both given or both None (then the bias ``b0`` is not merged). Output in ``x.dtype``; under
-    autocast ``x`` is first cast to the autocast dtype, like ``nn.Linear``.
+    ``w0[out, in]``, ``tau_w[K, out, in]`` (dense or a :class:`QuantizedTensor`), ``coef_w[K]``; ``b0[out]`` or
+    None; ``tau_b[K, out]`` (dense) and ``coef_b[K]`` both given or both None (then the bias ``b0`` is not merged).
+    Output in ``x.dtype``; under autocast ``x`` is first cast to the autocast dtype, like ``nn.Linear``.
     """
     _check_float("merged_linear: x", x)
-    _check_merge_args("merged_linear(weight)", w0, tau_w, coef_w, "coef_w")
+    quantized = isinstance(tau_w, QuantizedTensor)
+    if quantized:
+        _check_quantized_args("merged_linear(weight)", w0, tau_w, coef_w, "coef_w")
+    else:
+        _check_merge_args("merged_linear(weight)", w0, tau_w, coef_w, "coef_w")
+    if isinstance(tau_b, QuantizedTensor):
+        raise TypeError("merged_linear: tau_b must be a dense tensor [K, out] (bias task vectors are not quantized)")
     if w0.dim() != 2:
         raise ValueError(f"merged_linear: w0 must be [out, in], got {list(w0.shape)}")
     out_f, in_f = w0.shape
@@ -200,7 +263,8 @@ def merged_linear(
         x = x.to(torch.get_autocast_dtype(x.device.type))
     be = resolve(backend, "merged_linear", x.device)
     lead = x.shape[:-1]
-    y = _library.merged_linear(x.reshape(-1, in_f), w0, tau_w, coef_w, b0, tau_b, coef_b, be)
+    call = _library_quant.merged_linear_q if quantized else _library.merged_linear
+    y = call(x.reshape(-1, in_f), w0, tau_w, coef_w, b0, tau_b, coef_b, be)
     return y.reshape(*lead, out_f)
 
 

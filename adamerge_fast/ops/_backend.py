@@ -55,32 +55,15 @@ class Backend:
         ``b0[out]`` or None; ``tau_b[K, out]``/``coef_b[K]`` or None (then ``b0`` is used as it is).
         Just-in-time strategy: this one layer's merged weight exists only inside this call.
         """
-        w = self.merge(w0, tau_w, coef_w).to(x.dtype)
-        b = b0 if b0 is None or tau_b is None else self.merge(b0, tau_b, coef_b)
-        return torch.nn.functional.linear(x, w, None if b is None else b.to(x.dtype))
+        return _linear_fwd(self.merge, self.merge, x, w0, tau_w, coef_w, b0, tau_b, coef_b)
 
     def merged_linear_bwd(self, dy, x, w0, tau_w, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b):
         """Returns ``(dx[M, in] | empty, dcoef_w[K] | empty, dcoef_b[K] | empty)``.
 
         ``dx = dy @ W``; ``dcoef_w[k] = <dy^T x, tau_w[k]>``; ``dcoef_b[k] = <dy.sum(0), tau_b[k]>``.
         """
-        acc = acc_dtype(w0.dtype, x.dtype)
-
-        def empty():  # distinct tensors: custom-op outputs must not alias each other
-            return dy.new_empty(0, dtype=acc)
-
-        dx = empty()
-        if need_dx:
-            w = self.merge(w0, tau_w, coef_w).to(dy.dtype)
-            dx = (dy @ w).to(x.dtype)
-        dcw = empty()
-        if need_dcoef_w:
-            dw = dy.to(acc).t() @ x.to(acc)  # [out, in]: the weight gradient this composite does allocate
-            dcw = self.dcoef(dw, tau_w)
-        dcb = empty()
-        if need_dcoef_b:
-            dcb = self.dcoef(dy.to(acc).sum(0), tau_b)
-        return dx, dcw, dcb
+        return _linear_bwd(self.merge, self.dcoef, self.dcoef, dy, x, w0, tau_w, coef_w, tau_b, need_dx, need_dcoef_w,
+                           need_dcoef_b)
 
     def entropy_fwd(self, logits):
         """``logits[N, C]`` -> softmax entropy ``[N]`` (fp32; fp64 for fp64 logits): :func:`.reference.entropy_fwd`."""
@@ -89,6 +72,64 @@ class Backend:
     def entropy_bwd(self, grad, logits):
         """``grad[N]``, ``logits[N, C]`` -> ``dlogits[N, C]`` in logits.dtype: :func:`.reference.entropy_bwd`."""
         return reference.entropy_bwd(grad, logits)
+
+
+    # -- quantized task vectors (:mod:`.quant`; ``qt`` a QuantizedTensor of the same logical shape) -------------
+    # The defaults dequantize one task at a time in plain torch (:func:`.reference.merge_q`); the ``cpu`` and
+    # ``triton`` backends override them with kernels that read the packed values.
+    def merge_q(self, base, qt, coef):
+        """``base[*S] + sum_k coef[k] * dequantize(qt)[k]`` -> ``[*S]`` in ``base.dtype`` (fp32 accumulation)."""
+        return reference.merge_q(base, qt, coef)
+
+    def dcoef_q(self, grad, qt):
+        """``[<grad, dequantize(qt)[k]> for k]`` -> ``[K]`` in the accumulation dtype."""
+        return reference.dcoef_q(grad, qt)
+
+    def merge_many_q(self, bases, qts, coefs):
+        """``[merge_q(bases[i], qts[i], coefs[i]) for i]``."""
+        return [self.merge_q(b, q, coefs[i]) for i, (b, q) in enumerate(zip(bases, qts, strict=True))]
+
+    def dcoef_many_q(self, grads, qts):
+        """``[n, K]``: row i is ``dcoef_q(grads[i], qts[i])``."""
+        return torch.stack([self.dcoef_q(g, q) for g, q in zip(grads, qts, strict=True)])
+
+    def merged_linear_q_fwd(self, x, w0, qt, coef_w, b0, tau_b, coef_b):
+        """:meth:`merged_linear_fwd` with quantized weight task vectors ``qt`` ``[K, out, in]`` (``tau_b`` dense)."""
+        return _linear_fwd(self.merge_q, self.merge, x, w0, qt, coef_w, b0, tau_b, coef_b)
+
+    def merged_linear_q_bwd(self, dy, x, w0, qt, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b):
+        """:meth:`merged_linear_bwd` with quantized ``qt``: ``dcoef_w[k] = <dy^T x, dequantize(qt)[k]>``."""
+        return _linear_bwd(self.merge_q, self.dcoef_q, self.dcoef, dy, x, w0, qt, coef_w, tau_b, need_dx,
+                           need_dcoef_w, need_dcoef_b)
+
+
+def _linear_fwd(merge_w, merge_b, x, w0, tau_w, coef_w, b0, tau_b, coef_b):
+    """The just-in-time ``merged_linear`` forward over the merge primitives ``merge_w`` (weight) / ``merge_b``."""
+    w = merge_w(w0, tau_w, coef_w).to(x.dtype)
+    b = b0 if b0 is None or tau_b is None else merge_b(b0, tau_b, coef_b)
+    return torch.nn.functional.linear(x, w, None if b is None else b.to(x.dtype))
+
+
+def _linear_bwd(merge_w, dcoef_w, dcoef_b, dy, x, w0, tau_w, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b):
+    """The composite ``merged_linear`` backward over the primitives (``merge_w``/``dcoef_w`` for the weight's task
+    vectors, ``dcoef_b`` for the bias's): ``(dx | empty, dcoef_w | empty, dcoef_b | empty)``."""
+    acc = acc_dtype(w0.dtype, x.dtype)
+
+    def empty():  # distinct tensors: custom-op outputs must not alias each other
+        return dy.new_empty(0, dtype=acc)
+
+    dx = empty()
+    if need_dx:
+        w = merge_w(w0, tau_w, coef_w).to(dy.dtype)
+        dx = (dy @ w).to(x.dtype)
+    dcw = empty()
+    if need_dcoef_w:
+        dw = dy.to(acc).t() @ x.to(acc)  # [out, in]: the weight gradient this composite does allocate
+        dcw = dcoef_w(dw, tau_w)
+    dcb = empty()
+    if need_dcoef_b:
+        dcb = dcoef_b(dy.to(acc).sum(0), tau_b)
+    return dx, dcw, dcb
 
 
 class ReferenceBackend(Backend):

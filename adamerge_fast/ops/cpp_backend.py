@@ -1,6 +1,7 @@
 """The ``cpu`` and ``cuda`` backends: the compiled extension ``adamerge_fast._C`` (``torch.ops.adamerge_fast.k_*``).
 
-``cpu`` runs the OpenMP kernels on CPU tensors: merge and the coefficient gradients in one pass over memory;
+``cpu`` runs the OpenMP kernels on CPU tensors: merge and the coefficient gradients in one pass over memory (dense
+task vectors, or quantized ones dequantized inside the loops: ``k_*_q``);
 ``merged_linear`` is the composite of :class:`~adamerge_fast.ops._backend.Backend` (merge the layer's weight,
 then ``F.linear``; backward forms ``dy^T x``, then one pass over the task vectors gives both the merged weight
 for ``dx`` and the coefficient gradient). ``cuda`` runs the CUDA kernels, including the fused small-batch
@@ -13,10 +14,15 @@ the backend unavailable with that reason; ``auto`` moves on quietly, an explicit
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from . import _common
 from ._backend import Backend
+
+log = logging.getLogger("adamerge_fast")
+_QUANT_FALLBACK_LOGGED: list[bool] = []  # the cuda backend's quantized fallback is logged once per process
 
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; set ADAMERGE_REQUIRE_EXT=1 "
@@ -85,6 +91,51 @@ class CppBackend(Backend):
         return dx, dcw, dcb
 
 
+    # -- quantized task vectors (ops/quant.py): the k_*_q kernels dequantize inside their loops --------------------
+    # fp64 bases/gradients have no C++ loop: they run on the reference functions (Backend's defaults).
+    def merge_q(self, base, qt, coef):
+        if base.dtype == torch.float64:
+            return super().merge_q(base, qt, coef)
+        q, s, z = qt.components()
+        return self._ops.k_merge_q(base, q, s, z, coef, qt.bits, qt.group_size, _poisoned(base.shape, base))
+
+    def dcoef_q(self, grad, qt):
+        if grad.dtype == torch.float64:
+            return super().dcoef_q(grad, qt)
+        q, s, z = qt.components()
+        return self._ops.k_dcoef_q(grad, q, s, z, qt.bits, qt.group_size)
+
+    def merge_many_q(self, bases, qts, coefs):
+        if any(b.dtype == torch.float64 for b in bases):
+            return super().merge_many_q(bases, qts, coefs)
+        outs = [_poisoned(b.shape, b) for b in bases] if _common.POISON_OUTPUTS else None
+        return list(self._ops.k_merge_many_q(*_q_lists(bases, qts), coefs, qts[0].bits, qts[0].group_size, outs))
+
+    def dcoef_many_q(self, grads, qts):
+        if any(g.dtype == torch.float64 for g in grads):
+            return super().dcoef_many_q(grads, qts)
+        return self._ops.k_dcoef_many_q(*_q_lists(grads, qts), qts[0].bits, qts[0].group_size)
+
+    def merged_linear_q_bwd(self, dy, x, w0, qt, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b):
+        """As :meth:`merged_linear_bwd`: with both ``dx`` and ``dcoef_w`` needed, one pass over the packed task
+        vectors (``k_merge_dcoef_q``) gives the merged weight and ``dcoef_w``."""
+        acc = _common.acc_dtype(w0.dtype, x.dtype)
+        if not (need_dx and need_dcoef_w) or acc != torch.float32:
+            return super().merged_linear_q_bwd(dy, x, w0, qt, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b)
+        dw = dy.to(acc).t() @ x.to(acc)  # [out, in]: the weight gradient this composite does allocate
+        q, s, z = qt.components()
+        w, dcw = self._ops.k_merge_dcoef_q(w0, q, s, z, coef_w, dw, qt.bits, qt.group_size)
+        dx = (dy @ w.to(dy.dtype)).to(x.dtype)
+        dcb = self.dcoef(dy.to(acc).sum(0), tau_b) if need_dcoef_b else dy.new_empty(0, dtype=acc)
+        return dx, dcw, dcb
+
+
+def _q_lists(bases, qts):
+    """``(bases, qdatas, scales, zeros)`` as the list kernels take them (zeros: empty for int8)."""
+    zeros = [q.zeros for q in qts] if qts[0].bits == 4 else []
+    return list(bases), [q.qdata for q in qts], [q.scales for q in qts], zeros
+
+
 class CudaBackend(CppBackend):
     """The CUDA kernels: merge primitives plus fused merged_linear and softmax entropy."""
 
@@ -109,6 +160,31 @@ class CudaBackend(CppBackend):
             dy, x, w0, tau_w, coef_w, tau_b, bool(need_dx), bool(need_dcoef_w), bool(need_dcoef_b)
         )
         return dx, dcw, dcb
+
+    # Quantized task vectors: no CUDA kernels read them; the Backend defaults run instead (dequantize one task at a
+    # time on the device with torch, then this backend's own merge/dcoef/matmul), logged once per process.
+    def _quant_fallback(self):
+        if not _QUANT_FALLBACK_LOGGED:
+            _QUANT_FALLBACK_LOGGED.append(True)
+            log.debug("cuda backend: no CUDA kernel reads quantized task vectors; dequantizing them with torch one "
+                      "task at a time (backend='triton' has fused kernels for them)")
+
+    def merge_q(self, base, qt, coef):
+        self._quant_fallback()
+        return Backend.merge_q(self, base, qt, coef)
+
+    def dcoef_q(self, grad, qt):
+        self._quant_fallback()
+        return Backend.dcoef_q(self, grad, qt)
+
+    def merge_many_q(self, bases, qts, coefs):
+        return Backend.merge_many_q(self, bases, qts, coefs)
+
+    def dcoef_many_q(self, grads, qts):
+        return Backend.dcoef_many_q(self, grads, qts)
+
+    def merged_linear_q_bwd(self, dy, x, w0, qt, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b):
+        return Backend.merged_linear_q_bwd(self, dy, x, w0, qt, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b)
 
     def entropy_fwd(self, logits):
         return self._ops.k_entropy_fwd(logits)

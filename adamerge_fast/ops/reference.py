@@ -1,7 +1,8 @@
 """Plain-torch implementations of the kernel primitives: the ``reference`` backend's kernels, the default
 ``entropy`` of every backend, and the fp64 path of the Triton backend.
 
-Accumulation is fp32 (fp64 when any input is fp64); task vectors may be stored in bf16/fp16 below an fp32 base.
+Accumulation is fp32 (fp64 when any input is fp64); task vectors may be stored in bf16/fp16 below an fp32 base, or
+quantized (:mod:`.quant`: dequantized one task at a time).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._common import acc_dtype
+from .quant import QuantizedTensor
 
 
 def _flat(t: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -58,3 +60,22 @@ def entropy_bwd(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     h = -torch.where(p > 0, p * logp, torch.zeros((), dtype=acc, device=logits.device)).sum(-1, keepdim=True)
     d = torch.where(p > 0, -p * (logp + h), torch.zeros((), dtype=acc, device=logits.device))
     return (d * grad.to(acc).unsqueeze(-1)).to(logits.dtype)
+
+
+# ------------------------------------------------------------------------------- quantized task vectors
+def merge_q(base: torch.Tensor, qt: QuantizedTensor, coef: torch.Tensor) -> torch.Tensor:
+    """:func:`merge` over quantized task vectors ``qt`` (``[K, *base.shape]``): each task dequantized in turn
+    (:meth:`QuantizedTensor.dequantize_task`, one task's fp32 copy at a time) and accumulated in fp32."""
+    acc = acc_dtype(base.dtype, coef.dtype)
+    c = coef.to(acc)
+    out = base.to(acc, copy=True)
+    for k in range(qt.num_tasks):
+        out.add_(qt.dequantize_task(k, acc) * c[k])
+    return out.to(base.dtype)
+
+
+def dcoef_q(grad: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+    """``[<grad, dequantize(qt)[k]> for k]`` -> ``[K]`` in the accumulation dtype (fp32, fp64 for fp64 grad)."""
+    acc = acc_dtype(grad.dtype)
+    g = _flat(grad).to(acc)
+    return torch.stack([torch.dot(_flat(qt.dequantize_task(k, acc)), g) for k in range(qt.num_tasks)])

@@ -8,6 +8,9 @@ Kernels live in :mod:`adamerge_fast.ops.triton_kernels` (one module per op). Wha
   program merges its weight tiles in registers); for large M it exists for this one layer only, inside the call.
 * ``dcoef_w``: tiles of ``dy^T x`` in registers, contracted with the task vectors; no ``[out, in]`` gradient.
 * ``entropy``: chunked online softmax entropy, one program per row.
+* quantized task vectors (``ops/quant.py``): the same kernels with the packed values dequantized in registers
+  (``triton_kernels/quant.py``): ``merge_q``/``dcoef_q``, the fused prologue of ``merged_linear``, the ``dcoef_w``
+  tile reduction.
 
 fp64 is not a Triton path: calls with any fp64 input go to the reference backend's functions (same contract).
 """
@@ -38,12 +41,13 @@ class TritonBackend(Backend):
             import triton  # noqa: F401
         except ImportError as e:  # the registry remembers this and reports it
             raise ImportError(f"the triton backend needs the 'triton' package ({e})") from e
-        from .triton_kernels import INTERPRET, entropy, merge, merged_linear
+        from .triton_kernels import INTERPRET, entropy, merge, merged_linear, quant
 
         self._interpret = INTERPRET
         self._merge = merge
         self._linear = merged_linear
         self._entropy = entropy
+        self._quant = quant
 
     # -- availability -------------------------------------------------------------------------------
     def unavailable_reason(self, device):
@@ -101,6 +105,46 @@ class TritonBackend(Backend):
         if need_dcoef_b:
             gb = dy.sum(0, dtype=torch.float32)  # [out], tiny; torch's reduction is deterministic
             dcb = self._merge.dcoef(gb, tau_b)
+        return dx, dcw, dcb
+
+    # -- quantized task vectors (ops/quant.py; dequantized in registers: triton_kernels/quant.py) -------------
+    def merge_q(self, base, qt, coef):
+        if _any_f64(base, coef):
+            return _ref.merge_q(base, qt, coef)
+        return self._quant.merge_q(base, qt, coef)
+
+    def dcoef_q(self, grad, qt):
+        if _any_f64(grad):
+            return _ref.dcoef_q(grad, qt)
+        return self._quant.dcoef_q(grad, qt)
+
+    def merge_many_q(self, bases, qts, coefs):
+        if _any_f64(coefs, *bases):
+            return super().merge_many_q(bases, qts, coefs)
+        return self._quant.merge_many_q(list(bases), list(qts), coefs)
+
+    def dcoef_many_q(self, grads, qts):
+        if _any_f64(*grads):
+            return super().dcoef_many_q(grads, qts)
+        return self._quant.dcoef_many_q(list(grads), list(qts))
+
+    def merged_linear_q_fwd(self, x, w0, qt, coef_w, b0, tau_b, coef_b, strategy=None):
+        if _any_f64(x, w0, coef_w, b0, tau_b, coef_b):
+            return _REFERENCE.merged_linear_q_fwd(x, w0, qt, coef_w, b0, tau_b, coef_b)
+        return self._quant.merged_linear_q_fwd(x, w0, qt, coef_w, b0, tau_b, coef_b, strategy=strategy)
+
+    def merged_linear_q_bwd(self, dy, x, w0, qt, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b,
+                            strategy=None):
+        if _any_f64(dy, x, w0, coef_w, tau_b):
+            return _REFERENCE.merged_linear_q_bwd(dy, x, w0, qt, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b)
+        acc = acc_dtype(w0.dtype, x.dtype)
+        dx, dcw, dcb = (dy.new_empty(0, dtype=acc) for _ in range(3))  # distinct: custom-op outputs never alias
+        if need_dx:
+            dx = self._quant.merged_linear_q_dx(dy, w0, qt, coef_w, out_dtype=x.dtype, strategy=strategy)
+        if need_dcoef_w:
+            dcw = self._quant.merged_linear_q_dcoef_w(dy, x, qt)
+        if need_dcoef_b:
+            dcb = self._merge.dcoef(dy.sum(0, dtype=torch.float32), tau_b)
         return dx, dcw, dcb
 
     # -- entropy ---------------------------------------------------------------------------------------

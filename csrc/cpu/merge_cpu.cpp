@@ -27,6 +27,7 @@
 
 #define AMF_ISA base
 #include "merge_kernels.inc"
+#include "qmerge_kernels.inc"
 #undef AMF_ISA
 
 namespace amf {
@@ -35,9 +36,6 @@ namespace {
 
 constexpr int64_t CHUNK = 1 << 16;   // merge: elements per work item
 constexpr int64_t DCHUNK = 1 << 15;  // dcoef: elements per work item (one set of partial sums each)
-// Each OpenMP thread gets at least this much memory traffic: below it, waking threads costs more than it
-// saves (and on an oversubscribed machine a late thread stalls the whole call at the closing barrier).
-constexpr int64_t BYTES_PER_THREAD = int64_t(16) << 20;
 
 // ------------------------------------------------------------------------------------ instruction set
 enum class Isa { base, avx2 };
@@ -85,21 +83,6 @@ struct Work {
   int64_t item;
   int64_t b, e;
 };
-
-int threads_for(int64_t bytes) {
-  if (at::in_parallel_region()) return 1;
-  const int64_t want = bytes / BYTES_PER_THREAD;
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(want, at::get_num_threads())));
-}
-
-// Map the pages of a fresh output chunk before the kernel streams into it: a first-touch page fault in the
-// middle of the K+2 concurrent streams stalls them all (measured: ~1.5x the cost of the same faults taken in
-// a tight loop). Only bytes of this chunk are written (zeros, overwritten by the kernel right after).
-void touch_pages(void* out, int64_t nbytes) {
-  volatile char* p = static_cast<volatile char*>(out);
-  for (int64_t off = 0; off < nbytes; off += 4096) p[off] = 0;
-  if (nbytes > 0) p[nbytes - 1] = 0;
-}
 
 inline void merge_chunk(const MergeItem& it, int64_t b, int64_t e) {
   if (it.prefault) touch_pages(static_cast<char*>(it.out) + b * it.out_esize, (e - b) * it.out_esize);
@@ -343,6 +326,9 @@ at::Tensor k_dcoef_many_cpu(at::TensorList grads, at::TensorList deltas) {
 }
 
 }  // namespace
+
+bool use_avx2() { return isa() == Isa::avx2; }
+
 }  // namespace cpu
 }  // namespace amf
 

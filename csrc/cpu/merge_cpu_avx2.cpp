@@ -1,4 +1,4 @@
-// The AVX2 copy of the CPU loops (see merge_kernels.inc), chosen at run time when the CPU has AVX2.
+// The AVX2 copy of the CPU loops (see merge_kernels.inc, qmerge_kernels.inc), chosen at run time when the CPU has AVX2.
 #include "merge_cpu.h"
 
 #if AMF_CPU_AVX2
@@ -11,6 +11,7 @@
 #pragma GCC target("avx2")
 #define AMF_ISA avx2
 #include "merge_kernels.inc"
+#include "qmerge_kernels.inc"
 #undef AMF_ISA
 #pragma GCC pop_options
 #endif
