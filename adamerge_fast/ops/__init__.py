@@ -26,7 +26,7 @@ is first constructed, as an optional dependency)::
 
     _common                       -> (torch only)
     quant                         -> (torch only)
-    reference                     -> _common, quant
+    reference                     -> _common
     _backend                      -> _common, reference
     _registry                     -> _backend
     _library                      -> _common, _registry

@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 
 from ._common import acc_dtype
-from .quant import QuantizedTensor
 
 
 def _flat(t: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -63,8 +62,8 @@ def entropy_bwd(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- quantized task vectors
-def merge_q(base: torch.Tensor, qt: QuantizedTensor, coef: torch.Tensor) -> torch.Tensor:
-    """:func:`merge` over quantized task vectors ``qt`` (``[K, *base.shape]``): each task dequantized in turn
+def merge_q(base: torch.Tensor, qt, coef: torch.Tensor) -> torch.Tensor:
+    """:func:`merge` over quantized task vectors ``qt`` (a :class:`.quant.QuantizedTensor` ``[K, *base.shape]``): each task dequantized in turn
     (:meth:`QuantizedTensor.dequantize_task`, one task's fp32 copy at a time) and accumulated in fp32."""
     acc = acc_dtype(base.dtype, coef.dtype)
     c = coef.to(acc)
@@ -74,7 +73,7 @@ def merge_q(base: torch.Tensor, qt: QuantizedTensor, coef: torch.Tensor) -> torc
     return out.to(base.dtype)
 
 
-def dcoef_q(grad: torch.Tensor, qt: QuantizedTensor) -> torch.Tensor:
+def dcoef_q(grad: torch.Tensor, qt) -> torch.Tensor:
     """``[<grad, dequantize(qt)[k]> for k]`` -> ``[K]`` in the accumulation dtype (fp32, fp64 for fp64 grad)."""
     acc = acc_dtype(grad.dtype)
     g = _flat(grad).to(acc)
