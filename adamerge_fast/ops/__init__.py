@@ -42,8 +42,8 @@ is first constructed, as an optional dependency)::
                                      triton_kernels.merged_linear
     __init__                      -> _backend, _registry, _library, _library_quant, cpp_backend, quant, triton_backend
 
-Kernel modules and backends never import the registry or the dispatcher; only ``_library`` (the custom ops,
-which carry a backend *name*) and this module do.
+Kernel modules and backends never import the registry or the dispatcher; only ``_library`` and ``_library_quant``
+(the custom ops, which carry a backend *name*) and this module do.
 """
 
 from __future__ import annotations
