@@ -38,8 +38,7 @@ is first constructed, as an optional dependency)::
     triton_kernels.merge          -> _common, triton_kernels._common
     triton_kernels.merged_linear  -> _common, triton_kernels._common, triton_kernels.merge
     triton_kernels.entropy        -> _common, triton_kernels._common
-    triton_kernels.quant          -> _common, quant, triton_kernels._common, triton_kernels.merge,
-                                     triton_kernels.merged_linear
+    triton_kernels.quant -> _common, quant, triton_kernels._common, triton_kernels.merge, triton_kernels.merged_linear
     __init__                      -> _backend, _registry, _library, _library_quant, cpp_backend, quant, triton_backend
 
 Kernel modules and backends never import the registry or the dispatcher; only ``_library`` and ``_library_quant``
