@@ -80,9 +80,18 @@ _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf1
            "float16": "float16", "fp16": "float16"}
 
 
+_QUANT_DTYPES = ("int4", "int8")  # quantized task-vector storage (adamerge_fast/ops/quant.py)
+_TV_DTYPES = sorted(_DTYPES) + list(_QUANT_DTYPES)
+_TV_DTYPE_HELP = ("; int8: one scale per output row, int4: a scale and zero point per 128 input columns, for "
+                  "parameters of 2+ dims (the kernels read them without dequantizing in memory)")
+
+
 def _dtype(name: str | None):
+    """A ``--task-vector-dtype`` value: None, a torch dtype, or a quantized format string (``"int8"``/``"int4"``)."""
     import torch
 
+    if name in _QUANT_DTYPES:
+        return name
     return None if name is None else getattr(torch, _DTYPES[name])
 
 
@@ -124,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dare-then", choices=["task-arithmetic", "ties"], default="task-arithmetic",
                    help="DARE: merge the sparsified vectors with")
     m.add_argument("--seed", type=int, default=0, help="DARE random seed")
-    m.add_argument("--task-vector-dtype", choices=sorted(_DTYPES), default=None,
-                   help="storage dtype of the task vectors")
+    m.add_argument("--task-vector-dtype", choices=_TV_DTYPES, default=None,
+                   help="storage dtype of the task vectors (int8/int4: quantized, then dequantized per tensor for the "
+                   "merge, as in task vector quantization)")
     m.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that are whole pickled objects (runs code from the file)")
     m.set_defaults(func=cmd_merge)
@@ -188,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--task-batching", choices=["concat", "sequential"], default="concat",
                    help="one forward over all tasks' batches, or one per task")
     a.add_argument("--backend", default="auto", help=f"op backend: auto, {', '.join(BACKEND_NAMES)} (default auto)")
-    a.add_argument("--task-vector-dtype", choices=sorted(_DTYPES), default=None,
-                   help="storage dtype of the task vectors (default: the checkpoints')")
+    a.add_argument("--task-vector-dtype", choices=_TV_DTYPES, default=None,
+                   help="storage dtype of the task vectors (default: the checkpoints')" + _TV_DTYPE_HELP)
     a.add_argument("--device", default="cpu", help="torch device (default cpu)")
     a.add_argument("--seed", type=int, default=0, help="data shuffling seed (default 0)")
     a.add_argument("--workers", type=_nonneg_int, default=0, help="DataLoader worker processes (default 0)")
@@ -245,7 +255,7 @@ def cmd_merge(args) -> int:
     import torch
 
     from .io import existing, load_state_dict, save_safetensors
-    from .merging import dare, task_arithmetic, task_vectors, ties_merge, weight_average
+    from .merging import dare, task_arithmetic, ties_merge, weight_average
     from .merging.task_vectors import floating_keys
     from .models.spec import load_finetuned
 
@@ -260,7 +270,7 @@ def cmd_merge(args) -> int:
     fts = load_finetuned(args.finetuned, base, keys=keys, trust_pickle=args.trust_pickle,
                          ref_name=f"the pretrained checkpoint {args.pretrained}")
     _log(f"{PROG} merge: {len(fts)} task(s), {len(keys)} tensors, method {args.method}")
-    tv = task_vectors(base, fts, keys=keys, dtype=_dtype(args.task_vector_dtype))
+    tv = _merge_task_vectors(base, fts, keys, _dtype(args.task_vector_dtype))
     meta = {"producer": "adamerge_fast", "method": args.method, "tasks": str(len(fts))}
     ties_opts = dict(k=args.ties_k, scale=args.scale, merge=args.ties_merge, scope=args.ties_scope)
     if args.method == "average":
@@ -286,6 +296,20 @@ def cmd_merge(args) -> int:
     save_safetensors(result, out, meta)
     _log(f"{PROG} merge: wrote {out} ({len(result)} tensors) in {time.perf_counter() - t0:.1f}s")
     return 0
+
+
+def _merge_task_vectors(base, fts, keys, dtype):
+    """The task vectors of ``merge``: stacked in ``dtype``; a quantized format stores them quantized (built one tensor
+    at a time) and dequantizes each to fp32 for the static merge, so the merge sees the quantization error as task
+    vector quantization (Kim et al., ICCV 2025) does."""
+    from .merging import task_vectors
+    from .merging.quantized import is_quantized_format, quantize_task_vectors
+    from .ops.quant import QuantizedTensor
+
+    if not is_quantized_format(dtype):
+        return task_vectors(base, fts, keys=keys, dtype=dtype)
+    tv = quantize_task_vectors(base, fts, dtype, keys=keys)
+    return {k: t.dequantize() if isinstance(t, QuantizedTensor) else t for k, t in tv.items()}
 
 
 # ---------------------------------------------------------------------------------------------- adamerge

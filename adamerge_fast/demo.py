@@ -310,6 +310,9 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", default="auto",
                    help=f"op backend for AdaMerging: auto, {', '.join(BACKEND_NAMES)} (default auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--compact", action="store_true",
+                   help="instead of every method: layer-wise AdaMerging with fp32, int8 and int4 task vectors "
+                   "(accuracy and task-vector bytes; writes demo_compact.md/json)")
 
 
 def config_from_args(args) -> DemoConfig:
@@ -380,6 +383,16 @@ def _static_rows(cfg: DemoConfig, pre: nn.Module, fts, heads, data: DigitsTasks)
     return rows
 
 
+def _test_loaders(cfg: DemoConfig, data: DigitsTasks) -> dict:
+    """Per task, the shuffled (seeded) batches of unlabeled test inputs that AdaMerging sees."""
+    loaders = {}
+    for t in cfg.tasks:
+        g = torch.Generator().manual_seed(cfg.seed)
+        loaders[t] = torch.utils.data.DataLoader(data.inputs(t, "test"), batch_size=cfg.batch_size, shuffle=True,
+                                                 generator=g, drop_last=True)
+    return loaders
+
+
 def evaluate_methods(cfg: DemoConfig, *, cache_dir: Path | None = None, backend: str = "auto", progress: bool = True,
                      log: Callable[[str], None] = print) -> DemoResult:
     """Create (or load from ``cache_dir``) the models of ``cfg``, merge them with every method and score each
@@ -399,11 +412,7 @@ def evaluate_methods(cfg: DemoConfig, *, cache_dir: Path | None = None, backend:
     rows += _static_rows(cfg, pre, fts, heads, data)
     timings["static merges"] = round(time.perf_counter() - t0, 2)
 
-    test_loaders = {}
-    for t in tasks:
-        g = torch.Generator().manual_seed(cfg.seed)
-        test_loaders[t] = torch.utils.data.DataLoader(data.inputs(t, "test"), batch_size=cfg.batch_size, shuffle=True,
-                                                      generator=g, drop_last=True)
+    test_loaders = _test_loaders(cfg, data)
     layerwise = None
     for label, gran, ties in (("Task-wise AdaMerging", "task", None), ("Layer-wise AdaMerging", "layer", None),
                               ("Layer-wise AdaMerging++", "layer", {"k": cfg.ties_k})):
@@ -487,9 +496,115 @@ def write_outputs(res: DemoResult, out: Path, *, save_figure: str | Path | None 
     return result
 
 
+# ------------------------------------------------------------------------------------------- compact mode
+@dataclass(frozen=True)
+class CompactRow:
+    """One row of ``demo --compact``: layer-wise AdaMerging with one storage of the task vectors.
+
+    ``build(pretrained, finetuned)`` returns the keyword arguments of :class:`~adamerge_fast.AdaMergedModel` that
+    select the storage (``task_vector_dtype=...``); a row may also return its own ``finetuned=`` sources (e.g. LoRA
+    fine-tunes of the same backbone) or ``task_vectors=``. Add a row by appending to :data:`COMPACT_ROWS`."""
+
+    label: str
+    build: Callable[[nn.Module, list], dict]
+
+
+COMPACT_ROWS: list[CompactRow] = [
+    CompactRow("fp32 task vectors", lambda pre, fts: {"task_vector_dtype": None}),
+    CompactRow("int8 task vectors (scale per row)", lambda pre, fts: {"task_vector_dtype": "int8"}),
+    CompactRow("int4 task vectors (scale + zero per 128 columns)", lambda pre, fts: {"task_vector_dtype": "int4"}),
+]
+
+
+@dataclass
+class CompactResult:
+    """``demo --compact``: per storage row, the held-out accuracy of layer-wise AdaMerging and the task-vector
+    bytes; the first row is the reference (fp32)."""
+
+    cfg: DemoConfig
+    rows: list[Row]
+    bytes: dict[str, int]
+    timings: dict[str, float]
+
+    def deltas(self) -> dict[str, float]:
+        """Average accuracy of each row minus the first row's, in points."""
+        ref = self.rows[0].avg
+        return {r.name: r.avg - ref for r in self.rows}
+
+
+def evaluate_compact(cfg: DemoConfig, rows: list[CompactRow] | None = None, *, cache_dir: Path | None = None,
+                     backend: str = "auto", progress: bool = True, log: Callable[[str], None] = print
+                     ) -> CompactResult:
+    """Layer-wise AdaMerging of the demo's models once per storage row (:data:`COMPACT_ROWS`), same data, same
+    steps, same seed: how much accuracy compact task vectors cost."""
+    from .merging import AdaMergedModel
+    from .optim import adamerge
+
+    rows = COMPACT_ROWS if rows is None else rows
+    tasks = list(cfg.tasks)
+    data = DigitsTasks(cfg)
+    pre, fts, heads, _ = create_models(cfg, data, cache_dir, log)
+    loaders = _test_loaders(cfg, data)
+    out, nbytes, timings = [], {}, {}
+    for row in rows:
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed)
+        kw = {"finetuned": [fts[t] for t in tasks], **row.build(pre, [fts[t] for t in tasks])}
+        if "task_vectors" in kw:
+            kw.pop("finetuned")
+        merged = AdaMergedModel(pre, granularity="layer", init=cfg.init, backend=backend, task_names=tasks, **kw)
+        adamerge(merged, heads, loaders, steps=cfg.steps, lr=cfg.lr, progress=progress)
+        out.append(Row(f"Layer-wise AdaMerging, {row.label}",
+                       _evaluate(_with_state(pre, merged.merged_state_dict()), heads, data, tasks)[0]))
+        nbytes[out[-1].name] = merged.task_vector_bytes()
+        timings[row.label] = round(time.perf_counter() - t0, 2)
+        log(f"{row.label}: {cfg.steps} steps in {timings[row.label]:.1f}s")
+    return CompactResult(cfg, out, nbytes, timings)
+
+
+def _compact_table(res: CompactResult, markdown: bool) -> str:
+    table = format_table(res.rows, list(res.cfg.tasks), markdown=markdown).splitlines()
+    ref_bytes = res.bytes[res.rows[0].name]
+    extra = [(f"{res.bytes[r.name] / 1024:.0f} KiB", f"{res.bytes[r.name] / ref_bytes:.3f}x", f"{d:+.1f}")
+             for r, d in zip(res.rows, res.deltas().values(), strict=True)]
+    if markdown:
+        head = [table[0] + " task vectors | vs first | Δ avg |", table[1] + "---:|---:|---:|"]
+        return "\n".join(head + [line + f" {b} | {x} | {d} |" for line, (b, x, d) in zip(table[2:], extra,
+                                                                                          strict=True)])
+    head = [table[0] + f"{'TV bytes':>12}{'vs first':>10}{'Δ avg':>8}", table[1] + "-" * 30]
+    return "\n".join(head + [line + f"{b:>12}{x:>10}{d:>8}" for line, (b, x, d) in zip(table[2:], extra,
+                                                                                       strict=True)])
+
+
+def write_compact(res: CompactResult, out: Path, log: Callable[[str], None] = print) -> dict:
+    """Print the compact table and write ``demo_compact.md`` / ``demo_compact.json`` to ``out`` (atomically)."""
+    from .io import write_text_atomic
+
+    cfg = res.cfg
+    print()
+    print(f"Layer-wise AdaMerging with compact task vectors, held-out accuracy (%); {cfg.steps} steps, lr {cfg.lr}")
+    print(_compact_table(res, markdown=False))
+    out = Path(out)
+    md = ["# AdaMerging demo with compact task vectors", "",
+          f"Layer-wise AdaMerging of the digits demo's models ({len(cfg.tasks)} tasks, {cfg.steps} Adam steps, lr "
+          f"{cfg.lr}, batches of {cfg.batch_size} unlabeled test inputs per task), once per storage of the task "
+          "vectors, same data and seed. Held-out accuracy (%); task-vector bytes as held by `AdaMergedModel`; "
+          "Δ avg against the first row. Command: `adamerge-fast demo --compact`.", "",
+          _compact_table(res, markdown=True), ""]
+    write_text_atomic(out / "demo_compact.md", "\n".join(md))
+    result = {"config": asdict(cfg), "tasks": list(cfg.tasks),
+              "rows": [{"name": r.name, "acc": r.acc, "avg": r.avg, "task_vector_bytes": res.bytes[r.name],
+                        "delta_avg": res.deltas()[r.name]} for r in res.rows],
+              "timings_s": res.timings}
+    write_text_atomic(out / "demo_compact.json", json.dumps(result, indent=1) + "\n")
+    log(f"wrote {out / 'demo_compact.md'}, demo_compact.json")
+    return result
+
+
 def run(args) -> dict:
     """Run the demo with the options of :func:`add_arguments`: evaluate every method, print the report, write the
-    outputs to ``args.output_dir``; returns the results (``results.json``)."""
+    outputs to ``args.output_dir``; returns the results (``results.json``). With ``args.compact``: the compact
+    task-vector rows instead (:func:`evaluate_compact`; ``demo_compact.json``)."""
     torch.set_num_threads(max(1, int(args.threads)))
     cfg = config_from_args(args)
     cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
@@ -497,6 +612,9 @@ def run(args) -> dict:
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
+    if getattr(args, "compact", False):
+        res = evaluate_compact(cfg, cache_dir=cache, backend=args.backend, progress=not args.no_progress, log=log)
+        return write_compact(res, Path(args.output_dir), log=log)
     res = evaluate_methods(cfg, cache_dir=cache, backend=args.backend, progress=not args.no_progress, log=log)
     print_report(res)
     return write_outputs(res, Path(args.output_dir), save_figure=args.save_figure, log=log)

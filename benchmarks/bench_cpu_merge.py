@@ -14,6 +14,10 @@ Cases (K task vectors, default K=8; sizes 12.5M and 100M parameters):
   the public ``merge_many`` API with each backend;
 * merged_linear forward + backward through the public API, backend ``cpu`` (merge with the extension, then
   ``F.linear``; dcoef with the extension) vs ``reference``, on ViT-B MLP shapes.
+* ``--quant``: merge, dcoef and merge + dcoef with quantized task vectors (int8, a scale per row; int4, a scale and
+  zero point per 128 columns; ``ops/quant.py``) as ``[N / 4000, 4000]`` matrices: the extension's ``k_*_q``
+  kernels (dequantizing inside the loop) vs the bf16 kernels on the same shape (side by side in the same rounds)
+  and the reference backend (torch, one task dequantized at a time); writes ``cpu_merge_quant.{json,md}``.
 
 Every candidate is timed in two ways where it applies: *fresh* (allocates its output, as the ops are used) and
 *prealloc* (writes into a preallocated output: the kernel alone). The floor is the number of bytes the op
@@ -25,6 +29,7 @@ Usage::
 
     python -m benchmarks.bench_cpu_merge                  # writes benchmarks/results/cpu_merge.{json,md}
     python -m benchmarks.bench_cpu_merge --quick          # 12.5M only, fewer repeats
+    python -m benchmarks.bench_cpu_merge --quant          # quantized task vectors: cpu_merge_quant.{json,md}
 """
 
 from __future__ import annotations
@@ -277,6 +282,90 @@ def _merge_many_case(shapes: list[tuple], K: int, dt: torch.dtype, dname: str, g
     return c.run(repeats)
 
 
+QCOLS = 4000  # columns of the [N / QCOLS, QCOLS] matrices of the quantized cases (12.5M: 3125 rows)
+
+
+def _quant_inputs(N: int, K: int, seed: int):
+    """fp32 base / gradient ``[R, QCOLS]``, coefficients, and the task vectors in bf16, int8 and int4 storage."""
+    from adamerge_fast.ops.quant import quantize
+
+    g = torch.Generator().manual_seed(seed)
+    R = N // QCOLS
+    base, grad, coef = torch.randn(R, QCOLS, generator=g), torch.randn(R, QCOLS, generator=g), torch.rand(K, generator=g)
+    d = torch.empty(K, R, QCOLS)
+    for k in range(K):
+        d[k].normal_(generator=g).mul_(1e-3)
+    stores = {"bf16": d.to(torch.bfloat16), "int8": quantize(d, "int8"), "int4": quantize(d, "int4")}
+    del d
+    return base, grad, coef, stores
+
+
+def _tv_bytes(t) -> int:
+    return t.nbytes if hasattr(t, "bits") else t.numel() * t.element_size()
+
+
+def quant_cases(N: int, K: int, repeats: int, probe, out: dict, tag: str):
+    """merge, dcoef and merge + dcoef with int8 / int4 task vectors vs bf16, each against its own floor."""
+    base, grad, coef, stores = _quant_inputs(N, K, 5)
+    q = ops()
+    pre = torch.zeros_like(base)
+    n = base.numel()
+    for fmt in ("int8", "int4"):
+        qt = stores[fmt]
+        parts = (*qt.components(), qt.bits, qt.group_size)
+        bf = stores["bf16"]
+        c = Case(f"merge {fmt} task vectors vs bf16, fp32 base, K={K} N={N / 1e6:g}M", n * 8 + _tv_bytes(qt), probe)
+        c.add(f"ext k_merge_q {fmt} (prealloc out)", lambda: q.k_merge_q(base, qt.qdata, qt.scales, qt.zeros, coef,
+                                                                          *parts[3:], pre))
+        c.add(f"ext k_merge_q {fmt} (fresh)", lambda: q.k_merge_q(base, qt.qdata, qt.scales, qt.zeros, coef,
+                                                                  *parts[3:]))
+        c.add("ext k_merge bf16 (prealloc out) [same shape]", lambda: q.k_merge(base, bf, coef, pre))
+        c.add(f"torch reference backend merge_q {fmt} (fresh)", lambda: reference.merge_q(base, qt, coef), slow=True)
+        r = c.run(repeats)
+        r["bf16_bytes"] = n * 8 + _tv_bytes(bf)
+        out[f"qmerge_{fmt}_{tag}"] = r
+        c = Case(f"dcoef {fmt} task vectors vs bf16, fp32 grad, K={K} N={N / 1e6:g}M", n * 4 + _tv_bytes(qt), probe)
+        c.add(f"ext k_dcoef_q {fmt}", lambda: q.k_dcoef_q(grad, *parts))
+        c.add("ext k_dcoef bf16 [same shape]", lambda: q.k_dcoef(grad, bf))
+        c.add(f"torch reference backend dcoef_q {fmt}", lambda: reference.dcoef_q(grad, qt), slow=True)
+        r = c.run(repeats)
+        r["bf16_bytes"] = n * 4 + _tv_bytes(bf)
+        out[f"qdcoef_{fmt}_{tag}"] = r
+        c = Case(f"merge + dcoef {fmt} task vectors vs bf16, K={K} N={N / 1e6:g}M", n * 12 + _tv_bytes(qt), probe)
+        c.add(f"ext k_merge_dcoef_q {fmt} (one pass)", lambda: q.k_merge_dcoef_q(base, qt.qdata, qt.scales, qt.zeros,
+                                                                                 coef, grad, *parts[3:]))
+        c.add("ext k_merge_dcoef bf16 (one pass) [same shape]", lambda: q.k_merge_dcoef(base, bf, coef, grad))
+        r = c.run(repeats)
+        r["bf16_bytes"] = n * 12 + _tv_bytes(bf)
+        out[f"qmerge_dcoef_{fmt}_{tag}"] = r
+        gc.collect()
+
+
+def quant_verdicts(res: dict, tags: list[str]) -> list[dict]:
+    """Goals of the quantized kernels: within 1.3x of their floor (prealloc), and faster than bf16 on the same
+    shape (they move fewer bytes)."""
+    v = []
+    for tag in tags:
+        for fmt in ("int8", "int4"):
+            for key, mine, other in (
+                (f"qmerge_{fmt}_{tag}", f"ext k_merge_q {fmt} (prealloc out)", "ext k_merge bf16 (prealloc out) [same shape]"),
+                (f"qdcoef_{fmt}_{tag}", f"ext k_dcoef_q {fmt}", "ext k_dcoef bf16 [same shape]"),
+                (f"qmerge_dcoef_{fmt}_{tag}", f"ext k_merge_dcoef_q {fmt} (one pass)",
+                 "ext k_merge_dcoef bf16 (one pass) [same shape]"),
+            ):
+                r = res.get(key)
+                if not r:
+                    continue
+                e, b, fl = r["ms"][mine], r["ms"][other], r["floor_ms"]
+                bf_floor = r["bf16_bytes"] / (r["read_bw_GBps"] * 1e9) * 1e3
+                v.append({"goal": f"{key}: within 1.3x of the floor", "met": e <= 1.3 * fl,
+                          "detail": f"{e:.1f} ms = x{e / fl:.2f} floor ({fl:.1f} ms; bf16 on this shape: {b:.1f} ms = "
+                                    f"x{b / bf_floor:.2f} its floor {bf_floor:.1f} ms)"})
+                v.append({"goal": f"{key}: faster than bf16 task vectors", "met": e < b,
+                          "detail": f"{e:.1f} vs {b:.1f} ms (x{b / e:.2f})"})
+    return v
+
+
 LINEAR_SHAPES = [(3072, 768, 197), (768, 3072, 197)]  # (out, in, M): ViT-B MLP layers, one image's tokens
 
 
@@ -450,7 +539,10 @@ def main(argv=None):
     ap.add_argument("--K", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="12.5M only, 3 repeats")
-    ap.add_argument("--out", default=str(RESULTS / "cpu_merge"), help="output path without extension")
+    ap.add_argument("--quant", action="store_true",
+                    help="only the quantized task-vector cases (default output cpu_merge_quant.{json,md})")
+    ap.add_argument("--out", default=None, help="output path without extension (default: results/cpu_merge, or "
+                    "results/cpu_merge_quant with --quant)")
     ap.add_argument(
         "--threads",
         default=f"{torch.get_num_threads()},1",
@@ -477,6 +569,13 @@ def main(argv=None):
         torch.set_num_threads(nt)
         print(f"\n######## torch.set_num_threads({nt})  (load average {loadavg()})")
         r: dict = {}
+        if args.quant:
+            for N, tag in zip(sizes, tags, strict=True):
+                quant_cases(N, args.K, repeats, probe, r, tag)
+            res[f"threads={nt}"] = r
+            for v in quant_verdicts(r, tags):
+                verdict_list.append({"threads": nt, **v})
+            continue
         for N, tag in zip(sizes, tags, strict=True):
             for key, case in (
                 ("merge_fp32", merge_fp32_case),
@@ -503,7 +602,7 @@ def main(argv=None):
         "results": res,
         "verdicts": verdict_list,
     }
-    out = Path(args.out)
+    out = Path(args.out or RESULTS / ("cpu_merge_quant" if args.quant else "cpu_merge"))
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
     write_markdown(out.with_suffix(".md"), data)

@@ -29,6 +29,8 @@ from torch import nn
 
 from .. import ops
 from ..io import CheckpointError, save_safetensors
+from ..ops.quant import FORMATS, QuantizedTensor
+from . import quantized as _quantized
 from .static import ties_split
 from .task_vectors import Source, check_task_vectors
 from .task_vectors import task_vectors as make_task_vectors
@@ -52,17 +54,24 @@ class MergedLinear(nn.Module):
         super().__init__()
         self._ctx = ctx
         self.register_buffer("w0", w0, persistent=False)  # [out, in]
-        self.register_buffer("tau_w", tau_w, persistent=False)  # [K, out, in]
+        # [K, out, in]: a dense buffer, or (quantized storage) the parts of a QuantizedTensor in `tau_w_q`
+        quantized = isinstance(tau_w, QuantizedTensor)
+        self.register_buffer("tau_w", None if quantized else tau_w, persistent=False)
+        self.tau_w_q = _quantized.QuantizedBuffers(tau_w) if quantized else None
         self.register_buffer("b0", b0, persistent=False)  # [out] | None
         self.register_buffer("tau_b", tau_b, persistent=False)  # [K, out] | None
         self.w_row, self.b_row, self.backend = w_row, b_row, backend
 
+    def weight_task_vectors(self) -> torch.Tensor | QuantizedTensor:
+        """The weight's task vectors ``[K, out, in]``: the dense buffer or the :class:`QuantizedTensor`."""
+        return self.tau_w if self.tau_w_q is None else self.tau_w_q.get()
+
     def forward(self, x, rows: slice | None = None):
         """``x @ W.T + b``; ``rows`` restricts the layer to output rows ``rows`` (attention's separate
         q/k/v projections use thirds of the packed in-projection)."""
-        w0, tau_w, b0, tau_b = self.w0, self.tau_w, self.b0, self.tau_b
+        w0, tau_w, b0, tau_b = self.w0, self.weight_task_vectors(), self.b0, self.tau_b
         if rows is not None:
-            w0, tau_w = w0[rows], tau_w[:, rows]
+            w0, tau_w = w0[rows], tau_w.rows(rows) if isinstance(tau_w, QuantizedTensor) else tau_w[:, rows]
             b0 = None if b0 is None else b0[rows]
             tau_b = None if tau_b is None else tau_b[:, rows]
         c = self._ctx.get()
@@ -70,7 +79,8 @@ class MergedLinear(nn.Module):
         return ops.merged_linear(x, w0, tau_w, c[self.w_row], b0, tau_b, cb, backend=self.backend)
 
     def extra_repr(self):
-        return f"in={self.w0.shape[1]}, out={self.w0.shape[0]}, K={self.tau_w.shape[0]}, row={self.w_row}"
+        K = self.weight_task_vectors().shape[0]
+        return f"in={self.w0.shape[1]}, out={self.w0.shape[0]}, K={K}, row={self.w_row}"
 
 
 class MergedMultiheadAttention(nn.Module):
@@ -180,8 +190,12 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
 
 def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle):
     """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned``, or checked), in
-    ``dtype``, TIES-split for AdaMerging++, contiguous, on the pretrained parameters' devices."""
+    ``dtype``, TIES-split for AdaMerging++, contiguous, on the pretrained parameters' devices. A quantized ``dtype``
+    (``"int8"``/``"int4"``) or quantized ``task_vectors`` take :func:`_quantized_task_vectors`."""
     names = list(base)
+    given_q = task_vectors is not None and any(isinstance(t, QuantizedTensor) for t in task_vectors.values())
+    if isinstance(dtype, str) or given_q:
+        return _quantized_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle)
     if task_vectors is None:
         tv = make_task_vectors(pretrained, finetuned, keys=names, dtype=dtype, trust_pickle=trust_pickle)
     else:
@@ -191,6 +205,38 @@ def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype
     if ties:
         tv = ties_split(tv, **({} if ties is True else dict(ties)))
     return {n: t.contiguous() for n, t in tv.items()}
+
+
+def _quantized_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle):
+    """The quantized-storage branch of :func:`_stacked_task_vectors`: parameters of two or more dims get
+    :class:`QuantizedTensor` task vectors in format ``dtype`` (built from the checkpoints one tensor at a time, or
+    quantized from dense ``task_vectors``, or given already quantized), the others stay dense. AdaMerging++ trims
+    the dense task vectors first (TIES needs them), then quantizes them."""
+    names = list(base)
+    if dtype is not None and not (isinstance(dtype, str) and dtype in FORMATS):
+        raise ValueError(f"task_vector_dtype: quantized task vectors are given, so it must be None or one of "
+                         f"{sorted(FORMATS)}, got {dtype!r}")
+    if task_vectors is not None:
+        _quantized.check_any_task_vectors(task_vectors, base, names)
+        if ties and any(isinstance(task_vectors[n], QuantizedTensor) for n in names):
+            raise ValueError("ties (AdaMerging++) needs dense task vectors: give dense task_vectors with "
+                             "task_vector_dtype='int8'/'int4' (TIES runs first, then quantization)")
+        tv = {n: task_vectors[n] for n in names}
+    elif ties:
+        tv = make_task_vectors(pretrained, finetuned, keys=names, trust_pickle=trust_pickle)
+    else:
+        tv = _quantized.quantize_task_vectors(pretrained, finetuned, dtype, keys=names, trust_pickle=trust_pickle)
+    if ties:
+        tv = ties_split(tv, **({} if ties is True else dict(ties)))
+    out = {}
+    for n in names:
+        t = tv.pop(n)
+        if isinstance(t, QuantizedTensor):
+            out[n] = t.to(base[n].device).contiguous()
+        else:
+            t = t.detach().to(base[n].device)
+            out[n] = (_quantized.quantize_stack(t, dtype) if dtype is not None else t).contiguous()
+    return out
 
 
 def _initial_table(init: float | torch.Tensor, rows: int, K: int) -> torch.Tensor:
@@ -216,7 +262,12 @@ class AdaMergedModel(nn.Module):
         clamp: ``(lo, hi)`` applied in the forward (``None``: no clamp).
         ties: AdaMerging++: ``True`` or a dict of :func:`ties_split` options (``k``, ``scope``) applied to the
             task vectors first.
-        task_vector_dtype: storage dtype for the task vectors (e.g. ``torch.bfloat16``).
+        task_vector_dtype: storage dtype for the task vectors (e.g. ``torch.bfloat16``), or ``"int8"`` / ``"int4"``:
+            quantized task vectors (:mod:`adamerge_fast.ops.quant`; int8: one scale per output row, int4: a scale and
+            zero point per group of 128 input columns) for every parameter of two or more dims, read by the kernels
+            without dequantizing them in memory; 1-D parameters (biases, norms) keep dense task vectors.
+            ``task_vectors`` may also hold :class:`~adamerge_fast.ops.quant.QuantizedTensor` entries (e.g. from
+            :func:`~adamerge_fast.merging.quantized.load_task_vectors`).
         backend: op backend (``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``).
         task_names: names of the K tasks (for tables and plots).
     """
@@ -226,12 +277,12 @@ class AdaMergedModel(nn.Module):
         pretrained: nn.Module,
         finetuned: Sequence[Source] | None = None,
         *,
-        task_vectors: Mapping[str, torch.Tensor] | None = None,
+        task_vectors: Mapping[str, torch.Tensor | QuantizedTensor] | None = None,
         granularity: Literal["task", "layer"] = "layer",
         init: float | torch.Tensor = 0.3,
         clamp: tuple[float, float] | None = (0.0, 1.0),
         ties: bool | Mapping[str, Any] | None = None,
-        task_vector_dtype: torch.dtype | None = None,
+        task_vector_dtype: torch.dtype | str | None = None,
         backend: str = "auto",
         task_names: Sequence[str] | None = None,
         copy: bool = True,
@@ -341,7 +392,10 @@ class AdaMergedModel(nn.Module):
                              persistent=False)
         self._generic_task_vectors = nn.Module()
         for i, n in enumerate(self._generic_names):
-            self._generic_task_vectors.register_buffer(f"t{i}", tv[n], persistent=False)
+            if isinstance(tv[n], QuantizedTensor):  # quantized storage: submodule q{i} holds the parts
+                self._generic_task_vectors.add_module(f"q{i}", _quantized.QuantizedBuffers(tv[n]))
+            else:
+                self._generic_task_vectors.register_buffer(f"t{i}", tv[n], persistent=False)
         self._generic_cache: list | None = None
 
     # -------------------------------------------------------------------------------------------------
@@ -353,7 +407,9 @@ class AdaMergedModel(nn.Module):
         """``[bases, task vectors]`` of the parameters merged by ``merge_many`` (cached until ``.to()``)."""
         if self._generic_cache is None:
             bases = [self.skeleton.get_buffer(n) for n in self._generic_base_buffers]
-            deltas = [self._generic_task_vectors.get_buffer(f"t{i}") for i in range(len(self._generic_names))]
+            holder = self._generic_task_vectors
+            deltas = [getattr(holder, f"q{i}").get() if hasattr(holder, f"q{i}") else holder.get_buffer(f"t{i}")
+                      for i in range(len(self._generic_names))]
             self._generic_cache = [bases, deltas]
         return self._generic_cache
 
@@ -392,12 +448,17 @@ class AdaMergedModel(nn.Module):
         else:
             m = self.skeleton.get_submodule(mod_path)
         if leaf == "weight":
-            return m.w0, m.tau_w, m.w_row
+            return m.w0, m.weight_task_vectors(), m.w_row
         return m.b0, m.tau_b, m.b_row
+
+    def task_vector_bytes(self) -> int:
+        """Bytes of the task vectors this model holds (dense and quantized storage)."""
+        return _quantized.nbytes({n: self._row_tensors(n)[1] for n in self.param_names})
 
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
-        """The merged model's full state dict (the pretrained architecture's keys), materialized once."""
+        """The merged model's full state dict (the pretrained architecture's keys), materialized once (each tensor
+        merged in fp32 from its task vectors, dequantized in the kernel when quantized, and rounded once)."""
         coefs = self.coefficients.detach()
         merged = {}
         for name in self.param_names:

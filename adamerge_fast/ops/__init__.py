@@ -196,7 +196,6 @@ def merge_many(
 def _merge_many_mixed(bases: list[Tensor], deltas: list, coefs: Tensor, backend: str | None) -> list[Tensor]:
     """``merge_many`` over a list with quantized task vectors: the dense items in one call, the quantized items of
     each format (bits, group size) in one call each; coefficient rows picked by index (differentiable)."""
-    K = coefs.shape[1]
     groups: dict[tuple, list[int]] = {}
     for i, (b, d) in enumerate(zip(bases, deltas, strict=True)):
         if isinstance(d, QuantizedTensor):
@@ -204,8 +203,6 @@ def _merge_many_mixed(bases: list[Tensor], deltas: list, coefs: Tensor, backend:
             groups.setdefault((d.bits, d.group_size), []).append(i)
         else:
             _check_merge_args(f"merge_many[{i}]", b, d, coefs[i], "coefs[i]")
-            if d.shape[0] != K:
-                raise ValueError(f"merge_many[{i}]: deltas holds K={d.shape[0]} task vectors, coefs has K={K}")
             groups.setdefault(("dense",), []).append(i)
     be = resolve(backend, "merge_many", bases[0].device)
     out: list[Tensor | None] = [None] * len(bases)

@@ -142,7 +142,7 @@ def _merge_many_q_grads(ctx, grads, need_bases: bool, need_coefs: bool):
 def _merge_many_q_save(ctx, bases, qdatas, scales, zeros, coefs, bits, group_size):
     ctx.save_for_backward(coefs, *qdatas, *scales, *zeros)
     ctx.shapes = [(b.shape, b.dtype) for b in bases]
-    ctx.bits, ctx.group_size = bits, group_size
+    ctx.bits, ctx.group_size, ctx.n_zeros = bits, group_size, len(zeros)
 
 
 def _merge_many_q_setup(ctx, inputs, output):
@@ -155,7 +155,9 @@ def _merge_many_q_setup(ctx, inputs, output):
 def _merge_many_q_backward(ctx, grads):
     need = ctx.needs_input_grad
     dbases, dcoefs = _merge_many_q_grads(ctx, grads, need[0], need[4])
-    return dbases, None, None, None, dcoefs, None, None, None
+    n, nz = len(ctx.shapes), ctx.n_zeros
+    none = [None] * n  # list inputs take lists (of Nones: the quantized parts are constants)
+    return dbases or list(none), list(none), list(none), [None] * nz, dcoefs, None, None, None
 
 
 merge_many_q_op.register_autograd(_merge_many_q_backward, setup_context=_merge_many_q_setup)
