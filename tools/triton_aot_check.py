@@ -6,8 +6,10 @@ or register overflow, ptxas failures) slips through. This script compiles the ke
 ``sm_80`` with ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` and the ptxas bundled with Triton.
 
 The variants are not hard-coded: the launchers of the kernel modules (``merge``, ``dcoef``, ``merge_many``,
-``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``) are called on ``meta`` tensors over a
-grid of dtypes and representative problem sizes, with every ``@triton.jit`` kernel replaced by a recorder. Each
+``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``, and their quantized-task-vector twins
+``merge_q``, ``dcoef_q``, ``merge_many_q``, ``dcoef_many_q``, ``merged_linear_q_fwd/dx/dcoef_w``) are called on
+``meta`` tensors over a grid of dtypes and representative problem sizes, with every ``@triton.jit`` kernel replaced
+by a recorder. Each
 recorded launch is specialized exactly as Triton's runtime would specialize it (same binder: pointer
 alignment, ints equal to 1 become constexprs, divisibility by 16) and compiled once per distinct
 specialization. So the block sizes, warps, stages, ``DOT_TY``/``PREC`` and flags are whatever the launchers'
@@ -100,11 +102,13 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
+from adamerge_fast.ops.quant import QuantizedTensor, component_shapes  # noqa: E402
 from adamerge_fast.ops.triton_kernels import entropy as EN  # noqa: E402
 from adamerge_fast.ops.triton_kernels import merge as MG  # noqa: E402
 from adamerge_fast.ops.triton_kernels import merged_linear as ML  # noqa: E402
+from adamerge_fast.ops.triton_kernels import quant as QK  # noqa: E402
 
-MODULES = (MG, ML, EN)
+MODULES = (MG, ML, EN, QK)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CUOBJDUMP = os.path.join(BIN, "cuobjdump")
 
@@ -125,10 +129,24 @@ LINEAR_DTYPES = ((F32, F32, F32), (F32, F32, BF16), (F32, F32, F16), (BF16, F32,
                  (F16, F32, F32), (F16, F32, F16), (BF16, BF16, BF16), (F16, F16, F16))  # fmt: skip
 ENTROPY_C = (10, 100, 1000, 32000, 128256)  # classes: CIFAR-10, CIFAR-100, ImageNet, LLM vocabularies
 ENTROPY_N = 64
+# quantized task vectors (ops/quant.py): int8 (bits 8) / int4 (bits 4, groups of 128 columns) under an fp32 model, a
+# bf16-autocast one and pure 16-bit ones; merge_q/dcoef_q over a 1-D-like bias row and a weight matrix
+QUANT_BITS = (8, 4)
+QUANT_LINEAR_DTYPES = ((F32, F32), (BF16, F32), (BF16, BF16), (F16, F16))  # (x dtype, w0 / b0 dtype)
+QUANT_SHAPES = ((1000,), (768, 3072))
 
 
 def _meta(shape, dtype=F32):
     return torch.empty(shape, dtype=dtype, device="meta")
+
+
+def _meta_quantized(shape, bits, group_size=128):
+    """A meta :class:`QuantizedTensor` of logical shape ``[K, *S]`` (int8: scale per row; int4: per group)."""
+    gs = group_size if bits == 4 else 0
+    shp = component_shapes(shape, bits, gs)
+    q = _meta(shp["qdata"], torch.int8 if bits == 8 else torch.uint8)
+    z = _meta(shp["zeros"], torch.uint8) if bits == 4 else None
+    return QuantizedTensor(q, _meta(shp["scales"]), z, bits, gs, torch.Size(shape))
 
 
 class _Recorder:
@@ -196,6 +214,31 @@ def drive_launchers():
                     ML.merged_linear_fwd(x, w0, tau, coef, b0, tau_b, coef_b)
                     ML.merged_linear_dx(dy, w0, tau, coef, out_dtype=xd)
                     ML.merged_linear_dcoef_w(dy, x, tau)
+        finally:
+            torch.set_float32_matmul_precision(old_prec)
+        # quantized task vectors: merge / dcoef (one tensor, lists), merged linear fwd (bias modes), dx, dcoef_w
+        try:
+            for prec in ("highest", "high"):
+                torch.set_float32_matmul_precision(prec)
+                for bits, K in product(QUANT_BITS, KS):
+                    if prec == "highest":
+                        for shape, bd in product(QUANT_SHAPES, FLOATS):
+                            base, qt = _meta(shape, bd), _meta_quantized((K, *shape), bits)
+                            QK.merge_q(base, qt, _meta((K,)))
+                            QK.dcoef_q(base, qt)
+                        bases = [_meta(s) for s in QUANT_SHAPES]
+                        qts = [_meta_quantized((K, *s), bits) for s in QUANT_SHAPES]
+                        QK.merge_many_q(bases, qts, _meta((len(bases), K)))
+                        QK.dcoef_many_q(bases, qts)
+                    for (xd, wd), M, (IN, OUT) in product(QUANT_LINEAR_DTYPES, LINEAR_M, LINEAR_IN_OUT):
+                        x, dy = _meta((M, IN), xd), _meta((M, OUT), xd)
+                        w0, qt, coef = _meta((OUT, IN), wd), _meta_quantized((K, OUT, IN), bits), _meta((K,))
+                        b0, tau_b, coef_b = _meta((OUT,), wd), _meta((K, OUT), wd), _meta((K,))
+                        QK.merged_linear_q_fwd(x, w0, qt, coef)
+                        QK.merged_linear_q_fwd(x, w0, qt, coef, b0)
+                        QK.merged_linear_q_fwd(x, w0, qt, coef, b0, tau_b, coef_b)
+                        QK.merged_linear_q_dx(dy, w0, qt, coef, out_dtype=xd)
+                        QK.merged_linear_q_dcoef_w(dy, x, qt)
         finally:
             torch.set_float32_matmul_precision(old_prec)
         # entropy of logits [N, C] and its gradient (the upstream gradient of the fp32 entropy is fp32)

@@ -231,11 +231,8 @@ def _quantized_task_vectors(pretrained, base, finetuned, task_vectors, ties, dty
     out = {}
     for n in names:
         t = tv.pop(n)
-        if isinstance(t, QuantizedTensor):
-            out[n] = t.to(base[n].device).contiguous()
-        else:
-            t = t.detach().to(base[n].device)
-            out[n] = (_quantized.quantize_stack(t, dtype) if dtype is not None else t).contiguous()
+        t = t.to(base[n].device) if isinstance(t, QuantizedTensor) else t.detach().to(base[n].device)
+        out[n] = (_quantized.quantize_stack(t, dtype) if dtype is not None else t).contiguous()
     return out
 
 

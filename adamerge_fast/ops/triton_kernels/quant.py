@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._common import new_output
 from ..quant import rows_cols
-from ._common import dot_dtype, int64_table
+from ._common import INTERPRET, dot_dtype, int64_table
 from .merge import DCOEF_BLOCK, MERGE_BLOCK, NUM_WARPS, merge, segment_sum
 from .merged_linear import _dcoef_config, _matmul_config, _prec, choose_strategy
 
@@ -46,6 +46,45 @@ def _deq(q_ptr, s_ptr, z_ptr, r, c, mask, q_sr, s_sr, z_sr, BITS: tl.constexpr, 
         s = tl.load(s_ptr + r * s_sr + g, mask=mask, other=0.0)
         z = tl.load(z_ptr + r * z_sr + g, mask=mask, other=0).to(tl.float32)
         v = (nib.to(tl.float32) - z) * s
+    return v
+
+
+@triton.jit
+def _deq_tile(q_ptr, s_ptr, z_ptr, r, c, rmask, cmask, g0, q_sr, s_sr, z_sr, BITS: tl.constexpr, GS: tl.constexpr,
+              ONE_GROUP: tl.constexpr, R_AXIS: tl.constexpr):
+    # one task's dequantized tile at rows r (1-D int64) and columns c (1-D), fp32: [len(r), len(c)] when R_AXIS == 0,
+    # [len(c), len(r)] when R_AXIS == 1. Scales (and int4 zero points) load once per row as 1-D vectors (int8; int4
+    # when the tile's columns lie in one group, ONE_GROUP, group g0), else per element.
+    if R_AXIS == 0:
+        r2 = r[:, None]
+        c2 = c[None, :]
+        m = rmask[:, None] & cmask[None, :]
+    else:
+        r2 = r[None, :]
+        c2 = c[:, None]
+        m = rmask[None, :] & cmask[:, None]
+    if BITS == 8:
+        q = tl.load(q_ptr + r2 * q_sr + c2, mask=m, other=0).to(tl.float32)
+        s = tl.load(s_ptr + r * s_sr, mask=rmask, other=0.0)
+        if R_AXIS == 0:
+            v = q * s[:, None]
+        else:
+            v = q * s[None, :]
+    else:
+        byte = tl.load(q_ptr + r2 * q_sr + c2 // 2, mask=m, other=0).to(tl.int32)
+        nib = ((byte >> ((c2 % 2) * 4).to(tl.int32)) & 15).to(tl.float32)
+        if ONE_GROUP:
+            s = tl.load(s_ptr + r * s_sr + g0, mask=rmask, other=0.0)
+            z = tl.load(z_ptr + r * z_sr + g0, mask=rmask, other=0).to(tl.float32)
+            if R_AXIS == 0:
+                v = (nib - z[:, None]) * s[:, None]
+            else:
+                v = (nib - z[None, :]) * s[None, :]
+        else:
+            g2 = c2 // GS
+            s2 = tl.load(s_ptr + r2 * s_sr + g2, mask=m, other=0.0)
+            z2 = tl.load(z_ptr + r2 * z_sr + g2, mask=m, other=0).to(tl.float32)
+            v = (nib - z2) * s2
     return v
 
 
@@ -156,6 +195,7 @@ def _merged_matmul_q_kernel(
     MERGE_BIAS: tl.constexpr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
+    ONE_GROUP: tl.constexpr,  # int4: every W' tile's input columns lie in one group (GS a multiple of the tile)
     DOT_TY: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -168,30 +208,36 @@ def _merged_matmul_q_kernel(
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # [BLOCK_N]
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)  # [BLOCK_R]
+    rr = tl.arange(0, BLOCK_R)  # [BLOCK_R]
     mm = rm < M
     mn = rn < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, RR, BLOCK_R):
-        kr = r0 + rr  # [BLOCK_R]
+        kr = (r0 + rr).to(tl.int64)  # [BLOCK_R]
         mr = kr < RR
         a = tl.load(a_ptr + rm[:, None] * stride_am + kr[None, :] * stride_ar, mask=mm[:, None] & mr[None, :],
                     other=0.0)  # [BLOCK_M, BLOCK_R]
-        if TRANS_W:
-            wo = rn[None, :] + kr[:, None] * 0  # [BLOCK_R, BLOCK_N] weight rows (out)
-            wi = kr[:, None] + rn[None, :] * 0  # weight columns (in)
-        else:
-            wo = kr[:, None] + rn[None, :] * 0
-            wi = rn[None, :] + kr[:, None] * 0
         wmask = mr[:, None] & mn[None, :]
-        w = tl.load(w0_ptr + wo * stride_wo + wi * stride_wi, mask=wmask, other=0.0).to(tl.float32)
         qp, sp, zp = q_ptr, s_ptr, z_ptr
-        for k in range(K):
-            cf = tl.load(coef_ptr + k).to(tl.float32)
-            w += cf * _deq(qp, sp, zp, wo, wi, wmask, q_sr, s_sr, z_sr, BITS, GS)
-            qp += q_sk
-            sp += s_sk
-            zp += z_sk
+        if TRANS_W:  # W' tile [BLOCK_R (in), BLOCK_N (out)]: weight rows rn, columns kr
+            w = tl.load(w0_ptr + rn[None, :] * stride_wo + kr[:, None] * stride_wi, mask=wmask, other=0.0)
+            w = w.to(tl.float32)
+            for k in range(K):
+                cf = tl.load(coef_ptr + k).to(tl.float32)
+                w += cf * _deq_tile(qp, sp, zp, rn, kr, mn, mr, r0 // GS, q_sr, s_sr, z_sr, BITS, GS, ONE_GROUP, 1)
+                qp += q_sk
+                sp += s_sk
+                zp += z_sk
+        else:  # W' tile [BLOCK_R (out), BLOCK_N (in)]: weight rows kr, columns rn
+            w = tl.load(w0_ptr + kr[:, None] * stride_wo + rn[None, :] * stride_wi, mask=wmask, other=0.0)
+            w = w.to(tl.float32)
+            g0 = (pid_n * BLOCK_N) // GS
+            for k in range(K):
+                cf = tl.load(coef_ptr + k).to(tl.float32)
+                w += cf * _deq_tile(qp, sp, zp, kr, rn, mr, mn, g0, q_sr, s_sr, z_sr, BITS, GS, ONE_GROUP, 0)
+                qp += q_sk
+                sp += s_sk
+                zp += z_sk
         acc = tl.dot(a.to(DOT_TY), w.to(DOT_TY), acc, input_precision=PREC)
     if HAS_BIAS:
         b = tl.load(b0_ptr + rn * stride_bn, mask=mn, other=0.0).to(tl.float32)  # [BLOCK_N]
@@ -229,6 +275,7 @@ def _dcoef_w_q_tiles_kernel(
     z_sr,
     BITS: tl.constexpr,
     GS: tl.constexpr,
+    ONE_GROUP: tl.constexpr,  # int4: every tile's columns lie in one group
     DOT_TY: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_O: tl.constexpr,
@@ -261,12 +308,10 @@ def _dcoef_w_q_tiles_kernel(
         g = tl.dot(a.to(DOT_TY), b.to(DOT_TY), g, input_precision=PREC)
         dyt_ptrs += BLOCK_M * stride_dym
         x_ptrs += BLOCK_M * stride_xm
-    tmask = mo[:, None] & mi[None, :]
-    wo = ro[:, None] + ri[None, :] * 0
-    wi = ri[None, :] + ro[:, None] * 0
     out = partial_ptr + pid.to(tl.int64) * K
+    g0 = (pid_i * BLOCK_I) // GS
     for k in range(K):
-        t = _deq(q_ptr, s_ptr, z_ptr, wo, wi, tmask, q_sr, s_sr, z_sr, BITS, GS)
+        t = _deq_tile(q_ptr, s_ptr, z_ptr, ro, ri, mo, mi, g0, q_sr, s_sr, z_sr, BITS, GS, ONE_GROUP, 0)
         tl.store(out + k, tl.sum(tl.sum(g * t, axis=1), axis=0))
         q_ptr += q_sk
         s_ptr += s_sk
@@ -290,6 +335,11 @@ def _parts(qt):
 
 def _fmt(qt) -> dict:
     return dict(BITS=qt.bits, GS=max(qt.group_size, 1))
+
+
+def _one_group(qt, cols: int) -> bool:
+    """Whether tiles of ``cols`` input columns (starting at multiples of ``cols``) each lie in one int4 group."""
+    return qt.bits == 4 and qt.group_size % cols == 0
 
 
 def merge_q(base: torch.Tensor, qt, coef: torch.Tensor, out_dtype=None) -> torch.Tensor:
@@ -369,6 +419,7 @@ def _fused_q(a, w0, qt, coef, bias, out_dtype, transpose_w: bool):
     merge_bias = tau_b is not None
     dot_ty = dot_dtype(a.dtype) if out_dtype == a.dtype else dot_dtype(a.dtype, out_dtype)
     cfg = _matmul_config(M, N, RR, dot_ty)
+    cols_tile = cfg["BLOCK_R"] if transpose_w else cfg["BLOCK_N"]  # input columns per W' tile
     grid = (triton.cdiv(M, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
     _merged_matmul_q_kernel[grid](
         a, w0, q, s, z, coef,
@@ -377,8 +428,8 @@ def _fused_q(a, w0, qt, coef, bias, out_dtype, transpose_w: bool):
         a.stride(0), a.stride(1), w0.stride(0), w0.stride(1), *strides,
         b0.stride(0) if has_bias else 0,
         tau_b.stride(0) if merge_bias else 0, tau_b.stride(1) if merge_bias else 0,
-        TRANS_W=transpose_w, HAS_BIAS=has_bias, MERGE_BIAS=merge_bias, **_fmt(qt), DOT_TY=dot_ty, PREC=_prec(dot_ty),
-        **cfg,
+        TRANS_W=transpose_w, HAS_BIAS=has_bias, MERGE_BIAS=merge_bias, **_fmt(qt), ONE_GROUP=_one_group(qt, cols_tile),
+        DOT_TY=dot_ty, PREC=_prec(dot_ty), **cfg,
     )  # fmt: skip
     return c
 
@@ -434,6 +485,10 @@ def merged_linear_q_dcoef_w(dy, x, qt):
     K = qt.num_tasks
     dot_ty = dot_dtype(dy.dtype, x.dtype)
     cfg = _dcoef_config(M, OUT, IN, dot_ty)
+    if qt.bits == 4 and not INTERPRET:
+        # int4 tiles unpack nibbles from a 2-D byte gather: at 32 tile elements per thread (64x64 with 4 warps, 128x64
+        # with 8) that spilled 350-800 B on sm_80/sm_90 (tools/triton_aot_check.py); 64x64 with 8 warps does not
+        cfg.update(BLOCK_O=64, num_warps=8)
     n_tiles = triton.cdiv(OUT, cfg["BLOCK_O"]) * triton.cdiv(IN, cfg["BLOCK_I"])
     partial = torch.empty((n_tiles, K), dtype=torch.float32, device=dy.device)
     if n_tiles:
@@ -441,6 +496,6 @@ def merged_linear_q_dcoef_w(dy, x, qt):
         _dcoef_w_q_tiles_kernel[(n_tiles,)](
             dy, x, q, s, z, partial, M, OUT, IN, K,
             dy.stride(0), dy.stride(1), x.stride(0), x.stride(1), *strides,
-            **_fmt(qt), DOT_TY=dot_ty, PREC=_prec(dot_ty), **cfg,
+            **_fmt(qt), ONE_GROUP=_one_group(qt, cfg["BLOCK_I"]), DOT_TY=dot_ty, PREC=_prec(dot_ty), **cfg,
         )  # fmt: skip
     return segment_sum(partial, None, 1).reshape(K)
