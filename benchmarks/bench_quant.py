@@ -150,7 +150,7 @@ def render(res: dict) -> str:
     lines = [
         "# Quantized task vectors: one AdaMerging step (CPU)", "",
         f"- date: {e['date']}; machine: {e.get('cpu_model')}, torch threads {e.get('cpu_threads')}; "
-        f"load average start/end {e.get('loadavg')} / {res.get('loadavg_end')}",
+        f"load average start/end {e.get('loadavg_start')} / {res.get('loadavg_end')}",
         f"- command: `{res['command']}`",
         f"- workload: {res['workload']} ({res['info']['params'] / 1e6:.1f}M parameters in "
         f"{res['info']['param_tensors']} tensors, K={res['K']}), layer-wise, ours with backend `{res['backend']}`, "

@@ -248,3 +248,25 @@ def test_cli_merge_and_adamerge_quantized(request, tmp_path, capsys):
     assert main(["merge", "--method", "average", "--pretrained", "x", "--finetuned", "y", "-o", "z.safetensors",
                  "--task-vector-dtype", "int3"]) == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ demo
+@pytest.mark.slow
+def test_demo_compact_quick(tmp_path, capsys):
+    """``demo --compact``: one layer-wise AdaMerging row per storage of COMPACT_ROWS, their task-vector bytes."""
+    from adamerge_fast.demo import COMPACT_ROWS
+
+    out = tmp_path / "run"
+    args = ["demo", "--compact", "--quick", "--steps", "5", "--cache-dir", str(tmp_path / "cache"), "--output-dir",
+            str(out), "--no-progress"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    res = json.loads((out / "demo_compact.json").read_text())
+    rows = res["rows"]
+    assert [r["name"] for r in rows] == [f"Layer-wise AdaMerging, {r.label}" for r in COMPACT_ROWS]
+    nb = [r["task_vector_bytes"] for r in rows]
+    assert nb[1] < 0.3 * nb[0] and nb[2] < 0.17 * nb[0]
+    for r in rows:
+        assert set(r["acc"]) == set(res["tasks"]) and r["name"] in printed
+        assert r["delta_avg"] == pytest.approx(r["avg"] - rows[0]["avg"])
+    assert "| Layer-wise AdaMerging, int8" in (out / "demo_compact.md").read_text()

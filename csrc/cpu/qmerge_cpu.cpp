@@ -28,7 +28,10 @@ namespace cpu {
 namespace {
 
 constexpr int64_t QSEG = 1 << 15;  // elements per work unit (even: int4 pieces start on a byte)
-constexpr int QMAXK = 8;           // tasks per dot kernel call (larger K: groups of 8)
+constexpr int QMAXK = 8;           // partial-sum slots per work unit: the most tasks of one dot kernel call
+
+// Tasks per dot kernel call (larger K: groups of this many): 8 for int8, 4 for int4 (qmerge_kernels.inc).
+int dot_tasks(int bits) { return bits == 8 ? 8 : 4; }
 
 QMergeFn pick_qmerge_isa(at::ScalarType b, int bits, int64_t K) {
 #if AMF_CPU_AVX2
@@ -83,12 +86,18 @@ void run_qmerge(const std::vector<QItem>& items) {
   }
   const int64_t nw = static_cast<int64_t>(work.size());
   const int nt = threads_for(bytes);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
-  for (int64_t w = 0; w < nw; ++w) {
+  auto unit = [&](int64_t w) {
     const QWork& u = work[w];
     const QItem& it = items[u.item];
     prefault(it, u);
     it.merge(it, u.r0, u.r1, u.c0, u.c1);
+  };
+  if (items.size() == 1) {  // one tensor: one contiguous range per thread (streams stay sequential)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t w = 0; w < nw; ++w) unit(w);
+  } else {  // many tensors of mixed sizes: balance dynamically (the result does not depend on the order)
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+    for (int64_t w = 0; w < nw; ++w) unit(w);
   }
 }
 
@@ -108,7 +117,8 @@ void run_qdot(const std::vector<QItem>& items, const std::vector<std::pair<int64
   const int64_t nw = static_cast<int64_t>(work.size());
   std::vector<double> part(static_cast<size_t>(nw) * QMAXK, 0.0);
   const int nt = threads_for(bytes);
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1)
+  // static: one contiguous range of units per thread (each unit's partial sums have a fixed slot: deterministic)
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t w = 0; w < nw; ++w) {
     const QWork& u = work[w];
     const QItem& it = items[u.item];
@@ -261,8 +271,9 @@ void dot_items(const QStack& st, const at::Tensor& g, int64_t row, std::vector<Q
                std::vector<std::pair<int64_t, int>>& dest) {
   QItem it = qitem(st, g);
   it.bytes_per_elem = static_cast<int>(g.element_size() + (st.K * (st.bits == 8 ? 2 : 1) + 1) / 2);
-  for (int k0 = 0; k0 < st.K; k0 += QMAXK) {
-    const int n = static_cast<int>(std::min<int64_t>(QMAXK, st.K - k0));
+  const int step = dot_tasks(st.bits);
+  for (int k0 = 0; k0 < st.K; k0 += step) {
+    const int n = static_cast<int>(std::min<int64_t>(step, st.K - k0));
     QItem t = task_group(it, k0, n);
     t.dot = pick_qdot_isa(g.scalar_type(), st.bits, n);
     items.push_back(t);
@@ -285,7 +296,8 @@ at::Tensor k_dcoef_q_cpu(const at::Tensor& grad, const at::Tensor& qdata, const 
   return res.to(at::kFloat);
 }
 
-// (k_merge_q(...), k_dcoef_q(grad, ...)) reading the task vectors once (K <= 8, fp32 grad); otherwise the two ops.
+// (k_merge_q(...), k_dcoef_q(grad, ...)) reading the task vectors once (fp32 grad; K <= 8 for int8, <= 4 for
+// int4); otherwise the two ops.
 std::tuple<at::Tensor, at::Tensor> k_merge_dcoef_q_cpu(const at::Tensor& base, const at::Tensor& qdata,
                                                        const at::Tensor& scales, const std::optional<at::Tensor>& zeros,
                                                        const at::Tensor& coef, const at::Tensor& grad, int64_t bits,
