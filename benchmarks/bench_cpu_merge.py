@@ -291,7 +291,8 @@ def _quant_inputs(N: int, K: int, seed: int):
 
     g = torch.Generator().manual_seed(seed)
     R = N // QCOLS
-    base, grad, coef = torch.randn(R, QCOLS, generator=g), torch.randn(R, QCOLS, generator=g), torch.rand(K, generator=g)
+    base, grad = torch.randn(R, QCOLS, generator=g), torch.randn(R, QCOLS, generator=g)
+    coef = torch.rand(K, generator=g)
     d = torch.empty(K, R, QCOLS)
     for k in range(K):
         d[k].normal_(generator=g).mul_(1e-3)
@@ -348,7 +349,8 @@ def quant_verdicts(res: dict, tags: list[str]) -> list[dict]:
     for tag in tags:
         for fmt in ("int8", "int4"):
             for key, mine, other in (
-                (f"qmerge_{fmt}_{tag}", f"ext k_merge_q {fmt} (prealloc out)", "ext k_merge bf16 (prealloc out) [same shape]"),
+                (f"qmerge_{fmt}_{tag}", f"ext k_merge_q {fmt} (prealloc out)",
+                 "ext k_merge bf16 (prealloc out) [same shape]"),
                 (f"qdcoef_{fmt}_{tag}", f"ext k_dcoef_q {fmt}", "ext k_dcoef bf16 [same shape]"),
                 (f"qmerge_dcoef_{fmt}_{tag}", f"ext k_merge_dcoef_q {fmt} (one pass)",
                  "ext k_merge_dcoef bf16 (one pass) [same shape]"),

@@ -214,7 +214,8 @@ def load_task_vectors(path: str | os.PathLike, *, device: torch.device | str | N
             out[name] = t.to(device) if device is not None else t
         extra = sorted(stored - used)
         if extra:
-            raise CheckpointError(f"{p}: tensors not in the file's index: {extra[:5]}{' ...' if len(extra) > 5 else ''}")
+            more = " ..." if len(extra) > 5 else ""
+            raise CheckpointError(f"{p}: tensors not in the file's index: {extra[:5]}{more}")
     return out
 
 

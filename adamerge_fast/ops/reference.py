@@ -63,8 +63,8 @@ def entropy_bwd(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------- quantized task vectors
 def merge_q(base: torch.Tensor, qt, coef: torch.Tensor) -> torch.Tensor:
-    """:func:`merge` over quantized task vectors ``qt`` (a :class:`.quant.QuantizedTensor` ``[K, *base.shape]``): each task dequantized in turn
-    (:meth:`QuantizedTensor.dequantize_task`, one task's fp32 copy at a time) and accumulated in fp32."""
+    """:func:`merge` over quantized task vectors ``qt`` (a :class:`.quant.QuantizedTensor` ``[K, *base.shape]``):
+    each task dequantized in turn (``qt.dequantize_task``, one task's fp32 copy at a time), accumulated in fp32."""
     acc = acc_dtype(base.dtype, coef.dtype)
     c = coef.to(acc)
     out = base.to(acc, copy=True)

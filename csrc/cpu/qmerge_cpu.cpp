@@ -345,8 +345,8 @@ std::vector<at::Tensor> k_merge_many_q_cpu(at::TensorList bases, at::TensorList 
   const size_t n = bases.size();
   TORCH_CHECK(qdatas.size() == n && scales.size() == n, op, ": got ", n, " bases but ", qdatas.size(), " qdata and ",
               scales.size(), " scales");
-  TORCH_CHECK(zeros.size() == 0 || zeros.size() == n, op, ": zeros must be empty (int8) or hold one tensor per base, got ",
-              zeros.size());
+  TORCH_CHECK(zeros.size() == 0 || zeros.size() == n, op,
+              ": zeros must be empty (int8) or hold one tensor per base, got ", zeros.size());
   check_defined_float(op, "coefs", coefs);
   check_device_type(op, "coefs", coefs, at::kCPU);
   TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == static_cast<int64_t>(n), op, ": coefs must have shape [n=", n,
@@ -395,8 +395,8 @@ at::Tensor k_dcoef_many_q_cpu(at::TensorList grads, at::TensorList qdatas, at::T
   const size_t n = grads.size();
   TORCH_CHECK(qdatas.size() == n && scales.size() == n, op, ": got ", n, " grads but ", qdatas.size(), " qdata and ",
               scales.size(), " scales");
-  TORCH_CHECK(zeros.size() == 0 || zeros.size() == n, op, ": zeros must be empty (int8) or hold one tensor per grad, got ",
-              zeros.size());
+  TORCH_CHECK(zeros.size() == 0 || zeros.size() == n, op,
+              ": zeros must be empty (int8) or hold one tensor per grad, got ", zeros.size());
   if (n == 0) return at::empty({0, 0}, at::TensorOptions().dtype(at::kFloat));
   std::vector<QStack> stacks;
   stacks.reserve(n);
