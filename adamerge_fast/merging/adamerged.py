@@ -21,17 +21,18 @@ from __future__ import annotations
 
 import copy as _copy
 import hashlib
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import ops
 from ..io import CheckpointError, save_safetensors
+from .build import DenseRows, FinetunedSource, build_task_vectors
 from .static import ties_split
-from .task_vectors import Source, check_task_vectors
-from .task_vectors import task_vectors as make_task_vectors
+from .task_vectors import check_task_vectors
 
 
 class _CoefContext:
@@ -178,12 +179,50 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle):
-    """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned``, or checked), in
-    ``dtype``, TIES-split for AdaMerging++, contiguous, on the pretrained parameters' devices."""
+def block_paths(module: nn.Module) -> list[str]:
+    """Paths of the children of every ``nn.ModuleList`` holding two or more modules of one type (a transformer's
+    blocks: open_clip ``transformer.resblocks``, HF ``model.layers`` / ``encoder.layers``), outermost lists only."""
+    out: list[str] = []
+    for path, m in module.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or any(path.startswith(p + ".") for p in out):
+            continue
+        if len({type(c) for c in m}) == 1:
+            out += [f"{path}.{i}" if path else str(i) for i in range(len(m))]
+    return out
+
+
+class _CheckpointedForward:
+    """A module's forward under ``torch.utils.checkpoint`` (non-reentrant). The module's tensors at call time
+    (the merged ones ``AdaMergedModel.forward`` feeds through ``functional_call``) and the coefficient table are
+    captured, and the recomputation in backward runs the module on exactly those again."""
+
+    def __init__(self, ctx: _CoefContext, module: nn.Module, forward):
+        self.ctx, self.module, self.forward, self.inside = ctx, module, forward, False
+
+    def __call__(self, *args, **kwargs):
+        if self.inside or not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        coefs, state = self.ctx.get(), dict(self.module.named_buffers())
+
+        def run(*a, **kw):
+            prev, self.ctx.coefs, self.inside = self.ctx.coefs, coefs, True
+            try:
+                return torch.func.functional_call(self.module, state, a, kw)
+            finally:
+                self.ctx.coefs, self.inside = prev, False
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle, *, K=None,
+                          release_finetuned=False):
+    """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned`` one model at a time by
+    :func:`~adamerge_fast.merging.build.build_task_vectors`, or checked), in ``dtype``, TIES-split for
+    AdaMerging++, contiguous, on the pretrained parameters' devices."""
     names = list(base)
     if task_vectors is None:
-        tv = make_task_vectors(pretrained, finetuned, keys=names, dtype=dtype, trust_pickle=trust_pickle)
+        tv = build_task_vectors(base, finetuned, keys=names, K=K, storage=DenseRows(dtype),
+                                release_finetuned=release_finetuned, trust_pickle=trust_pickle)
     else:
         check_task_vectors(task_vectors, base, names)
         tv = {n: task_vectors[n].detach().to(device=base[n].device, dtype=dtype or task_vectors[n].dtype)
@@ -208,8 +247,20 @@ class AdaMergedModel(nn.Module):
     Args:
         pretrained: the pretrained ``nn.Module`` (``theta_0``). Its modules are copied unless ``copy=False``
             (then they are rewritten in place); its parameter tensors are shared, never copied or written.
-        finetuned: fine-tuned models/state dicts/checkpoint paths (one per task), or ``None`` if
-            ``task_vectors`` is given.
+        finetuned: one fine-tuned model per task, or ``None`` if ``task_vectors`` is given: modules, state dicts,
+            checkpoint paths, or callables (no arguments) that load and return one of those; a sequence, or an
+            iterator such as a generator (then ``task_names`` says how many). The task vectors are built one model
+            at a time (:func:`~adamerge_fast.merging.build.build_task_vectors`): each model is read, its rows
+            written, and dropped before the next is loaded, so with paths or loaders the peak is the pretrained
+            weights + the task vectors + one fine-tuned model.
+        release_finetuned: side effect, off by default: empty each in-memory fine-tuned module (and mutable
+            state dict) of ``finetuned`` once its task vector is taken — its parameters and buffers become empty
+            tensors (:func:`~adamerge_fast.merging.build.release`), so their memory is freed as the task vectors
+            fill (when nothing else refers to them). The modules are unusable afterwards.
+        checkpoint_activations: recompute the activations of the backbone's blocks in the backward instead of
+            keeping them (``torch.utils.checkpoint``, non-reentrant): ``True`` checkpoints every child of the
+            model's repeated-block lists (:func:`block_paths`), or a predicate ``(path, module) -> bool`` picks
+            the modules. The merged layers save no merged weight, so recomputation costs only the forward.
         task_vectors: stacked task vectors ``{name: [K, *shape]}`` for every floating parameter.
         granularity: ``"layer"`` (one coefficient per parameter tensor per task) or ``"task"`` (one per task).
         init: initial coefficient (0.3 as the paper), a float or a ``[rows, K]`` tensor.
@@ -224,7 +275,7 @@ class AdaMergedModel(nn.Module):
     def __init__(
         self,
         pretrained: nn.Module,
-        finetuned: Sequence[Source] | None = None,
+        finetuned: Iterable[FinetunedSource] | None = None,
         *,
         task_vectors: Mapping[str, torch.Tensor] | None = None,
         granularity: Literal["task", "layer"] = "layer",
@@ -236,6 +287,8 @@ class AdaMergedModel(nn.Module):
         task_names: Sequence[str] | None = None,
         copy: bool = True,
         trust_pickle: bool = False,
+        release_finetuned: bool = False,
+        checkpoint_activations: bool | Callable[[str, nn.Module], bool] = False,
     ):
         super().__init__()
         if granularity not in ("task", "layer"):
@@ -247,7 +300,8 @@ class AdaMergedModel(nn.Module):
             raise ValueError("pretrained model has no floating-point parameters to merge")
         names = [n for n, _ in named]
         tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
-                                   trust_pickle)
+                                   trust_pickle, K=None if task_names is None else len(task_names),
+                                   release_finetuned=release_finetuned)
         K = next(iter(tv.values())).shape[0]
         self.num_tasks, self.granularity, self.clamp_range, self.backend = K, granularity, clamp, backend
         self.param_names = names
@@ -275,6 +329,29 @@ class AdaMergedModel(nn.Module):
         skel = self._rewrite_linear_modules(skel, tv)
         self._collect_generic_parameters(skel, tv)
         self.skeleton = skel
+        self.checkpointed: list[str] = []  # paths of the modules whose activations are recomputed in backward
+        if checkpoint_activations:
+            self._checkpoint_modules(checkpoint_activations)
+
+    def _checkpoint_modules(self, which: bool | Callable[[str, nn.Module], bool]) -> None:
+        """Wrap the forward of the chosen skeleton modules in :class:`_CheckpointedForward`."""
+        if which is True:
+            paths = block_paths(self.skeleton)
+            if not paths:
+                raise ValueError("checkpoint_activations=True: the model has no list of repeated blocks (an "
+                                 "nn.ModuleList of modules of one type); pass a predicate (path, module) -> bool")
+        elif callable(which):
+            paths = [p for p, m in self.skeleton.named_modules() if p and which(p, m)]
+            paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]  # outermost only
+            if not paths:
+                raise ValueError("checkpoint_activations: the predicate picked no module")
+        else:
+            raise ValueError(f"checkpoint_activations must be a bool or a predicate (path, module) -> bool, got "
+                             f"{which!r}")
+        for p in paths:
+            m = self.skeleton.get_submodule(p)
+            m.forward = _CheckpointedForward(self._ctx, m, m.forward)
+        self.checkpointed = paths
 
     def _coef_row(self, name: str) -> int:
         """The coefficient-table row of parameter ``name`` (0 for every parameter when task-wise)."""

@@ -31,6 +31,42 @@ def as_state_dict(src: Source, *, trust_pickle: bool = False, params_only: bool 
     raise TypeError(f"expected an nn.Module, a state dict or a checkpoint path, got {type(src).__name__}")
 
 
+#: elements per chunk of :func:`rounded_difference_` (bounds its wide temporaries to 8 * 2^24 bytes = 128 MiB)
+DIFF_CHUNK = 1 << 24
+
+
+def difference_dtype(finetuned: torch.dtype, base: torch.dtype, out: torch.dtype) -> torch.dtype:
+    """The dtype in which ``finetuned - base`` is taken so that storing it in ``out`` rounds once: float64 when
+    an input is float64, or when float32 inputs go to a narrower storage (their difference is exact in float64
+    unless the exponents differ by more than 28; in float32 it would be rounded before the storage rounds it
+    again); else float32 (exact for bf16/fp16 inputs unless the exponents differ by more than 15, and
+    float32 - float32 rounded once when stored as float32)."""
+    if torch.float64 in (finetuned, base, out):
+        return torch.float64
+    if torch.float32 in (finetuned, base) and out != torch.float32:
+        return torch.float64
+    return torch.float32
+
+
+def rounded_difference_(out: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor, what: str) -> torch.Tensor:
+    """``out.copy_(finetuned - base)`` with the difference taken in :func:`difference_dtype` and rounded once
+    into ``out.dtype``, chunked over the flattened tensor (:data:`DIFF_CHUNK` elements) so the wide temporaries
+    stay small; ``out``, ``finetuned``, ``base``: ``[*S]`` (``out`` contiguous, on any device: the inputs are
+    moved there chunk by chunk). Raises :class:`CheckpointError` naming ``what`` when the difference has a NaN
+    or inf. Returns ``out``."""
+    if tuple(finetuned.shape) != tuple(out.shape) or tuple(base.shape) != tuple(out.shape):
+        raise CheckpointError(f"{what}: shape {list(finetuned.shape)}, expected {list(out.shape)}")
+    acc = difference_dtype(finetuned.dtype, base.dtype, out.dtype)
+    o, f, b = out.view(-1), finetuned.detach().reshape(-1), base.detach().reshape(-1)
+    for i in range(0, o.numel(), DIFF_CHUNK):
+        j = min(i + DIFF_CHUNK, o.numel())
+        d = f[i:j].to(device=o.device, dtype=acc) - b[i:j].to(device=o.device, dtype=acc)
+        if not torch.isfinite(d).all():
+            raise CheckpointError(f"{what} has NaN or inf values")
+        o[i:j].copy_(d)
+    return out
+
+
 def floating_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
     """The keys of ``sd`` holding floating-point tensors (dtypes read lazily: no tensor of a lazy checkpoint
     is loaded)."""
@@ -93,7 +129,7 @@ def check_task_vectors(tv: Mapping[str, torch.Tensor], base: Mapping[str, torch.
             raise CheckpointError(f"task vectors: key {k!r} has {t.shape[0]} tasks, earlier keys have {K}")
         if not torch.is_floating_point(t):
             raise CheckpointError(f"task vectors: key {k!r} has non-floating dtype {t.dtype}")
-        if not torch.isfinite(t).all():
+        if not t.is_meta and not torch.isfinite(t).all():  # meta: shapes only (a memory plan)
             raise CheckpointError(f"task vectors: key {k!r} has NaN or inf values")
     if not K:
         raise ValueError("task vectors: zero tasks")

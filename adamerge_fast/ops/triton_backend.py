@@ -8,6 +8,8 @@ Kernels live in :mod:`adamerge_fast.ops.triton_kernels` (one module per op). Wha
   program merges its weight tiles in registers); for large M it exists for this one layer only, inside the call.
 * ``dcoef_w``: tiles of ``dy^T x`` in registers, contracted with the task vectors; no ``[out, in]`` gradient.
 * ``entropy``: chunked online softmax entropy, one program per row.
+* ``linear_entropy``: its tile step (entropy of a ``[chunk, V]`` logits tile and its gradient, in place); the head's
+  matmuls are torch's.
 
 fp64 is not a Triton path: calls with any fp64 input go to the reference backend's functions (same contract).
 """
@@ -38,12 +40,13 @@ class TritonBackend(Backend):
             import triton  # noqa: F401
         except ImportError as e:  # the registry remembers this and reports it
             raise ImportError(f"the triton backend needs the 'triton' package ({e})") from e
-        from .triton_kernels import INTERPRET, entropy, merge, merged_linear
+        from .triton_kernels import INTERPRET, entropy, linear_entropy, merge, merged_linear
 
         self._interpret = INTERPRET
         self._merge = merge
         self._linear = merged_linear
         self._entropy = entropy
+        self._linear_entropy = linear_entropy
 
     # -- availability -------------------------------------------------------------------------------
     def unavailable_reason(self, device):
@@ -113,6 +116,11 @@ class TritonBackend(Backend):
         if logits.dtype == _F64 or grad.dtype == _F64:
             return _ref.entropy_bwd(grad, logits)
         return self._entropy.entropy_bwd(grad, logits)
+
+    def entropy_tile_(self, z, g, write_grad):
+        if z.dtype == _F64:
+            return _ref.entropy_tile_(z, g, write_grad)
+        return self._linear_entropy.entropy_tile_(z, g, write_grad)
 
 
 _REFERENCE = ReferenceBackend()  # fp64 merged_linear: the composite over the plain-torch merge
