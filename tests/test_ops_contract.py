@@ -500,7 +500,7 @@ def _ops_imports():
 
 
 # the modules that define torch.library custom ops (they carry a backend name, so they reach the registry)
-_CUSTOM_OP_MODULES = ("_library", "linear_entropy")
+_CUSTOM_OP_MODULES = ("_library", "_linear_entropy")
 
 
 def test_ops_import_graph_is_layered():

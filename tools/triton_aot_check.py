@@ -6,7 +6,8 @@ or register overflow, ptxas failures) slips through. This script compiles the ke
 ``sm_80`` with ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` and the ptxas bundled with Triton.
 
 The variants are not hard-coded: the launchers of the kernel modules (``merge``, ``dcoef``, ``merge_many``,
-``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``) are called on ``meta`` tensors over a
+``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``, ``entropy_tile_``) are called on ``meta`` tensors
+over a
 grid of dtypes and representative problem sizes, with every ``@triton.jit`` kernel replaced by a recorder. Each
 recorded launch is specialized exactly as Triton's runtime would specialize it (same binder: pointer
 alignment, ints equal to 1 become constexprs, divisibility by 16) and compiled once per distinct
@@ -101,10 +102,11 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from adamerge_fast.ops.triton_kernels import entropy as EN  # noqa: E402
+from adamerge_fast.ops.triton_kernels import linear_entropy as LE  # noqa: E402
 from adamerge_fast.ops.triton_kernels import merge as MG  # noqa: E402
 from adamerge_fast.ops.triton_kernels import merged_linear as ML  # noqa: E402
 
-MODULES = (MG, ML, EN)
+MODULES = (MG, ML, EN, LE)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CUOBJDUMP = os.path.join(BIN, "cuobjdump")
 
@@ -203,6 +205,12 @@ def drive_launchers():
             z = _meta((ENTROPY_N, C), zd)
             EN.entropy_fwd(z)
             EN.entropy_bwd(_meta((ENTROPY_N,)), z)
+        # linear_entropy's tile step on an fp32 logits tile: entropy only, gradient for g = 1 (reduced), for g[c]
+        for C in ENTROPY_C:
+            tile = _meta((ENTROPY_N, C))
+            LE.entropy_tile_(tile, None, False)
+            LE.entropy_tile_(tile, None, True)
+            LE.entropy_tile_(tile, _meta((ENTROPY_N,)), True)
     return launches
 
 

@@ -37,8 +37,8 @@ is first constructed, as an optional dependency)::
     triton_kernels.merged_linear  -> _common, triton_kernels._common, triton_kernels.merge
     triton_kernels.entropy        -> _common, triton_kernels._common
     triton_kernels.linear_entropy -> _common, triton_kernels.entropy
-    linear_entropy                -> _common, _library, _registry
-    __init__                      -> _backend, _registry, _library, linear_entropy, cpp_backend, triton_backend
+    _linear_entropy               -> _common, _library, _registry
+    __init__                      -> _backend, _registry, _library, _linear_entropy, cpp_backend, triton_backend
 
 Kernel modules and backends never import the registry or the dispatcher; only ``_library`` (the custom ops,
 which carry a backend *name*) and this module do.
@@ -51,8 +51,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _library
-from . import linear_entropy as _linear_entropy
+from . import _library, _linear_entropy
 from ._backend import Backend, ReferenceBackend
 from ._registry import (
     ANY_DEVICE,
@@ -238,7 +237,7 @@ def linear_entropy(
     chunk: int | None = None,
     backend: str | None = None,
 ) -> Tensor:
-    """Softmax entropy of the logits ``h @ W.T + b`` per row, without holding the logits (:mod:`.linear_entropy`).
+    """Softmax entropy of the logits ``h @ W.T + b`` per row, without holding the logits (:mod:`._linear_entropy`).
 
     ``h[*, D]`` (leading dims flattened into N rows); ``weight`` = ``w0[V, D]``, ``bias`` = ``b0[V]`` or None;
     ``tau_w[K, V, D]`` with ``coef_w[K]``: a merged head ``W = w0 + sum_k coef_w[k] tau_w[k]``; ``tau_b[K, V]`` with

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype
+from ._common import acc_dtype, new_output
 
 
 def _flat(t: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -105,8 +105,8 @@ def linear_entropy_chunks(
     wm = w if w.dtype == mm else w.to(mm)
     bias = None if b is None else b.to(acc)
     want_grad = g is not None and (need_dh or need_dw or need_db)
-    H = torch.empty(N, dtype=acc, device=h.device)
-    dh = torch.empty(N, D, dtype=h.dtype, device=h.device) if want_grad and need_dh else None
+    H = new_output((N,), acc, h.device)
+    dh = new_output((N, D), h.dtype, h.device) if want_grad and need_dh else None
     dw = torch.zeros(w.shape, dtype=acc, device=h.device) if want_grad and need_dw else None
     db = torch.zeros(w.shape[0], dtype=acc, device=h.device) if want_grad and need_db else None
     for r0 in range(0, N, chunk):

@@ -1,4 +1,4 @@
-"""The tile step of ``linear_entropy`` (:mod:`adamerge_fast.ops.linear_entropy`): softmax entropy of a logits tile
+"""The tile step of ``linear_entropy`` (:mod:`adamerge_fast.ops._linear_entropy`): softmax entropy of a logits tile
 and its gradient, in place.
 
 Plain-torch semantics (:func:`adamerge_fast.ops.reference.entropy_tile_`)::
