@@ -8,7 +8,12 @@ coefficients — the official algorithm.
 ``task_batching``:
 - ``"concat"`` (default): the merged backbone is the same for every task within a step, so all tasks' batches
   go through one backbone forward, concatenated, and are split only at the heads. One backward; the task
-  vectors are read once per step for the coefficient gradient. Same gradient as the official loop.
+  vectors are read once per step for the coefficient gradient. Same gradient as the official loop. A model with
+  several output rows per example (a causal LM scoring every real token) is split by its ``rows_per_example``.
+
+A head may return logits ``[N, C]`` or a :class:`~adamerge_fast.models.lm_head.LinearHeadInputs` (hidden states +
+the LM head, from a model built with ``fused_entropy=True``): its mean entropy then comes from
+:func:`adamerge_fast.ops.linear_entropy`, which never holds the ``[N, V]`` logits.
 - ``"sequential"``: one forward and one backward per task, so a task's graph is freed before the next and
   activation memory stays at one task's.
 """
@@ -23,9 +28,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from . import ops
 from .io import CheckpointError, save_torch, write_text_atomic
 from .merging.adamerged import AdaMergedModel
+from .models.lm_head import mean_entropy, rows_of, split_rows
 
 
 @dataclass
@@ -78,6 +83,28 @@ def _to(inp: Any, device) -> Any:
 
 def _call(model, inp):
     return model(**inp) if isinstance(inp, Mapping) else model(inp)
+
+
+def _split_outputs(model, feats, inp, sizes: list[int]) -> list:
+    """The model's output for a concatenated batch, split back into one part per batch of ``sizes`` examples.
+
+    A model whose forward gives a variable number of rows per example (a causal LM scoring every real token)
+    says how many with ``rows_per_example(**inputs) -> [B]`` (:meth:`AdaMergedModel.rows_per_example`); the rows
+    are then grouped by example. Otherwise the output has one row per example."""
+    fn = getattr(model, "rows_per_example", None)
+    counts = None if fn is None else _call(fn, inp)
+    if counts is not None:
+        per_example = counts.tolist()  # one host sync per step
+        groups, i = [], 0
+        for n in sizes:
+            groups.append(int(sum(per_example[i:i + n])))
+            i += n
+        sizes = groups
+    if rows_of(feats) != sum(sizes):
+        raise ValueError(f"task_batching='concat': the model returned {rows_of(feats)} rows for {sum(sizes)} "
+                         "expected (one per example, or as its rows_per_example() says); use "
+                         "task_batching='sequential'")
+    return split_rows(feats, sizes)
 
 
 class _Cycle:
@@ -164,18 +191,18 @@ def adamerge(
         task_loss: dict[str, torch.Tensor] = {}  # detached; read back once per step (one host sync)
         if task_batching == "concat":
             flat = [b for t in tasks for b in batches[t]]
-            sizes = [_batch_size(b) for b in flat]
-            feats = _call(model, _concat(flat))
-            parts = iter(torch.split(feats, sizes))
+            inp = _concat(flat)
+            feats = _call(model, inp)
+            parts = iter(_split_outputs(model, feats, inp, [_batch_size(b) for b in flat]))
             total = 0.0
             for t in tasks:
-                lt = sum(ops.entropy(heads[t](next(parts))).mean() for _ in range(batches_per_step)) / batches_per_step
+                lt = sum(mean_entropy(heads[t](next(parts))) for _ in range(batches_per_step)) / batches_per_step
                 task_loss[t] = lt.detach()
                 total = total + lt
             total.backward()
         else:
             for t in tasks:
-                lt = sum(ops.entropy(heads[t](_call(model, b))).mean() for b in batches[t]) / batches_per_step
+                lt = sum(mean_entropy(heads[t](_call(model, b))) for b in batches[t]) / batches_per_step
                 lt.backward()
                 task_loss[t] = lt.detach()
         opt.step()

@@ -455,6 +455,13 @@ class AdaMergedModel(nn.Module):
         finally:
             self._ctx.coefs = None
 
+    def rows_per_example(self, *args, **kwargs) -> torch.Tensor | None:
+        """Output rows per example ``[B]`` for these inputs, when the wrapped model's forward gives a variable number
+        of rows per example and says so through its own ``rows_per_example`` (e.g.
+        :class:`~adamerge_fast.models.hf.CausalLMForEntropy` with ``positions="all"``); ``None`` otherwise."""
+        fn = getattr(self.skeleton, "rows_per_example", None)
+        return None if fn is None else fn(*args, **kwargs)
+
     # -------------------------------------------------------------------------------------------------
     def _row_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
         """(base, task vectors [K, ...], coefficient row) of parameter ``name``."""
