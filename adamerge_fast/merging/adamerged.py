@@ -193,23 +193,30 @@ def block_paths(module: nn.Module) -> list[str]:
 
 class _CheckpointedForward:
     """A module's forward under ``torch.utils.checkpoint`` (non-reentrant). The module's tensors at call time
-    (the merged ones ``AdaMergedModel.forward`` feeds through ``functional_call``) and the coefficient table are
-    captured, and the recomputation in backward runs the module on exactly those again."""
+    (the merged ones ``AdaMergedModel.forward`` feeds through ``functional_call``; in the skeleton every tensor is
+    a buffer) and the coefficient table are captured, and the recomputation in backward runs the module's own
+    forward on exactly those again (its hooks run once per forward; its submodules' hooks again when recomputed)."""
 
     def __init__(self, ctx: _CoefContext, module: nn.Module, forward):
-        self.ctx, self.module, self.forward, self.inside = ctx, module, forward, False
+        self.ctx, self.module, self.forward = ctx, module, forward
 
     def __call__(self, *args, **kwargs):
-        if self.inside or not torch.is_grad_enabled():
+        if not torch.is_grad_enabled():
             return self.forward(*args, **kwargs)
-        coefs, state = self.ctx.get(), dict(self.module.named_buffers())
+        coefs = self.ctx.get()
+        state = [(m, n, t) for m in self.module.modules() for n, t in m._buffers.items() if t is not None]
 
         def run(*a, **kw):
-            prev, self.ctx.coefs, self.inside = self.ctx.coefs, coefs, True
+            saved = [(m, n, m._buffers[n]) for m, n, _ in state]
+            prev, self.ctx.coefs = self.ctx.coefs, coefs
             try:
-                return torch.func.functional_call(self.module, state, a, kw)
+                for m, n, t in state:
+                    m._buffers[n] = t
+                return self.forward(*a, **kw)
             finally:
-                self.ctx.coefs, self.inside = prev, False
+                self.ctx.coefs = prev
+                for m, n, t in saved:
+                    m._buffers[n] = t
 
         return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 

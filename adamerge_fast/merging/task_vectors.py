@@ -8,6 +8,7 @@ time, so lazily read safetensors never sit in memory twice.
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Iterable, Mapping, Sequence, Union
 
@@ -48,22 +49,40 @@ def difference_dtype(finetuned: torch.dtype, base: torch.dtype, out: torch.dtype
     return torch.float32
 
 
+def round_to_odd_f32(d: torch.Tensor) -> torch.Tensor:
+    """``d`` (float64) rounded to float32 *to odd*: truncated toward zero, the last bit set when inexact. Rounding
+    that to bf16/fp16 (round to nearest even) rounds ``d`` correctly, once; ``d.to(torch.bfloat16)`` does not, as
+    torch converts float64 to bf16/fp16 through a round-to-nearest float32."""
+    f = d.to(torch.float32)
+    back = f.to(torch.float64)
+    inexact = back != d
+    f = torch.where(inexact & (back.abs() > d.abs()), torch.nextafter(f, torch.zeros_like(f)), f)
+    bits = f.view(torch.int32)
+    return torch.where(inexact, bits | 1, bits).view(torch.float32)
+
+
 def rounded_difference_(out: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor, what: str) -> torch.Tensor:
     """``out.copy_(finetuned - base)`` with the difference taken in :func:`difference_dtype` and rounded once
-    into ``out.dtype``, chunked over the flattened tensor (:data:`DIFF_CHUNK` elements) so the wide temporaries
-    stay small; ``out``, ``finetuned``, ``base``: ``[*S]`` (``out`` contiguous, on any device: the inputs are
-    moved there chunk by chunk). Raises :class:`CheckpointError` naming ``what`` when the difference has a NaN
-    or inf. Returns ``out``."""
+    into ``out.dtype`` (through :func:`round_to_odd_f32` from float64 to bf16/fp16), chunked over the flattened
+    tensor (:data:`DIFF_CHUNK` elements) so the wide temporaries stay small; ``out``, ``finetuned``, ``base``:
+    ``[*S]`` (``out`` contiguous, on any device: the inputs are moved there chunk by chunk). Raises
+    :class:`CheckpointError` naming ``what`` when the difference has a NaN or inf, or overflows ``out.dtype``.
+    Returns ``out``."""
     if tuple(finetuned.shape) != tuple(out.shape) or tuple(base.shape) != tuple(out.shape):
         raise CheckpointError(f"{what}: shape {list(finetuned.shape)}, expected {list(out.shape)}")
     acc = difference_dtype(finetuned.dtype, base.dtype, out.dtype)
+    to_odd = acc == torch.float64 and out.dtype in (torch.bfloat16, torch.float16)
+    top = torch.finfo(out.dtype).max
     o, f, b = out.view(-1), finetuned.detach().reshape(-1), base.detach().reshape(-1)
     for i in range(0, o.numel(), DIFF_CHUNK):
         j = min(i + DIFF_CHUNK, o.numel())
         d = f[i:j].to(device=o.device, dtype=acc) - b[i:j].to(device=o.device, dtype=acc)
-        if not torch.isfinite(d).all():
+        m = float(d.abs().max())  # NaN when d has a NaN
+        if not math.isfinite(m):
             raise CheckpointError(f"{what} has NaN or inf values")
-        o[i:j].copy_(d)
+        if m > top:
+            raise CheckpointError(f"{what}: its difference reaches {m:.3g}, beyond {out.dtype}'s range")
+        o[i:j].copy_(round_to_odd_f32(d) if to_odd else d)
     return out
 
 
