@@ -21,7 +21,7 @@ from .merging import (
     ties_split,
     weight_average,
 )
-from .ops import entropy, merge, merge_many, merged_linear
+from .ops import entropy, linear_entropy, merge, merge_many, merged_linear
 from .optim import History, adamerge
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "merge_many",
     "merged_linear",
     "entropy",
+    "linear_entropy",
     "AdaMergedModel",
     "adamerge",
     "History",

@@ -311,3 +311,129 @@ def test_fused_entropy_refuses_scaled_logits():
     lm.config.final_logit_softcapping = 30.0
     with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
         hf.CausalLMForEntropy(lm, fused_entropy=True)
+
+
+# ------------------------------------------------------------------------------------------------ memory plan
+def test_plan_items_and_phases():
+    from adamerge_fast import memory
+
+    pre = _vit(0)
+    n_params = sum(p.numel() for p in pre.parameters())
+    x = torch.zeros(1, 3, 16, 16)
+    p32 = memory.plan(pre, 4, x, batch_size=8)
+    p16 = memory.plan(pre, 4, x, batch_size=8, task_vector_dtype=torch.bfloat16)
+    assert p32.items["task_vectors"] == 4 * n_params * 4 and p16.items["task_vectors"] == 4 * n_params * 2
+    assert p32.items["pretrained"] == memory.module_bytes(pre) and p32.items["data"] == 4 * 8 * 3 * 16 * 16 * 4
+    assert p32.items["activations"] > 0 and p32.total == max(p32.build, p32.step)
+    seq = memory.plan(pre, 4, x, batch_size=8, task_batching="sequential")
+    big = memory.plan(pre, 4, x, batch_size=32)
+    ck = memory.plan(pre, 4, x, batch_size=32, checkpoint_activations=True)
+    assert seq.items["activations"] < p32.items["activations"] < big.items["activations"]
+    assert ck.items["activations"] < big.items["activations"]
+    # fine-tuned models in memory: held through the step unless released as the task vectors fill
+    held = memory.plan(pre, 4, x, batch_size=8, finetuned_in_memory=4 * 1000)
+    rel = memory.plan(pre, 4, x, batch_size=8, finetuned_in_memory=4 * 1000, released=True)
+    assert held.step == p32.step + 4000 and rel.step == p32.step and rel.build < held.build
+    text = p32.format()
+    assert "task vectors (float32)" in text and "total (the larger)" in text and "bfloat16" in p16.summary()
+
+
+def test_plan_for_a_built_model_matches_the_plan_before():
+    from adamerge_fast import memory
+
+    pre = _vit(0)
+    fts = [perturbed(pre, s, 0.02) for s in (1, 2)]
+    model = af.AdaMergedModel(pre, fts, task_vector_dtype=torch.bfloat16)
+    x = torch.zeros(1, 3, 16, 16)
+    after = memory.plan_for_model(model, x, batch_size=4)
+    before = memory.plan(pre, 2, x, batch_size=4, task_vector_dtype=torch.bfloat16)
+    assert after.items["task_vectors"] == before.items["task_vectors"]
+    assert after.items["activations"] == before.items["activations"]
+    assert after.items["pretrained"] == before.items["pretrained"] and after.build == 0 and after.step == before.step
+
+
+def test_plan_traces_the_fused_lm_head_with_less_memory():
+    from adamerge_fast import memory
+    from adamerge_fast.models import hf
+
+    lm = hf.tiny_causal_lm("llama", seed=0, vocab_size=4096)
+    ids = {"input_ids": torch.zeros(1, 64, dtype=torch.long)}
+    head = {"a": hf.IdentityHead()}
+    plain = memory.plan(hf.CausalLMForEntropy(lm, "all"), 3, ids, heads=head, batch_size=4)
+    fused = memory.plan(hf.CausalLMForEntropy(lm, "all", fused_entropy=True, chunk=16), 3, ids, heads=head,
+                        batch_size=4)
+    logits = 3 * 4 * 64 * 4096 * 4  # all tasks' fp32 logits
+    assert plain.items["activations"] > 3 * logits  # logits, their gradient, one task's softmax temporaries
+    assert fused.items["activations"] < plain.items["activations"] / 5  # the 16-row tiles instead
+
+
+@pytest.mark.parametrize("value,expected", [("8GiB", 8 << 30), ("512M", 512_000_000), ("1.5e3", 1500),
+                                            ("2 gb", 2_000_000_000), ("3KiB", 3072)])
+def test_parse_bytes(value, expected):
+    from adamerge_fast.memory import parse_bytes
+
+    assert parse_bytes(value) == expected
+
+
+def test_parse_bytes_rejects():
+    from adamerge_fast.memory import parse_bytes
+
+    with pytest.raises(ValueError, match="not a memory size: '8 parsecs'"):
+        parse_bytes("8 parsecs")
+
+
+def _cli_fixture(tmp_path, K=3):
+    from test_cli import tiny_backbone
+
+    torch.manual_seed(0)
+    pre = tiny_backbone().state_dict()
+    save_safetensors(pre, tmp_path / "pre.safetensors")
+    for k in range(K):
+        g = torch.Generator().manual_seed(k + 1)
+        save_safetensors({n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in pre.items()},
+                         tmp_path / f"ft{k}.safetensors")
+        af.models.ClassificationHead(torch.randn(4, 6), torch.zeros(4)).save(tmp_path / f"head{k}.safetensors")
+        torch.save(torch.randn(64, 8), tmp_path / f"data{k}.pt")
+    return ["adamerge", "--model-factory", "test_cli:tiny_backbone", "--pretrained", str(tmp_path / "pre.safetensors"),
+            "--finetuned", *[str(tmp_path / f"ft{k}.safetensors") for k in range(K)],
+            "--heads", *[str(tmp_path / f"head{k}.safetensors") for k in range(K)],
+            "--data", *[str(tmp_path / f"data{k}.pt") for k in range(K)], "--batch-size", "32", "--steps", "2",
+            "--no-progress", "-o", str(tmp_path / "out")]
+
+
+def test_cli_plan_prints_and_exits_without_running(tmp_path, capsys):
+    from adamerge_fast.cli import main
+
+    args = _cli_fixture(tmp_path)
+    assert main(args + ["--plan"]) == 0
+    out = capsys.readouterr().out
+    assert "memory plan:" in out and "task vectors (float32)" in out and "activations and workspace" in out
+    assert not (tmp_path / "out" / "merged.safetensors").exists()
+
+
+def test_cli_max_memory_refuses_in_one_line_with_what_fits(tmp_path, capsys, monkeypatch):
+    from test_cli import tiny_backbone
+
+    from adamerge_fast import memory
+    from adamerge_fast.cli import main
+    from adamerge_fast.models.heads import load_head
+
+    args = _cli_fixture(tmp_path)
+    monkeypatch.setattr(memory, "rss_bytes", lambda *a: 0)  # the process itself: left out, so the plan is exact
+    heads = {f"t{k}": load_head(tmp_path / f"head{k}.safetensors") for k in range(3)}
+    x = torch.zeros(1, 8)
+    full = memory.plan(tiny_backbone(), 3, x, heads=heads, batch_size=32, steps=2, released=True)
+    seq = memory.plan(tiny_backbone(), 3, x, heads=heads, batch_size=32, steps=2, task_batching="sequential",
+                      released=True)
+    assert seq.total < full.total
+    rc = main(args + ["--max-memory", str((full.total + seq.total) // 2)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "the memory plan needs" in err and "> --max-memory" in err and "would fit:" in err
+    assert "--task-batching sequential" in err
+    assert not (tmp_path / "out" / "merged.safetensors").exists()
+    assert main(args + ["--max-memory", str(full.total)]) == 0  # fits: runs
+    assert (tmp_path / "out" / "merged.safetensors").exists()
+    rc = main(args + ["--max-memory", "1KiB", "-o", str(tmp_path / "out2")])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1 and "no single change" in err

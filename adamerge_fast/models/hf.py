@@ -158,21 +158,21 @@ class CausalLMForEntropy(nn.Module):
         return attention_mask.bool().sum(1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
         kw = {}
-        if not bool(attention_mask.all()):  # positions count real tokens only (left padding)
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if attention_mask is not None and not bool(attention_mask.all()):  # positions count real tokens only
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (left padding)
             kw["position_ids"] = pos
         if self.fused_entropy:  # the decoder's hidden states; the LM head goes to linear_entropy
             body = getattr(self.lm, self.lm.base_model_prefix)
             out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).last_hidden_state
         else:
             out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).logits  # [B, T, V]
-        mask = attention_mask.bool()
-        if self.positions == "all":
-            out = out[mask]
+        if attention_mask is None:  # every token is real (no data-dependent indexing: shapes-only runs work)
+            out = out.reshape(-1, out.shape[-1]) if self.positions == "all" else out[:, -1]
+        elif self.positions == "all":
+            out = out[attention_mask.bool()]
         else:
+            mask = attention_mask.bool()
             T = mask.shape[1]
             idx = torch.arange(T, device=mask.device).expand_as(mask)
             last = torch.where(mask, idx, torch.full_like(idx, -1)).amax(dim=1).clamp(min=0)  # [B]
@@ -269,13 +269,15 @@ def build_causal_lm(
     *,
     tokenizer: str | Path | None = None,
     positions: Literal["last", "all"] = "last",
+    fused_entropy: bool = False,
     trust_pickle: bool = False,
 ) -> TaskSpec:
-    """A local HF causal LM directory as :class:`CausalLMForEntropy` (``positions``), an :class:`IdentityHead`
-    per task, the tokenizer of ``tokenizer`` (default ``pretrained``; its EOS token pads when it has no pad
-    token). ``finetuned``: one LM checkpoint (directory, file or state dict) per task, with the LM's own key
-    names. ``positions="all"`` gives one row per token: the spec's ``rows_per_example`` is then ``False``."""
-    backbone = CausalLMForEntropy(load_causal_lm(pretrained), positions=positions)
+    """A local HF causal LM directory as :class:`CausalLMForEntropy` (``positions``, ``fused_entropy``), an
+    :class:`IdentityHead` per task, the tokenizer of ``tokenizer`` (default ``pretrained``; its EOS token pads when
+    it has no pad token). ``finetuned``: one LM checkpoint (directory, file or state dict) per task, with the LM's
+    own key names. ``positions="all"`` gives one row per token: the spec's ``rows_per_example`` is then ``False``
+    (concatenated batches are split by :meth:`CausalLMForEntropy.rows_per_example`)."""
+    backbone = CausalLMForEntropy(load_causal_lm(pretrained), positions=positions, fused_entropy=fused_entropy)
     tok = load_tokenizer(tokenizer or pretrained)
     if getattr(tok, "pad_token", None) is None:
         tok.pad_token = tok.eos_token
