@@ -14,7 +14,7 @@ import adamerge_fast as af
 from _tol import assert_close
 from adamerge_fast.io import CheckpointError, save_safetensors
 from adamerge_fast.merging import build
-from adamerge_fast.merging.task_vectors import difference_dtype, round_to_odd_f32, rounded_difference_
+from adamerge_fast.merging.task_vectors import round_to_odd_f32, rounded_difference_
 
 
 def mlp(seed):
@@ -119,14 +119,31 @@ def test_bf16_storage_rounds_the_difference_once():
         hi = torch.nextafter(got.to(dt), torch.tensor(float("inf"), dtype=dt)).double()
         err = (got - d).abs()
         assert ((lo - d).abs() >= err).all() and ((hi - d).abs() >= err).all(), dt
-    assert difference_dtype(torch.float32, torch.float32, torch.float32) == torch.float32
-    assert difference_dtype(torch.bfloat16, torch.bfloat16, torch.bfloat16) == torch.float32
-    assert difference_dtype(torch.float32, torch.float32, torch.float16) == torch.float64
     small = torch.empty(5, dtype=torch.float16)
     with pytest.raises(CheckpointError, match="w has NaN or inf"):
         rounded_difference_(small, torch.tensor([1.0, float("nan"), 0, 0, 0]), torch.zeros(5), "w")
     with pytest.raises(CheckpointError, match="w: its difference reaches 7e\\+04, beyond torch.float16's range"):
         rounded_difference_(small, torch.tensor([7e4, 0, 0, 0, 0]), torch.zeros(5), "w")
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_rounded_difference_equals_the_exact_difference_rounded_once(dt):
+    """fp32 checkpoints, bf16 / fp16 storage, values over many binades (fp16 subnormals included) and differences
+    built to land on the storage dtype's ties after a float32 rounding: every entry equals the exact (float64)
+    difference rounded once."""
+    g = torch.Generator().manual_seed(1)
+    n = 1 << 16
+    base = torch.randn(n, generator=g) * 2.0 ** torch.randint(-30, 4, (n,), generator=g).float()
+    ft = base + torch.randn(n, generator=g) * 2.0 ** torch.randint(-30, 0, (n,), generator=g).float()
+    # ties: exact differences t + tiny, whose float32 rounding is the tie t of the storage dtype
+    lo = torch.randn(256, generator=g).to(dt)
+    t = (lo.float() + torch.nextafter(lo, torch.tensor(float("inf"), dtype=dt)).float()) / 2  # halfway (in fp32)
+    ft[:256], base[:256] = t, -(t.abs() * 2.0**-30)  # t - base = t + |t| 2^-30: rounds to t in fp32
+    ft[256:259], base[256:259] = torch.tensor([2.0**-25, 3 * 2.0**-26, 0.0]), torch.tensor([-(2.0**-50), 0.0, 0.0])
+    got = rounded_difference_(torch.empty(n, dtype=dt), ft, base, "t")
+    want = round_to_odd_f32(ft.double() - base.double()).to(dt)
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert not torch.equal(got, (ft - base).to(dt))  # the plain float32 difference rounds some of them twice
 
 
 def test_rounded_difference_chunks(monkeypatch):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from typing import Iterable, Mapping, Sequence, Union
 
 import torch
@@ -32,21 +33,8 @@ def as_state_dict(src: Source, *, trust_pickle: bool = False, params_only: bool 
     raise TypeError(f"expected an nn.Module, a state dict or a checkpoint path, got {type(src).__name__}")
 
 
-#: elements per chunk of :func:`rounded_difference_` (bounds its wide temporaries to 8 * 2^24 bytes = 128 MiB)
+#: elements per chunk of :func:`rounded_difference_` (bounds its temporaries to a few times 4 * 2^24 bytes)
 DIFF_CHUNK = 1 << 24
-
-
-def difference_dtype(finetuned: torch.dtype, base: torch.dtype, out: torch.dtype) -> torch.dtype:
-    """The dtype in which ``finetuned - base`` is taken so that storing it in ``out`` rounds once: float64 when
-    an input is float64, or when float32 inputs go to a narrower storage (their difference is exact in float64
-    unless the exponents differ by more than 28; in float32 it would be rounded before the storage rounds it
-    again); else float32 (exact for bf16/fp16 inputs unless the exponents differ by more than 15, and
-    float32 - float32 rounded once when stored as float32)."""
-    if torch.float64 in (finetuned, base, out):
-        return torch.float64
-    if torch.float32 in (finetuned, base) and out != torch.float32:
-        return torch.float64
-    return torch.float32
 
 
 def round_to_odd_f32(d: torch.Tensor) -> torch.Tensor:
@@ -61,28 +49,58 @@ def round_to_odd_f32(d: torch.Tensor) -> torch.Tensor:
     return torch.where(inexact, bits | 1, bits).view(torch.float32)
 
 
+def _ties(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where the float32 ``s`` lies exactly halfway between two neighbours of ``dtype`` (bf16 / fp16): the only
+    values whose rounding to ``dtype`` can differ from the rounding of a more precise value they were rounded from."""
+    if dtype == torch.bfloat16:  # bf16 keeps float32's exponent: the 16 low bits are dropped, normal or not
+        if sys.byteorder == "little":  # the low halves as int16: one pass over half the bytes
+            return s.view(torch.int16)[0::2] == -0x8000
+        return (s.view(torch.int32) & 0xFFFF) == 0x8000
+    bits = s.view(torch.int32)
+    # fp16: 13 low mantissa bits dropped for normal fp16 values, one more per binade below its smallest normal
+    # (2^-14); in [2^-25, 2^-24) the implicit bit goes too (the one tie there is 2^-25); below, everything rounds to 0
+    exp, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    shift = (13 + (113 - exp).clamp(min=0)).clamp(max=23)
+    one = torch.ones((), dtype=torch.int32, device=s.device)
+    tie = (mant & ((one << shift) - 1)) == (one << (shift - 1))
+    return torch.where(exp >= 103, tie, (exp == 102) & (mant == 0))
+
+
 def rounded_difference_(out: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor, what: str) -> torch.Tensor:
-    """``out.copy_(finetuned - base)`` with the difference taken in :func:`difference_dtype` and rounded once
-    into ``out.dtype`` (through :func:`round_to_odd_f32` from float64 to bf16/fp16), chunked over the flattened
-    tensor (:data:`DIFF_CHUNK` elements) so the wide temporaries stay small; ``out``, ``finetuned``, ``base``:
-    ``[*S]`` (``out`` contiguous, on any device: the inputs are moved there chunk by chunk). Raises
-    :class:`CheckpointError` naming ``what`` when the difference has a NaN or inf, or overflows ``out.dtype``.
-    Returns ``out``."""
+    """``out.copy_(finetuned - base)`` with the difference rounded once into ``out.dtype``, chunked over the
+    flattened tensor (:data:`DIFF_CHUNK` elements); ``out``, ``finetuned``, ``base``: ``[*S]`` (``out`` contiguous,
+    on any device: the inputs are moved there chunk by chunk). Raises :class:`CheckpointError` naming ``what`` when
+    the difference has a NaN or inf, or overflows ``out.dtype``. Returns ``out``.
+
+    How: float64 inputs (or storage) subtract in float64 and, into bf16/fp16, go through :func:`round_to_odd_f32`.
+    Otherwise the subtraction is float32, which is exact for bf16/fp16 inputs (unless their exponents differ by more
+    than 15) and rounded once for float32 inputs, so storing it as float32 rounds once. Stored as bf16/fp16, a
+    rounded float32 difference could be rounded twice: only a float32 result exactly halfway between two storage
+    values rounds differently from the exact difference, so those few entries are recomputed in float64 and rounded
+    to odd first (:func:`_ties`)."""
     if tuple(finetuned.shape) != tuple(out.shape) or tuple(base.shape) != tuple(out.shape):
         raise CheckpointError(f"{what}: shape {list(finetuned.shape)}, expected {list(out.shape)}")
-    acc = difference_dtype(finetuned.dtype, base.dtype, out.dtype)
-    to_odd = acc == torch.float64 and out.dtype in (torch.bfloat16, torch.float16)
+    narrow = out.dtype in (torch.bfloat16, torch.float16)
+    wide = torch.float64 in (finetuned.dtype, base.dtype, out.dtype)
+    recheck = narrow and not wide and torch.float32 in (finetuned.dtype, base.dtype)
     top = torch.finfo(out.dtype).max
     o, f, b = out.view(-1), finetuned.detach().reshape(-1), base.detach().reshape(-1)
     for i in range(0, o.numel(), DIFF_CHUNK):
         j = min(i + DIFF_CHUNK, o.numel())
-        d = f[i:j].to(device=o.device, dtype=acc) - b[i:j].to(device=o.device, dtype=acc)
-        m = float(d.abs().max())  # NaN when d has a NaN
+        fc, bc = f[i:j].to(o.device), b[i:j].to(o.device)
+        acc = torch.float64 if wide else torch.float32
+        d = fc.to(acc) - bc.to(acc)
+        lo, hi = torch.aminmax(d)
+        m = max(-float(lo), float(hi))  # NaN when d has a NaN
         if not math.isfinite(m):
             raise CheckpointError(f"{what} has NaN or inf values")
         if m > top:
             raise CheckpointError(f"{what}: its difference reaches {m:.3g}, beyond {out.dtype}'s range")
-        o[i:j].copy_(round_to_odd_f32(d) if to_odd else d)
+        o[i:j].copy_(round_to_odd_f32(d) if wide and narrow else d)
+        if recheck:
+            idx = _ties(d, out.dtype).nonzero().squeeze(1)
+            if idx.numel():
+                o[i:j][idx] = round_to_odd_f32(fc[idx].double() - bc[idx].double()).to(out.dtype)
     return out
 
 
