@@ -191,8 +191,10 @@ def worker_lm(cfg: dict) -> dict:
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
     import adamerge_fast as af
     from adamerge_fast import memory
+    from adamerge_fast._compat import import_transformers
     from adamerge_fast.models import hf
 
+    import_transformers()  # the libraries are part of the process the plan measures
     out = {"rss_start_bytes": _status("VmRSS")}
     K, steps = cfg["K"], cfg["steps"]
     lm = _llama(cfg["hidden"], cfg["layers"], cfg["vocab"], cfg.get("inter"), kv=cfg.get("kv"))
@@ -235,8 +237,10 @@ def worker_vit_plan(cfg: dict) -> dict:
     torch.set_num_threads(cfg.get("threads") or torch.get_num_threads())
     import adamerge_fast as af
     from adamerge_fast import memory
+    from adamerge_fast._compat import import_open_clip
     from adamerge_fast.models.heads import ClassificationHead
 
+    import_open_clip()  # the libraries are part of the process the plan measures
     out = {"rss_start_bytes": _status("VmRSS")}
     K, steps, batch = cfg["K"], cfg["steps"], cfg["batch"]
     pre = _vit_b32(0)
@@ -284,6 +288,11 @@ def _env() -> dict:
     from benchmarks._env import env_info
 
     return env_info("cpu")
+
+
+def _machine() -> str:
+    e = _env()
+    return f"{e['device']}, {e['cpu_threads']} torch threads, torch {e['torch']}"
 
 
 def _write(name: str, rows: list[dict], md: str, extra: dict | None = None) -> None:
@@ -339,7 +348,7 @@ def section_fusionbench(args) -> None:
         ratio = f"{r['peak_rss_bytes'] / fb:.2f}x" if fb else "-"
         lines.append(f"| {r['label']} | {_gib(r['rss_models_bytes'])} | {_gib(r['peak_rss_bytes'])} | {ratio} | "
                      f"{r.get('build_s', 0):.1f} s | {st[len(st) // 2]:.2f} s |")
-    lines += ["", f"Machine: {_env().get('cpu', '?')}, {args.threads or 'default'} threads; glibc malloc defaults.", ""]
+    lines += ["", f"Machine: {_machine()}, {args.threads or 'default'} threads; glibc malloc defaults.", ""]
     _write("fusionbench", rows, "\n".join(lines))
 
 
@@ -372,7 +381,7 @@ def section_plan(args) -> None:
         lines.append(f"| {r['label']} | {_gib(r['plan_build'])} | {_gib(r['plan_step'])} | "
                      f"{_gib(r['plan_total_bytes'])} | {_gib(r['peak_rss_bytes'])} | "
                      f"{r['peak_rss_bytes'] / r['plan_total_bytes']:.2f} |")
-    lines += ["", f"Machine: {_env().get('cpu', '?')}; glibc malloc defaults.", ""]
+    lines += ["", f"Machine: {_machine()}; glibc malloc defaults.", ""]
     _write("plan", rows, "\n".join(lines))
 
 
@@ -403,7 +412,7 @@ def section_checkpoint(args) -> None:
         inc = [r["step_peak_bytes"] - r["rss_after_build_bytes"] for r in rows]
         t = [sorted(r["step_s"][1:])[len(r["step_s"][1:]) // 2] for r in rows]
         lines += ["", f"Checkpointed / plain: step increase {inc[1] / inc[0]:.2f}x, step time {t[1] / t[0]:.2f}x."]
-    lines += ["", f"Machine: {_env().get('cpu', '?')}; glibc malloc defaults.", ""]
+    lines += ["", f"Machine: {_machine()}; glibc malloc defaults.", ""]
     _write("checkpoint", rows, "\n".join(lines))
 
 
@@ -444,7 +453,7 @@ def section_lm_entropy(args) -> None:
         lines += ["", f"Fused / unfused: head-and-logits memory {head['fused'] / head['unfused']:.3f}x "
                   f"(1/{head['unfused'] / max(head['fused'], 1):.1f}), step time "
                   f"{by['fused']['step_s'][-1] / by['unfused']['step_s'][-1]:.2f}x."]
-    lines += ["", f"Machine: {_env().get('cpu', '?')}; glibc malloc defaults.", ""]
+    lines += ["", f"Machine: {_machine()}; glibc malloc defaults.", ""]
     _write("lm_entropy", rows, "\n".join(lines))
 
 

@@ -95,11 +95,28 @@ def _open(src: FinetunedSource, k: int, trust_pickle: bool) -> tuple[Mapping[str
                     f"returning one, got {type(src).__name__}")
 
 
+def return_free_memory() -> None:
+    """glibc's ``malloc_trim(0)``: hand the free pages inside the heap back to the OS. Tensors of a few MiB often
+    live on the heap (glibc raises its mmap threshold up to 32 MiB as such blocks are freed), and freeing them
+    leaves the pages resident otherwise. A no-op without glibc."""
+    fn = getattr(return_free_memory, "_fn", None)
+    if fn is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            fn = False
+        return_free_memory._fn = fn
+    if fn:
+        fn(0)
+
+
 def release(obj: nn.Module | Mapping[str, torch.Tensor], keep: Iterable[torch.Tensor] = ()) -> int:
     """Free the tensor storage an in-memory fine-tuned model holds: every parameter and buffer of a module (and
     every tensor of a mutable state dict) is replaced by an empty tensor of its dtype and device. Tensors
     sharing storage with one of ``keep`` (the pretrained weights) are left alone. Returns the bytes dropped
-    (freed when nothing else refers to them)."""
+    (freed when nothing else refers to them; the builder then calls :func:`return_free_memory`)."""
     kept = {t.untyped_storage().data_ptr() for t in keep if t.numel()}
     freed = 0
 
@@ -178,9 +195,11 @@ def build_task_vectors(
         if release_finetuned and owned is not None:
             release(owned, keep=base.values())
         del owned
+        return_free_memory()  # what this model held (released, or loaded here and dropped) leaves the process
     if k + 1 != K:
         raise ValueError(f"{k + 1} fine-tuned models given for {K} tasks")
     return {n: storage.finish(n, stores.pop(n)) for n in keys}
 
 
-__all__ = ["build_task_vectors", "DenseRows", "RowStorage", "release", "num_sources", "FinetunedSource", "Loader"]
+__all__ = ["build_task_vectors", "DenseRows", "RowStorage", "release", "return_free_memory", "num_sources",
+           "FinetunedSource", "Loader"]
