@@ -126,7 +126,7 @@ def op_workspace(name: str, args: tuple) -> int:
         tile = min(chunk, h.shape[0]) * V * 4
         merged = nb(w0) if tau_w is not None else 0
         grads = name != "linear_entropy" and (name == "linear_entropy_backward" or any(args[8:13]))
-        return merged + 4 * tile + (nb(w0, f32) if grads else 0)
+        return merged + 3 * tile + (nb(w0, f32) if grads else 0)  # the tile, p, a 16-bit matmul output
     return 0
 
 

@@ -64,15 +64,17 @@ def entropy_tile_(z: torch.Tensor, g: torch.Tensor | None, write_grad: bool) -> 
     """One tile of :func:`linear_entropy_chunks`, in place: ``z[c, V]`` logits (fp32 or fp64, contiguous) ->
     softmax entropy ``H[c]`` per row; with ``write_grad`` ``z`` is overwritten by ``dH/dz * g[:, None]`` =
     ``-p * (log p + H) * g`` (``g[c]``; ``None``: 1), else its contents are undefined afterwards. ``-inf``
-    logits contribute 0, as in :func:`entropy_fwd`."""
-    zero = torch.zeros((), dtype=z.dtype, device=z.device)
-    lse = torch.logsumexp(z, dim=1)
-    z.sub_(torch.where(torch.isfinite(lse), lse, zero).unsqueeze(1))  # z := log p
+    logits contribute 0, as in :func:`entropy_fwd`. One more tile (``p``) is allocated, no other."""
+    m = z.amax(dim=1, keepdim=True)
+    z.sub_(m.masked_fill_(~torch.isfinite(m), 0.0))
     p = z.exp()
-    h = -torch.where(p > 0, p * z, zero).sum(1)
+    s = p.sum(dim=1, keepdim=True)
+    s.masked_fill_(s == 0, 1.0)  # a row of -inf: p = 0, H = 0
+    p.div_(s)
+    z.sub_(s.log_()).clamp_(min=torch.finfo(z.dtype).min)  # z := log p, finite: p * log p = 0 where p = 0
+    h = -torch.einsum("ij,ij->i", p, z)  # row dot products, no [c, V] temporary
     if write_grad:
         z.add_(h.unsqueeze(1)).mul_(p).neg_()
-        z.masked_fill_(p == 0, 0.0)
         if g is not None:
             z.mul_(g.to(z.dtype).unsqueeze(1))
     return h
