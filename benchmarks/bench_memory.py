@@ -29,6 +29,7 @@ import resource
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +184,13 @@ class _BodyHead:
         return out.hidden[:, :8]
 
 
+class _OneRowHead:
+    """The LM head (merged) on one row per task: its merged weight and weight gradient, without the logits."""
+
+    def __call__(self, out):
+        return replace(out, hidden=out.hidden[:1])
+
+
 def worker_lm(cfg: dict) -> dict:
     """A causal LM, K tasks of ``batch`` sequences of ``seq`` tokens, fine-tuned models built on demand; ``variant``:
     ``unfused`` | ``fused`` | ``body``; optional activation checkpointing. Reports the memory plan made before."""
@@ -206,7 +214,8 @@ def worker_lm(cfg: dict) -> dict:
     g = torch.Generator().manual_seed(7)
     data = {f"t{k}": [{"input_ids": torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=g)}
                       for _ in range(steps)] for k in range(K)}
-    heads = {t: (_BodyHead() if variant == "body" else hf.IdentityHead()) for t in data}
+    head = {"body": _BodyHead, "head": _OneRowHead}.get(variant, hf.IdentityHead)
+    heads = {t: head() for t in data}
     dtype = {"fp32": None, "bf16": torch.bfloat16}[cfg["tv_dtype"]]
     ck = bool(cfg.get("checkpoint"))
     if cfg.get("plan"):
@@ -427,7 +436,7 @@ def section_lm_entropy(args) -> None:
     base = {"K": 3, "steps": 2, "batch": 1, "seq": args.tokens, "hidden": 1024, "layers": 4, "vocab": 128256,
             "inter": 2816, "kv": 8, "tv_dtype": "bf16", "threads": args.threads}
     rows = []
-    for variant in ("body", "fused", "unfused"):
+    for variant in ("body", "head", "fused", "unfused"):
         cap = {"as_limit_gib": args.as_limit_gib} if variant == "unfused" and args.as_limit_gib else {}
         r = run_worker("lm", {**base, "variant": variant, **cap}, timeout=3600)
         r["label"] = variant
@@ -442,25 +451,32 @@ def section_lm_entropy(args) -> None:
              "`CausalLMForEntropy` returns the logits and `ops.entropy` takes them; 'fused': it returns hidden states "
              "+ the merged head and `ops.linear_entropy(..., reduction=\"mean\")` takes 64 MiB tiles of logits "
              "(gradients formed in the forward); 'body': the loss reads 8 hidden features (the LM head is built and "
-             "stored but unused), so its step increase is what the others spend besides the head and its logits. "
-             "'step increase' = peak RSS during the steps minus RSS after building the merged model.", "",
-             "| variant | RSS after build | peak RSS (steps) | step increase | head + logits (increase - body's) "
-             "| step 2 time |", "|---|---:|---:|---:|---:|---:|"]
+             "stored but unused); 'head': the fused path on one row per task, so the merged head weight and its "
+             "fp32 weight gradient exist (as in the unfused path's merged linear layer) but no logits to speak of. "
+             "'step increase' = peak RSS during the steps minus RSS after building the merged model; 'head + "
+             "logits' = step increase minus body's; 'logits' = step increase minus head's.", "",
+             "| variant | RSS after build | peak RSS (steps) | step increase | head + logits | logits "
+             "| step 2 time |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['label']} | error: {r['error'][:120]!r} | | | | |")
             continue
         inc = r["step_peak_bytes"] - r["rss_after_build_bytes"]
-        body = by.get("body", {})
-        rel = (inc - (body["step_peak_bytes"] - body["rss_after_build_bytes"])) if "step_peak_bytes" in body else None
+
+        def minus(label):
+            o = by.get(label, {})
+            return inc - (o["step_peak_bytes"] - o["rss_after_build_bytes"]) if "step_peak_bytes" in o else None
+
         lines.append(f"| {r['label']} | {_gib(r['rss_after_build_bytes'])} | {_gib(r['step_peak_bytes'])} | "
-                     f"{_gib(inc)} | {_gib(rel)} | {r['step_s'][-1]:.1f} s |")
+                     f"{_gib(inc)} | {_gib(minus('body'))} | {_gib(minus('head'))} | {r['step_s'][-1]:.1f} s |")
     if all("error" not in r for r in rows):
         incs = {k: v["step_peak_bytes"] - v["rss_after_build_bytes"] for k, v in by.items()}
-        head = {k: incs[k] - incs["body"] for k in ("fused", "unfused")}
-        lines += ["", f"Fused / unfused: head-and-logits memory {head['fused'] / head['unfused']:.3f}x "
-                  f"(1/{head['unfused'] / max(head['fused'], 1):.1f}), step time "
-                  f"{by['fused']['step_s'][-1] / by['unfused']['step_s'][-1]:.2f}x."]
+        both = {k: incs[k] - incs["body"] for k in ("fused", "unfused")}
+        logits = {k: incs[k] - incs["head"] for k in ("fused", "unfused")}
+        lines += ["", f"Fused / unfused: logits memory {logits['fused'] / logits['unfused']:.3f}x "
+                  f"(1/{logits['unfused'] / max(logits['fused'], 1):.1f}); head-and-logits memory "
+                  f"{both['fused'] / both['unfused']:.3f}x (1/{both['unfused'] / max(both['fused'], 1):.1f}); step "
+                  f"time {by['fused']['step_s'][-1] / by['unfused']['step_s'][-1]:.2f}x."]
     lines += ["", f"Machine: {_machine()}; glibc malloc defaults.", ""]
     _write("lm_entropy", rows, "\n".join(lines))
 
