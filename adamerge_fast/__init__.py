@@ -21,7 +21,7 @@ from .merging import (
     ties_split,
     weight_average,
 )
-from .ops import entropy, merge, merge_many, merged_linear
+from .ops import entropy, merge, merge_many, merged_linear, merged_lora_linear
 from .optim import History, adamerge
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "merge",
     "merge_many",
     "merged_linear",
+    "merged_lora_linear",
     "entropy",
     "AdaMergedModel",
     "adamerge",

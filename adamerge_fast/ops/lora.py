@@ -169,6 +169,7 @@ class _MergedLoRALinearFn(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _save(ctx, inputs, output)
         ctx.mark_non_differentiable(output[1])
+        ctx.set_materialize_grads(False)  # u's gradient is never used: no zero tensor for it
         ctx.lora_bwd = inputs[-1].merged_lora_linear_bwd
 
     @staticmethod

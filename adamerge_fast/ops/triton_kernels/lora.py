@@ -213,12 +213,14 @@ def _expand_config(M: int, N: int, D: int, R: int, dot_ty) -> dict:
     """Tiles of the ``[M, N]`` output, as ``merged_linear``'s fused kernel picks them for the small-M regime (one
     row tile when possible, so that ``w0`` is read once), plus the rank block of the low-rank loop. Chosen from
     the sizes, not timed; spills checked by tools/triton_aot_check.py. One config under the interpreter."""
-    block_r = clamp_pow2(R, 16, 32 if dot_ty == tl.float32 else 64)
     if INTERPRET:
         return dict(BLOCK_M=clamp_pow2(M, 16, 64), BLOCK_N=clamp_pow2(N, 16, 64), BLOCK_D=clamp_pow2(D, 16, 64),
                     BLOCK_R=clamp_pow2(R, 16, 64), num_warps=4, num_stages=1)  # fmt: skip
     block_m = clamp_pow2(M, 16, 64 if dot_ty == tl.float32 else 128)
     block_n = 64 if triton.cdiv(N, 64) >= 64 else 32
+    # the fp32 low-rank tiles sit beside the accumulator: 16 ranks per step at 128 rows (32 spilled ~1 KB on sm_90,
+    # tools/triton_aot_check.py), 32 below
+    block_r = clamp_pow2(R, 16, 16 if block_m >= 128 else 32)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=32, BLOCK_R=block_r,
                 num_warps=8 if block_m * block_n >= 64 * 64 else 4, num_stages=3)  # fmt: skip
 
