@@ -4,14 +4,13 @@ promise that nothing ``[out, in]``-sized besides ``w0`` is allocated."""
 
 import pytest
 import torch
+from test_ops_contract import BACKENDS, _rand, _small
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adamerge_fast as af
 from _tol import assert_close, lowest
-from adamerge_fast import ops
 from adamerge_fast.ops import _library
 from adamerge_fast.ops import lora as lora_mod
-from test_ops_contract import BACKENDS, _rand, _small
 
 f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
 

@@ -6,10 +6,10 @@ or register overflow, ptxas failures) slips through. This script compiles the ke
 ``sm_80`` with ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` and the ptxas bundled with Triton.
 
 The variants are not hard-coded: the launchers of the kernel modules (``merge``, ``dcoef``, ``merge_many``,
-``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``, ``merged_lora_linear_fwd/bwd``) are called on ``meta`` tensors over a
-grid of dtypes and representative problem sizes, with every ``@triton.jit`` kernel replaced by a recorder. Each
-recorded launch is specialized exactly as Triton's runtime would specialize it (same binder: pointer
-alignment, ints equal to 1 become constexprs, divisibility by 16) and compiled once per distinct
+``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``, ``merged_lora_linear_fwd/bwd``) are called
+on ``meta`` tensors over a grid of dtypes and representative problem sizes, with every ``@triton.jit`` kernel
+replaced by a recorder. Each recorded launch is specialized exactly as Triton's runtime would specialize it (same
+binder: pointer alignment, ints equal to 1 become constexprs, divisibility by 16) and compiled once per distinct
 specialization. So the block sizes, warps, stages, ``DOT_TY``/``PREC`` and flags are whatever the launchers'
 config functions choose today.
 
