@@ -17,8 +17,9 @@ from torch import nn
 
 import adamerge_fast as af
 from _tol import assert_close
+from adamerge_fast.adapters import read_peft_adapter
 from adamerge_fast.io import CheckpointError
-from adamerge_fast.merging.lora import MergedLoRALinear, read_peft_adapter
+from adamerge_fast.merging.lora import MergedLoRALinear
 
 peft = pytest.importorskip("peft")
 hf = pytest.importorskip("adamerge_fast.models.hf")
