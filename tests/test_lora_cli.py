@@ -2,12 +2,12 @@
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from _lora import cat_merge, train_adapter
+from safetensors.torch import load_file
+from test_cli import _word_tokenizer
+
 from _tol import assert_close
 from adamerge_fast.cli import main
-from test_cli import _word_tokenizer
 
 peft = pytest.importorskip("peft")
 hf = pytest.importorskip("adamerge_fast.models.hf")
