@@ -96,8 +96,8 @@ def lora_linear_fwd(x, w0, lora_a, lora_b, ranks, coef_w, scale, bias):
     acc = acc_dtype(x.dtype, w0.dtype, lora_a.dtype, lora_b.dtype)
     rows = lora_row_tasks(ranks, x.device)
     u = x.to(acc) @ lora_a.to(acc).t()  # [M, R]
-    y = _base_matmul(x, w0.t(), acc).to(acc)  # [M, out]
-    y = torch.addmm(y, u * lora_row_scales(coef_w, scale, rows, acc), lora_b.to(acc).t())
+    y = _base_matmul(x, w0.t(), acc).to(acc)  # [M, out], fresh: the low-rank term is added in place
+    y.addmm_(u * lora_row_scales(coef_w, scale, rows, acc), lora_b.to(acc).t())
     if bias is not None:
         y += bias.to(acc)
     return y.to(x.dtype), u
@@ -112,8 +112,8 @@ def lora_linear_bwd(dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, need_dx:
     g = dy.to(acc) @ lora_b.to(acc)  # [M, R]
     dx = dcw = None
     if need_dx:
-        dx = _base_matmul(dy, w0, acc).to(acc)
-        dx = torch.addmm(dx, g * lora_row_scales(coef_w, scale, rows, acc), lora_a.to(acc)).to(x.dtype)
+        dx = _base_matmul(dy, w0, acc).to(acc)  # fresh: the low-rank term is added in place
+        dx = dx.addmm_(g * lora_row_scales(coef_w, scale, rows, acc), lora_a.to(acc)).to(x.dtype)
     if need_dcoef_w:
         dcw = lora_task_sums((g * u.to(acc)).sum(0), rows, len(ranks)) * scale.to(acc)
     return dx, dcw
