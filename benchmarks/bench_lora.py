@@ -18,8 +18,8 @@ caller's adapter tensors are dropped, as ``benchmarks.adamerging_step`` does) of
 the RSS of the process before anything of the workload existed (python, torch and their runtime state, warmed by
 one step of the same method on a tiny stack), with glibc's default allocator and with
 ``MALLOC_MMAP_THRESHOLD_=131072`` (freed buffers returned at once, so the peak follows the live tensors). The
-memory goal of ours: peak <= the pretrained weights + 1.5x the adapters' bytes + the activations (every tensor the forward over all tasks' batches writes, counted by
-:func:`benchmarks.adamerging_step.protocol.workload_census`).
+memory goal of ours: peak <= the pretrained weights + 1.5x the adapters' bytes + the activations (every tensor
+the forward over all tasks' batches writes, counted by :func:`benchmarks.adamerging_step.protocol.workload_census`).
 
 Results: ``benchmarks/results/lora_step_cpu.{json,md}`` (``--out``), with the machine, the versions and the command.
 """
