@@ -108,6 +108,27 @@ def _fwd_bwd(fwd, dy):
     fwd().backward(dy)
 
 
+def _triton_variants(tml, triton_fwd, M: int, max_fused_m: int) -> dict:
+    """The Triton rows: the fused strategy (up to ``max_fused_m`` rows), the just-in-time one, and the choice."""
+    return {f"triton-{s or 'auto'}": partial(_with_strategy, tml, s, triton_fwd)
+            for s in ("fused", "jit", None) if not (s == "fused" and M > max_fused_m)}  # fmt: skip
+
+
+def _time_variants(variants: dict, dy, leaves):
+    """``(name, (fwd ms, fwd+bwd ms, peak extra bytes))`` per variant (NaN when it runs out of memory); the
+    gradients of ``leaves`` are cleared after each."""
+    for name, fwd in variants.items():
+        step = partial(_fwd_bwd, fwd, dy)
+        try:
+            res = (_bench_ms(fwd, rep=50), _bench_ms(step, rep=50), _peak_extra_bytes(step))
+        except torch.cuda.OutOfMemoryError:
+            res = (float("nan"),) * 3
+            torch.cuda.empty_cache()
+        for t in leaves:
+            t.grad = None
+        yield name, res
+
+
 def bench_linear(quick: bool, max_fused_m: int):
     from adamerge_fast.ops.triton_kernels import merged_linear as tml
 
@@ -130,20 +151,8 @@ def bench_linear(quick: bool, max_fused_m: int):
                     "reference": partial(adamerge_fast.merged_linear, *args, backend="reference"),
                 }
                 triton_fwd = partial(adamerge_fast.merged_linear, *args, backend="triton")
-                for strategy in ("fused", "jit", None):
-                    if strategy == "fused" and M > max_fused_m:
-                        continue
-                    variants[f"triton-{strategy or 'auto'}"] = partial(_with_strategy, tml, strategy, triton_fwd)
-                for name, fwd in variants.items():
-                    step = partial(_fwd_bwd, fwd, dy)
-                    try:
-                        t_f = _bench_ms(fwd, rep=50)
-                        t_fb = _bench_ms(step, rep=50)
-                        mem = _peak_extra_bytes(step)
-                    except torch.cuda.OutOfMemoryError:
-                        t_f = t_fb = mem = float("nan")
-                        torch.cuda.empty_cache()
-                    x.grad = cw.grad = cb.grad = None
+                variants.update(_triton_variants(tml, triton_fwd, M, max_fused_m))
+                for name, (t_f, t_fb, mem) in _time_variants(variants, dy, (x, cw, cb)):
                     rows.append(dict(op="merged_linear", config=label, out=out_f, inp=in_f, M=M, variant=name,
                                      fwd_ms=t_f, fwd_bwd_ms=t_fb, peak_extra_MiB=mem / 2**20))  # fmt: skip
                     print(f"{label:8s} {out_f:5d}x{in_f:<5d} M={M:<6d} {name:15s} fwd {t_f:8.3f} ms  "
@@ -181,18 +190,8 @@ def bench_lora_linear(quick: bool, max_fused_m: int, K: int = 8, r: int = 16):
             variants = {"naive-autograd": partial(_naive_lora_linear, *args),
                         "reference": partial(adamerge_fast.merged_lora_linear, *args, backend="reference")}
             triton_fwd = partial(adamerge_fast.merged_lora_linear, *args, backend="triton")
-            for strategy in ("fused", "jit", None):
-                if strategy == "fused" and M > max_fused_m:
-                    continue
-                variants[f"triton-{strategy or 'auto'}"] = partial(_with_strategy, tml, strategy, triton_fwd)
-            for name, fwd in variants.items():
-                step = partial(_fwd_bwd, fwd, dy)
-                try:
-                    t_f, t_fb, mem = _bench_ms(fwd, rep=50), _bench_ms(step, rep=50), _peak_extra_bytes(step)
-                except torch.cuda.OutOfMemoryError:
-                    t_f = t_fb = mem = float("nan")
-                    torch.cuda.empty_cache()
-                x.grad = cw.grad = None
+            variants.update(_triton_variants(tml, triton_fwd, M, max_fused_m))
+            for name, (t_f, t_fb, mem) in _time_variants(variants, dy, (x, cw)):
                 rows.append(dict(op="merged_lora_linear", config=f"K{K}-r{r}-bf16", out=out_f, inp=in_f, M=M,
                                  variant=name, fwd_ms=t_f, fwd_bwd_ms=t_fb, peak_extra_MiB=mem / 2**20))  # fmt: skip
                 print(f"lora K{K} r{r} {out_f:5d}x{in_f:<5d} M={M:<6d} {name:15s} fwd {t_f:8.3f} ms  "

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from . import reference
 from ._common import acc_dtype
-from ._library import NS, _scaled, _with_backend, use_fast_path
+from ._library import NS, _bias_grads, _with_backend, use_fast_path
 from ._registry import get_backend, resolve
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -109,7 +109,7 @@ def _lora_backward(ctx, dy, du):
         return (None,) * 11
     dx, dcw, dcb = ctx.lora_bwd(dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, tau_b, need_x, need_coef_w,
                                 need_coef_b)  # fmt: skip
-    dw0 = da = db = dscale = db0 = dtau_b = None
+    dw0 = da = db = dscale = None
     if need_w0:  # the base weight's own gradient: [out, in] by nature (not the fast path)
         dw0 = dy.to(w0.dtype).t() @ x.to(w0.dtype)
     if need_a or need_b or need_scale:  # the adapters' own gradients: plain torch, no [out, in] tensor
@@ -124,10 +124,7 @@ def _lora_backward(ctx, dy, du):
         if need_scale:
             dscale = (reference.lora_task_sums((g * u.to(acc)).sum(0), rows, len(ranks)) * coef_w.to(acc))
             dscale = dscale.to(scale.dtype)
-    if need_b0 or need_tau_b:
-        gb = dy.sum(0)
-        db0 = gb if need_b0 else None
-        dtau_b = _scaled(coef_b, gb, tau_b.dtype) if need_tau_b else None
+    db0, dtau_b = _bias_grads(dy, coef_b, tau_b, need_b0, need_tau_b)
     return (
         dx if need_x else None,
         dw0,
