@@ -243,9 +243,9 @@ def resolve(adapter: LoraAdapter, shapes: Mapping[str, tuple], transposed: Mappi
             ) -> ResolvedAdapter:  # fmt: skip
     """Match ``adapter`` to the parameters ``shapes`` (``{name: shape}``) of a model: every LoRA module to its
     ``weight`` and every dense tensor to a parameter, through one prefix rewrite inferred for the whole adapter.
-    ``transposed``: parameters stored ``[in, out]`` (from the module types; a module's own ``transposed`` flag
-    wins). Raises a one-line :class:`CheckpointError` for a key that matches nothing or a shape that does not
-    fit."""
+    ``transposed``: ``{name: stored [in, out]}`` from the module types (:func:`transposed_parameters`); where a
+    parameter is not in it (a state dict), the adapter's own flag (``fan_in_fan_out``) decides. Raises a one-line
+    :class:`CheckpointError` for a key that matches nothing or a shape that does not fit."""
     transposed = transposed or {}
     keys = [m + ".weight" for m in adapter.lora] + list(adapter.dense)
     if not keys:
@@ -274,7 +274,8 @@ def resolve(adapter: LoraAdapter, shapes: Mapping[str, tuple], transposed: Mappi
     for module, m in adapter.lora.items():
         name = target(module + ".weight")
         shape = tuple(shapes[name])
-        t = m.transposed if m.transposed is not None else bool(transposed.get(name, False))
+        t = transposed.get(name)  # the module's layout when known, else the adapter's flag
+        t = t if t is not None else bool(m.transposed)
         want = (shape[1], shape[0]) if t and len(shape) == 2 else shape  # [out, in] of the linear layout
         if len(shape) != 2 or (m.b.shape[0], m.a.shape[1]) != want:
             raise CheckpointError(
@@ -302,10 +303,11 @@ def is_conv1d(m: nn.Module) -> bool:
 
 
 def transposed_parameters(model: nn.Module) -> dict[str, bool]:
-    """The weights of ``model`` stored ``[in, out]`` in the linear sense: ``Conv1D`` and ``nn.Embedding`` (an
-    adapter's ``A [r, in]``, ``B [out, r]`` update them as ``(s B A).T``)."""
-    return {(path + "." if path else "") + "weight": True for path, m in model.named_modules()
-            if is_conv1d(m) or isinstance(m, nn.Embedding)}  # fmt: skip
+    """``{weight name: stored [in, out]}`` for the layers of ``model`` adapters update: ``True`` for ``Conv1D`` and
+    ``nn.Embedding`` (an adapter's ``A [r, in]``, ``B [out, r]`` update them as ``(s B A).T``), ``False`` for
+    ``nn.Linear``. The module's layout wins over an adapter's ``fan_in_fan_out`` flag, as in PEFT."""
+    return {(path + "." if path else "") + "weight": is_conv1d(m) or isinstance(m, nn.Embedding)
+            for path, m in model.named_modules() if is_conv1d(m) or isinstance(m, (nn.Embedding, nn.Linear))}
 
 
 def check_adapter(src, model: nn.Module, i: int = 0) -> LoraAdapter:
