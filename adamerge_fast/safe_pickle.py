@@ -27,8 +27,6 @@ from typing import Any
 
 import torch
 
-from .io import CheckpointError
-
 #: modules whose classes make a file an official checkpoint (the scripts run from ``src/`` pickle ``modeling.*``)
 OFFICIAL_MODULES = ("src.modeling", "modeling")
 
@@ -36,8 +34,10 @@ OFFICIAL_MODULES = ("src.modeling", "modeling")
 STUBBED_MODULES = OFFICIAL_MODULES + ("open_clip", "torch.nn", "torchvision.transforms")
 
 
-class RefusedPickle(CheckpointError):
-    """A pickle that cannot be read without running code from it; the message names the file and the reason."""
+class RefusedPickle(ValueError):
+    """A pickle that cannot be read without running code from it; the message names the file and the reason.
+    (:func:`adamerge_fast.io.load_state_dict` reports it as a ``CheckpointError``; this module imports nothing of
+    the package, so that ``io`` can use it.)"""
 
 
 class Stub:
@@ -109,7 +109,7 @@ def module_state_dict(obj: Any, what: str = "pickled module", prefix: str = "") 
     state = obj.__dict__.get("_stub_state") if isinstance(obj, Stub) else None
     if not isinstance(state, dict) or not all(k in state for k in ("_parameters", "_buffers", "_modules")):
         kind = stub_name(obj) or type(obj).__name__
-        raise CheckpointError(f"{what}: {prefix.rstrip('.') or 'the object'} ({kind}) is not a pickled nn.Module")
+        raise RefusedPickle(f"{what}: {prefix.rstrip('.') or 'the object'} ({kind}) is not a pickled nn.Module")
     out: dict[str, torch.Tensor] = {}
     for n, p in state["_parameters"].items():
         if p is not None:

@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from _fixtures import perturbed_copies
 from torch import nn
 
 import adamerge_fast as af
@@ -30,15 +31,7 @@ def backbone(seed=0):
 
 
 def finetuned(pre, K, scale=0.3):
-    fts = []
-    for s in range(1, K + 1):
-        m = copy.deepcopy(pre)
-        g = torch.Generator().manual_seed(s)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-        fts.append(m)
-    return fts
+    return perturbed_copies(pre, K, scale)
 
 
 def heads_and_data(K, features=8, n_batches=3, bs=5, in_shape=(6,)):

@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from _fixtures import perturbed_copies
 from torch import nn
 
 import adamerge_fast as af
@@ -126,14 +127,7 @@ class ShuffledLoader:
 
 def fixture(K=3, n_batches=5, bs=4):
     pre = Encoder(0)
-    fts = []
-    for s in range(1, K + 1):
-        m = copy.deepcopy(pre)
-        g = torch.Generator().manual_seed(s)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        fts.append(m)
+    fts = perturbed_copies(pre, K, 0.3)
     torch.manual_seed(100)
     datasets = [f"d{k}" for k in range(K)]
     heads = {d: nn.Linear(8, 3 + k).requires_grad_(False) for k, d in enumerate(datasets)}
