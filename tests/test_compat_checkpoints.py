@@ -152,6 +152,23 @@ def test_create_clip_and_from_checkpoints(official):
     assert_close(ada.get_image_encoder()(x), ada.merged(x).double(), torch.float32, "get_image_encoder")
 
 
+def test_from_checkpoints_options(official, tmp_path):
+    d, ref = official
+    fts, heads = [d / "ft1.pt", d / "ft2.pt"], {"a": d / "head1.pt", "b": d / "head2.pt"}
+    ada = AdaMerging.from_checkpoints(d / "zeroshot.pt", fts, heads, granularity="task", ties={"k": 0.5},
+                                      model="small")
+    assert ada.exam_datasets == ["a", "b"] and ada.lambdas().shape == (1, 3)
+    native = af.AdaMergedModel(oc.image_encoder(oc.create_clip("small", d / "zeroshot.pt")),
+                               [oc.visual_state_dict(f) for f in fts], granularity="task", ties={"k": 0.5})
+    x = torch.randn(2, 3, 32, 32)
+    assert_close(ada.merged(x), native(x).double(), torch.float32, "AdaMerging++ from checkpoints")
+    af.save_safetensors({"visual.conv1.weight": torch.zeros(40, 3, 5, 5)}, tmp_path / "odd.safetensors")
+    with pytest.raises(ValueError, match="width 40 and patch 5.*pass model="):
+        AdaMerging.from_checkpoints(tmp_path / "odd.safetensors", fts, heads)
+    with pytest.raises(ValueError, match="2 fine-tuned checkpoints for 3 datasets"):
+        AdaMerging.from_checkpoints(d / "zeroshot.pt", fts, heads, exam_datasets=["a", "b", "c"])
+
+
 def test_cli_open_clip_with_official_checkpoints(official, tmp_path, capsys):
     d, ref = official
     for k in (1, 2):
