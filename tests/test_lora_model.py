@@ -128,3 +128,20 @@ def test_adamerge_runs_checkpoints_and_moves(tmp_path):
         assert y64.dtype == torch.float64
         assert_close(m(x), y64, f32, "float64 copy")
         assert_close(m.to_module()(x), y64, f32, "to_module")
+
+
+def test_parameter_filter_and_coefficient_layout():
+    """A parameter filter drops the adapters of the parameters it leaves out (their pretrained values stay);
+    the other coefficient layouts run the same merge."""
+    net = _mlp()
+    m = af.AdaMergedModel(net, _sources(net), parameter_filter=lambda n, p: not n.startswith("5."))
+    assert "5.weight" not in m._lora.lora and len(m.param_names) == len(list(net.parameters())) - 2
+    assert torch.equal(m.merged_state_dict()["5.weight"], net[5].weight)
+    ref = af.AdaMergedModel(net, _sources(net))
+    with torch.no_grad():
+        ref.raw_coefficients.uniform_(0.05, 0.95, generator=torch.Generator().manual_seed(5))
+    tr = af.AdaMergedModel(net, _sources(net), coefficient_layout="tasks_rows",
+                           init=ref.raw_coefficients.detach().t().clone())  # fmt: skip
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        assert torch.equal(ref(x), tr(x))

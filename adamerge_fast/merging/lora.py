@@ -85,13 +85,15 @@ def collect(
 ) -> LoraTaskVectors:
     """The task vectors of ``sources`` (one per task: a LoRA adapter in any form :func:`is_lora_source` accepts, or
     a full fine-tuned model / state dict / checkpoint, whose every parameter is a dense task vector) against the
-    floating parameters ``params`` (``{name: tensor}``) of ``pretrained``. Adapters stay low-rank on the weights
-    :func:`rewritable_weights` names when no task has a dense task vector there; elsewhere they are
-    materialized (``s B A``, one tensor at a time). ``dtype``: storage dtype of adapters and task vectors (default:
-    their own, the pretrained parameter's for dense ones)."""
+    floating parameters ``params`` (``{name: tensor}``) of ``pretrained`` that get a coefficient row. Adapters stay
+    low-rank on the weights :func:`rewritable_weights` names when no task has a dense task vector there; elsewhere
+    they are materialized (``s B A``, one tensor at a time). ``dtype``: storage dtype of adapters and task vectors
+    (default: their own, the pretrained parameter's for dense ones)."""
     if len(sources) == 0:
         raise ValueError("need at least one fine-tuned model or adapter (got zero tasks)")
-    shapes = {n: tuple(p.shape) for n, p in params.items()}
+    # adapters are matched against every parameter; entries for parameters outside ``params`` (a parameter filter)
+    # are dropped: those keep their pretrained values
+    shapes = {n: tuple(p.shape) for n, p in pretrained.named_parameters() if torch.is_floating_point(p)}
     transposed, rewritable = transposed_parameters(pretrained), rewritable_weights(pretrained)
     lora_of: dict[str, list[tuple[int, LoraModule]]] = {}
     dense_of: dict[str, list[tuple[int, torch.Tensor]]] = {}
@@ -99,9 +101,11 @@ def collect(
         if is_lora_source(src):
             res = resolve(as_adapter(src, i), shapes, transposed)
             for n, m in res.lora.items():
-                lora_of.setdefault(n, []).append((i, m))
+                if n in params:
+                    lora_of.setdefault(n, []).append((i, m))
             for n, v in res.dense.items():
-                dense_of.setdefault(n, []).append((i, _difference(v, params[n], f"{res.source}: {n!r}")))
+                if n in params:
+                    dense_of.setdefault(n, []).append((i, _difference(v, params[n], f"{res.source}: {n!r}")))
         else:  # a full fine-tuned model: every parameter a dense task vector
             sd = as_state_dict(src, trust_pickle=trust_pickle)
             what = src if isinstance(src, (str, os.PathLike)) else f"fine-tuned model {i}"
