@@ -1,5 +1,8 @@
 """LoRA adapter directories through the command line: ``adamerge --hf-causal-lm`` and ``merge``."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from _lora import cat_merge, train_adapter
@@ -77,3 +80,13 @@ def test_merge_with_adapter_dirs_equals_peft(llama_dirs, tmp_path, capsys):
                  "-o", str(tmp_path / "bad.safetensors")]) == 1  # fmt: skip
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "matches no parameter of the pretrained model" in err[0], err
+
+
+def test_adapters_read_without_importing_peft(llama_dirs):
+    """PEFT is a test dependency only: reading an adapter and building the merged model never imports it."""
+    root, _, dirs = llama_dirs
+    code = ("import sys; import adamerge_fast as af; from adamerge_fast.models import hf; "
+            f"m = hf.load_causal_lm({str(root / 'pre')!r}); af.AdaMergedModel(m, [{str(dirs[0])!r}]); "
+            "assert 'peft' not in sys.modules, 'peft was imported'")  # fmt: skip
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
