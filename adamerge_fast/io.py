@@ -30,25 +30,30 @@ class NonFiniteError(ValueError):
     """A tensor that must be finite holds NaN or inf: the message names it (file, key, dtype, task or step)."""
 
 
-def check_finite(t: torch.Tensor, what: str, hint: str = "") -> None:
-    """Raise :class:`NonFiniteError` ``"<what> has N NaN and M inf values (of T)<hint>"`` unless every element of
-    the floating tensor ``t`` is finite (other dtypes always are)."""
+class NonFiniteCheckpointError(NonFiniteError, CheckpointError):
+    """A NaN or inf read from a checkpoint (or made by casting its values to a storage dtype)."""
+
+
+def check_finite(t: torch.Tensor, what: str, hint: str = "", *, error: type[NonFiniteError] = NonFiniteError) -> None:
+    """Raise ``error`` ``"<what> has NaN or inf values (N NaN, M inf of T)<hint>"`` unless every element of the
+    floating tensor ``t`` is finite (other dtypes always are)."""
     if not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all()):
         return
     n_nan = int(torch.isnan(t).sum())
     n_inf = int(torch.isinf(t).sum())
-    raise NonFiniteError(f"{what} has {n_nan} NaN and {n_inf} inf values (of {t.numel()}){hint}")
+    raise error(f"{what} has NaN or inf values ({n_nan} NaN, {n_inf} inf of {t.numel()}){hint}")
 
 
-def check_stored_finite(stored: torch.Tensor, what: str, source: torch.Tensor | None = None) -> None:
-    """After finite values were cast to a storage dtype (``stored``): raise :class:`NonFiniteError` naming ``what``
-    and ``stored.dtype`` when the cast overflowed to inf, with the largest magnitude of ``source`` (the values before
+def check_stored_finite(stored: torch.Tensor, what: str, source: torch.Tensor | None = None, *,
+                        error: type[NonFiniteError] = NonFiniteError) -> None:
+    """After finite values were cast to a storage dtype (``stored``): raise ``error`` naming ``what`` and
+    ``stored.dtype`` when the cast overflowed to inf, with the largest magnitude of ``source`` (the values before
     the cast) and the fix (bfloat16 or float32 storage)."""
     if bool(torch.isfinite(stored).all()):
         return
     dt = stored.dtype
     big = f"largest magnitude {float(source.detach().abs().max()):.4g}, " if source is not None else ""
-    raise NonFiniteError(
+    raise error(
         f"{what} overflows {str(dt).replace('torch.', '')} ({big}which holds at most {torch.finfo(dt).max:.4g}): "
         "store it as bfloat16 or float32 (command line: --task-vector-dtype bf16 or fp32)"
     )
