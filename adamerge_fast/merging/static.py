@@ -46,13 +46,16 @@ def weight_average(base: Mapping[str, torch.Tensor], tv: TV, *, backend=None) ->
 
 
 def check_scale(scale: float, what: str = "scale") -> float:
-    """``float(scale)``, or ``ValueError`` naming ``what`` unless it is a finite number."""
+    """``float(scale)``, or ``ValueError`` naming ``what`` unless it is a finite number that float32 (the dtype of
+    the merge coefficients) holds."""
     try:
         v = float(scale)
     except (TypeError, ValueError):
         raise TypeError(f"{what} must be a number, got {type(scale).__name__}") from None
     if not math.isfinite(v):
         raise ValueError(f"{what} must be a finite number, got {v}")
+    if abs(v) > torch.finfo(torch.float32).max:
+        raise ValueError(f"{what} must be a finite number that float32 holds (|scale| <= 3.4e38), got {v}")
     return v
 
 
