@@ -25,6 +25,8 @@ from typing import Callable, Sequence
 import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, TensorDataset
 
+from .io import check_readable
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -215,10 +217,8 @@ def load_task_data(
 ) -> DataLoader:
     """One task's unlabeled data as a DataLoader: an image folder, a tensor file, or a text file (see the
     module docstring). Missing paths raise FileNotFoundError; a task with no examples raises ValueError."""
-    p = Path(path)
     what = f"task {task!r}"
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: data for {what} not found")
+    p = check_readable(path, f"data for {what}")  # FileNotFoundError, or PermissionError (never "not found")
     if p.is_dir():
         ds: Dataset = ImageFolder(p, transform, what=what)
     elif p.suffix.lower() == ".txt":

@@ -344,3 +344,25 @@ def test_resume_fast_forwards_an_image_folder_without_decoding(tmp_path):
     assert len(decoded) == 2 * (3 + 3)
     assert resumed.loss == full.loss
     assert torch.equal(model.coefficients.detach(), full.coefficients[-1])
+
+
+def test_unreadable_data_is_reported_as_permission_denied(tmp_path, monkeypatch):
+    import errno
+    import os
+
+    from adamerge_fast.data import load_task_data
+
+    f = tmp_path / "x.pt"
+    torch.save(torch.randn(4, 6), f)
+    real_stat = os.stat
+
+    def no_search(p, *a, **k):
+        if str(p) == str(f):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real_stat(p, *a, **k)
+
+    monkeypatch.setattr(os, "stat", no_search)
+    with pytest.raises(PermissionError, match=r"x.pt: data for task 't0': permission denied"):
+        load_task_data(f, batch_size=2, task="t0")
+    with pytest.raises(FileNotFoundError, match=r"y.pt: data for task 't0' not found"):
+        load_task_data(tmp_path / "y.pt", batch_size=2, task="t0")
