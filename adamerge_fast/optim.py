@@ -3,7 +3,9 @@
 Each step, for each task in ``heads`` order: the next batch (or ``batches_per_step`` batches) of that task's
 *unlabeled* data, the merged model's forward, that task's head, the batch-mean softmax entropy. The losses
 are summed over tasks and one Adam step (betas (0.9, 0.999), lr 1e-3 by default) updates the raw
-coefficients — the official algorithm.
+coefficients — the official algorithm. A task's several batches per step are averaged
+(``batch_reduction="mean"``) or summed (``"sum"``); the official script's step is two batches per task, summed
+(``batches_per_step=2, batch_reduction="sum"``, :data:`adamerge_fast.compat.official.OFFICIAL_STEP`).
 
 ``task_batching``:
 - ``"concat"`` (default): the merged backbone is the same for every task within a step, so all tasks' batches
@@ -176,6 +178,7 @@ def adamerge(
     lr: float = 1e-3,
     batches_per_step: int = 1,
     *,
+    batch_reduction: str = "mean",
     betas: tuple[float, float] = (0.9, 0.999),
     task_batching: str = "concat",
     device: torch.device | str | None = None,
@@ -194,8 +197,11 @@ def adamerge(
             the task order.
         data: ``{task: iterable of batches}`` (cycled); a batch is a tensor, a mapping of tensors (keyword
             inputs), or a tuple whose first item is the input (labels ignored).
-        steps, lr, betas: Adam on ``model.raw_coefficients`` (official: 500, 1e-3, (0.9, 0.999)).
-        batches_per_step: batches per task per step; a task's loss is the mean of its batch means.
+        steps, lr, betas: Adam on ``model.raw_coefficients``, whatever its layout (official: 500, 1e-3,
+            (0.9, 0.999)).
+        batches_per_step: batches per task per step.
+        batch_reduction: a task's loss is the mean (``"mean"``) or the sum (``"sum"``, the official script's) of its
+            batches' batch-mean entropies.
         task_batching: ``"concat"`` or ``"sequential"`` (see the module docstring).
         device: where batches are moved (default: where the coefficients live).
         checkpoint, checkpoint_every: write coefficients + Adam state + history atomically at the end and, with
@@ -238,8 +244,12 @@ def adamerge(
         _check_int("checkpoint_every", checkpoint_every, 1)
         if checkpoint is None:
             raise ValueError("adamerge: checkpoint_every given without checkpoint (the file to write)")
+    if batch_reduction not in ("mean", "sum"):
+        raise ValueError(f"adamerge: batch_reduction must be 'mean' or 'sum', got {batch_reduction!r}")
+    divisor = batches_per_step if batch_reduction == "mean" else 1
     run_settings = _json_settings(
-        {"lr": lr, "betas": list(betas), "batches_per_step": batches_per_step, "tasks": tasks,
+        {"lr": lr, "betas": list(betas), "batches_per_step": batches_per_step, "batch_reduction": batch_reduction,
+         "tasks": tasks,
          **model.algorithm_settings(), **dict(settings or {})}, "settings")  # fmt: skip
     device = torch.device(device) if device is not None else model.raw_coefficients.device
     opt = torch.optim.Adam([model.raw_coefficients], lr=lr, betas=betas)
@@ -250,8 +260,8 @@ def adamerge(
     if resume is not None:
         start = _load_checkpoint(resume, model, opt, hist, run_settings)
         if steps < start:
-            raise ValueError(f"adamerge: steps={steps} is below the checkpoint's step {start} ({resume}); a resumed run "
-                             f"continues to steps >= {start}")
+            raise ValueError(f"adamerge: steps={steps} is below the checkpoint's step {start} ({resume}); a resumed "
+                             f"run continues to steps >= {start}")
         last_checkpoint = (resume, start)
         for t in tasks:  # fast-forward the data to where the interrupted run stopped
             cycles[t].skip(start * batches_per_step)
@@ -276,14 +286,14 @@ def adamerge(
             total = 0.0
             for t in tasks:
                 lt = sum(ops.entropy(_head_logits(heads[t], t, next(parts), next(rows), step)).mean()
-                         for _ in range(batches_per_step)) / batches_per_step
+                         for _ in range(batches_per_step)) / divisor
                 task_loss[t] = lt.detach()
                 total = total + lt
             total.backward()
         else:
             for t in tasks:
                 lt = sum(ops.entropy(_head_logits(heads[t], t, _call(model, b), _batch_size(b), step)).mean()
-                         for b in batches[t]) / batches_per_step
+                         for b in batches[t]) / divisor
                 lt.backward()
                 task_loss[t] = lt.detach()
         # the losses and whether the gradient is finite, read back in one host sync before the update
@@ -297,8 +307,8 @@ def adamerge(
                 raise stop(f"the entropy loss of task {t!r} is {v} (a NaN or inf in its data, its head's logits or the "
                            "merged model's output); stopped before the update", step)
         if grad_finite != 1.0:
-            raise stop("the coefficient gradient is NaN or inf although every loss is finite; stopped before the update",
-                       step)
+            raise stop("the coefficient gradient is NaN or inf although every loss is finite; stopped before the "
+                       "update", step)
         opt.step()
         task_loss_f = dict(zip(task_loss, values, strict=True))
         loss = sum(values)

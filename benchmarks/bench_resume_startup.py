@@ -112,7 +112,8 @@ def run(steps: int, batch: int, images: int, px: int, size: int, rounds: int) ->
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"median_s": med, "all_s": times, "initial_run_s": t_first, "same_coefficients": same,
             "decode_over_skip": med["resume, decode"] / med["resume, skip"],
-            "skip_over_fresh": med["resume, skip"] / med["fresh"], "decode_over_fresh": med["resume, decode"] / med["fresh"]}
+            "skip_over_fresh": med["resume, skip"] / med["fresh"],
+            "decode_over_fresh": med["resume, decode"] / med["fresh"]}
 
 
 def main(argv=None):
@@ -149,7 +150,8 @@ def main(argv=None):
         *(f"| {k} | {v:.2f} |" for k, v in m.items()),
         "",
         f"decode / skip: {res['decode_over_skip']:.1f}x; skip / fresh: {res['skip_over_fresh']:.2f}x; decode / fresh: "
-        f"{res['decode_over_fresh']:.1f}x; the two resumed runs give the same coefficients: {res['same_coefficients']}.",
+        f"{res['decode_over_fresh']:.1f}x; the two resumed runs give the same coefficients: "
+        f"{res['same_coefficients']}.",
     ]
     write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
     print("\n".join(lines[-6:]))

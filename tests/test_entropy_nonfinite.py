@@ -51,7 +51,8 @@ def _bad_rows(z: torch.Tensor) -> torch.Tensor:
 
 
 def _rows(C: int) -> torch.Tensor:
-    """Logits ``[N, C]`` (fp64) exercising every case (see :func:`_bad_rows` for those that must be NaN). Special entries sit in the first and in the last columns, so that a chunked kernel meets them in
+    """Logits ``[N, C]`` (fp64) exercising every case (see :func:`_bad_rows` for those that must be NaN). Special
+    entries sit in the first and in the last columns, so that a chunked kernel meets them in
     different chunks than the row's maximum."""
     g = torch.Generator().manual_seed(C)
     z = torch.randn(14, C, generator=g, dtype=torch.float64) * 3

@@ -215,7 +215,7 @@ def test_nan_in_the_pretrained_checkpoint_names_its_file_and_key(tmp_path):
     ft = {k: v.detach().clone() for k, v in fts[0].state_dict().items()}
     ft["0.weight"][0, 0] = INF
     save_safetensors(ft, tmp_path / "ft_bad.safetensors")
-    with pytest.raises(CheckpointError, match=r"ft_bad.safetensors: key '0.weight' has NaN or inf values \(0 NaN, 1 inf"):
+    with pytest.raises(CheckpointError, match=r"ft_bad.safetensors: key '0.weight' has NaN or inf values \(0 NaN, 1"):
         af.task_vectors(pre.state_dict(), [tmp_path / "ft0.safetensors", tmp_path / "ft_bad.safetensors"])
 
 

@@ -62,7 +62,8 @@ def _merge_args(d, out, *extra, pre="pre.safetensors", fts=("ft0.safetensors", "
 
 
 def _adamerge_args(d, out, *extra, data=("data0.pt", "data1.pt")):
-    return ["adamerge", "--model-factory", "test_hardening_cli:tiny_backbone", "--pretrained", str(d / "pre.safetensors"),
+    return ["adamerge", "--model-factory", "test_hardening_cli:tiny_backbone",
+            "--pretrained", str(d / "pre.safetensors"),
             "--finetuned", str(d / "ft0.safetensors"), str(d / "ft1.safetensors"),
             "--heads", str(d / "head0.safetensors"), str(d / "head1.safetensors"),
             "--data", *[str(d / f) for f in data], "--batch-size", "8", "--no-progress", "-o", str(out), *extra]
