@@ -13,36 +13,17 @@ Triton on a GPU when one is present (marked ``gpu``; run by ``make gpu-check``).
 
 import pytest
 import torch
+from _fixtures import backend_params
 
 import adamerge_fast as af
 from _tol import assert_close
 from adamerge_fast import ops
-from adamerge_fast.ops.triton_backend import TritonBackend
 
 INF, NAN = float("inf"), float("nan")
 
 # the Triton interpreter computes with numpy, which warns on the NaN/inf arithmetic these tests are about
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning",
                                         "ignore:overflow encountered:RuntimeWarning")
-
-
-def _backends(device_types=("cpu", "cuda")):
-    out = []
-    for dev in device_types:
-        if dev == "cuda" and not torch.cuda.is_available():
-            continue
-        for name in ops.backend_names():
-            try:
-                be = ops.get_backend(name)
-            except ops.BackendUnavailableError:
-                continue
-            if not be.available(torch.device(dev)):
-                continue
-            marks = [pytest.mark.triton] if isinstance(be, TritonBackend) else []
-            if dev == "cuda":
-                marks.append(pytest.mark.gpu)
-            out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=marks))
-    return out
 
 
 def _bad_rows(z: torch.Tensor) -> torch.Tensor:
@@ -83,7 +64,7 @@ def _exact_oracle(z64: torch.Tensor) -> torch.Tensor:
     return -torch.where(p > 0, p * torch.where(p > 0, logp, 0.0), 0.0).sum(-1)
 
 
-@pytest.mark.parametrize("be", _backends())
+@pytest.mark.parametrize("be", backend_params())
 @pytest.mark.parametrize("C", [1, 2, 7, 40])
 @pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_entropy_non_finite_rows(be, C, dt):
@@ -113,7 +94,7 @@ def test_entropy_non_finite_rows(be, C, dt):
     assert (dz[ok][zq[ok] == -INF] == 0).all()
 
 
-@pytest.mark.parametrize("be", _backends())
+@pytest.mark.parametrize("be", backend_params())
 def test_entropy_nan_survives_leading_dims_and_mean(be):
     """The batch-mean loss AdaMerging minimises is NaN as soon as one row is: the optimizer sees it."""
     name, dev = be

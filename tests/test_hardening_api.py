@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from _fixtures import perturbed_copies
 from torch import nn
 
 import adamerge_fast as af
@@ -19,15 +20,7 @@ NAN, INF = float("nan"), float("inf")
 def _models(K=2, seed=0):
     torch.manual_seed(seed)
     pre = nn.Sequential(nn.Linear(6, 10), nn.LayerNorm(10), nn.GELU(), nn.Linear(10, 8))
-    fts = []
-    for s in range(1, K + 1):
-        m = copy.deepcopy(pre)
-        g = torch.Generator().manual_seed(s)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        fts.append(m)
-    return pre, fts
+    return pre, perturbed_copies(pre, K, 0.3)
 
 
 def _problem(K=2, n_batches=3, bs=4):

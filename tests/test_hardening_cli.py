@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_cli import _perturb, tiny_backbone  # the --model-factory is test_cli:tiny_backbone
 
 from adamerge_fast import cli
 from adamerge_fast.cli import main
@@ -19,19 +20,6 @@ from adamerge_fast.io import save_safetensors
 from adamerge_fast.models.heads import ClassificationHead
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_backbone():
-    """The --model-factory used below (``test_hardening_cli:tiny_backbone``)."""
-    from torch import nn
-
-    return nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.LayerNorm(16), nn.Linear(16, 6))
-
-
-def _perturb(sd, seed, scale=0.1):
-    g = torch.Generator().manual_seed(seed)
-    return {k: (v + scale * torch.randn(v.shape, generator=g)) if v.is_floating_point() else v.clone()
-            for k, v in sd.items()}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +50,7 @@ def _merge_args(d, out, *extra, pre="pre.safetensors", fts=("ft0.safetensors", "
 
 
 def _adamerge_args(d, out, *extra, data=("data0.pt", "data1.pt")):
-    return ["adamerge", "--model-factory", "test_hardening_cli:tiny_backbone",
+    return ["adamerge", "--model-factory", "test_cli:tiny_backbone",
             "--pretrained", str(d / "pre.safetensors"),
             "--finetuned", str(d / "ft0.safetensors"), str(d / "ft1.safetensors"),
             "--heads", str(d / "head0.safetensors"), str(d / "head1.safetensors"),

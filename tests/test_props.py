@@ -17,14 +17,12 @@ import pytest
 hypothesis = pytest.importorskip("hypothesis")
 
 import torch  # noqa: E402
+from _fixtures import backend_params  # noqa: E402
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import adamerge_fast as af  # noqa: E402
 from _tol import assert_close, lowest  # noqa: E402
-from adamerge_fast import ops  # noqa: E402
-from adamerge_fast.ops.cpp_backend import CppBackend  # noqa: E402
-from adamerge_fast.ops.triton_backend import TritonBackend  # noqa: E402
 
 pytestmark = pytest.mark.props
 
@@ -47,26 +45,7 @@ LAYOUTS = ["contiguous", "transposed", "strided", "offset"]
 CASES: Counter = Counter()  # (backend, op) -> cases run
 
 
-def _backends():
-    out = []
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for name in ops.backend_names():
-            try:
-                be = ops.get_backend(name)
-            except ops.BackendUnavailableError:
-                continue
-            if not be.available(torch.device(dev)):
-                continue
-            marks = [pytest.mark.triton] if isinstance(be, TritonBackend) else []
-            if isinstance(be, CppBackend):
-                marks.append(pytest.mark.ext)
-            if dev == "cuda":
-                marks.append(pytest.mark.gpu)
-            out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=marks))
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = backend_params()
 
 
 def _interpreted(be) -> bool:
