@@ -16,6 +16,7 @@ import os
 import re
 import stat
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -424,7 +425,7 @@ def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> M
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        if not _refused_global(e):  # not a pickled object: an empty, truncated or corrupt file
+        if not _holds_pickled_objects(p, e):  # an empty, truncated or corrupt file
             raise CheckpointError(f"{p}: not a readable torch checkpoint ({_load_error_reason(e)})") from e
         from .safe_pickle import RefusedPickle, load_official
 
@@ -468,10 +469,19 @@ def _first_line(e: BaseException) -> str:
     return msg.splitlines()[0] if msg else type(e).__name__
 
 
-def _refused_global(e: BaseException) -> bool:
-    """``torch.load(weights_only=True)`` refused a global (a class or function) in the pickle: the file holds a whole
-    pickled object, not a corrupt file."""
-    return "Unsupported global" in str(e)
+def _holds_pickled_objects(p: Path, e: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` failed on ``p`` because the pickle names globals (classes,
+    functions: a whole pickled object), not because the file is empty or corrupt. Read from the archive's pickle
+    opcodes, executing nothing (``get_unsafe_globals_in_checkpoint``); for a file that is no zip archive, from torch's
+    message."""
+    get = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if get is not None and zipfile.is_zipfile(p):
+        try:
+            return bool(get(p))
+        except Exception:  # a damaged archive or pickle stream
+            return False
+    msg = str(e)
+    return "Unsupported global" in msg or "GLOBAL " in msg
 
 
 def _load_error_reason(e: BaseException) -> str:
