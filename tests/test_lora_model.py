@@ -3,8 +3,8 @@ task subsets, every backend, ``adamerge()`` with checkpoints, ``.to()``, the coe
 
 import pytest
 import torch
+from _fixtures import backend_params
 from test_lora_ops import _AllocationLog
-from test_ops_contract import BACKENDS
 from torch import nn
 
 import adamerge_fast as af
@@ -13,6 +13,7 @@ from adamerge_fast.adapters import LoraAdapter, LoraModule
 from adamerge_fast.ops import lora as lora_ops
 
 f32 = torch.float32
+BACKENDS = backend_params()
 
 
 def _mlp():

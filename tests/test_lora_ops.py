@@ -4,7 +4,8 @@ promise that nothing ``[out, in]``-sized besides ``w0`` is allocated."""
 
 import pytest
 import torch
-from test_ops_contract import BACKENDS, _rand, _small
+from _fixtures import backend_params
+from test_ops_contract import _rand, _small
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import adamerge_fast as af
@@ -13,6 +14,7 @@ from adamerge_fast.ops import _library
 from adamerge_fast.ops import lora as lora_mod
 
 f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+BACKENDS = backend_params()
 
 
 def _dense(w0, a, b, ranks, coef, scale):
