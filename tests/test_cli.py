@@ -213,6 +213,7 @@ def test_adamerge_open_clip(tmp_path, capsys):
     (tmp_path / "t_empty").mkdir()
     capsys.readouterr()
     args[args.index(str(tmp_path / "t1"))] = str(tmp_path / "t_empty")
+    args[args.index(str(out))] = str(tmp_path / "out_empty")  # `out` holds the first run's checkpoint
     assert main(args) == 1
     _one_error_line(capsys, "no images", "t_empty")
 

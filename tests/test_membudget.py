@@ -15,6 +15,9 @@ from _tol import assert_close
 from adamerge_fast.io import CheckpointError, save_safetensors
 from adamerge_fast.merging import build
 from adamerge_fast.merging.task_vectors import round_to_odd_f32, rounded_difference_
+from adamerge_fast.models.heads import ClassificationHead
+
+INF = float("inf")
 
 
 def mlp(seed):
@@ -120,9 +123,11 @@ def test_bf16_storage_rounds_the_difference_once():
         err = (got - d).abs()
         assert ((lo - d).abs() >= err).all() and ((hi - d).abs() >= err).all(), dt
     small = torch.empty(5, dtype=torch.float16)
-    with pytest.raises(CheckpointError, match="w has NaN or inf"):
-        rounded_difference_(small, torch.tensor([1.0, float("nan"), 0, 0, 0]), torch.zeros(5), "w")
-    with pytest.raises(CheckpointError, match="w: its difference reaches 7e\\+04, beyond torch.float16's range"):
+    with pytest.raises(CheckpointError, match=r"ft: key 'w' has NaN or inf values \(1 NaN"):
+        rounded_difference_(small, torch.tensor([1.0, float("nan"), 0, 0, 0]), torch.zeros(5), "w", "ft: key 'w'")
+    with pytest.raises(CheckpointError, match=r"w \(fine-tuned minus pretrained, in float32\) has NaN or inf"):
+        rounded_difference_(small, torch.tensor([3e38, 0, 0, 0, 0]), torch.tensor([-3e38, 0, 0, 0, 0]), "w")
+    with pytest.raises(CheckpointError, match=r"w overflows float16 \(largest magnitude 7e\+04.*bfloat16 or float32"):
         rounded_difference_(small, torch.tensor([7e4, 0, 0, 0, 0]), torch.zeros(5), "w")
 
 
@@ -196,7 +201,7 @@ def test_a_storage_kind_plugs_in():
         (lambda pre: af.AdaMergedModel(pre, [lambda: None]), ValueError, "loader returned None"),
         (lambda pre: af.AdaMergedModel(pre, [3]), TypeError, "fine-tuned model 0: expected an nn.Module"),
         (lambda pre: af.AdaMergedModel(pre, ["/nonexistent/ft.safetensors"]), FileNotFoundError, "not found"),
-        (lambda pre: af.AdaMergedModel(pre, [lambda: {**mlp(1).state_dict(), "0.bias": torch.full((7,), float("inf"))}]),
+        (lambda pre: af.AdaMergedModel(pre, [lambda: {**mlp(1).state_dict(), "0.bias": torch.full((7,), INF)}]),
          CheckpointError, "fine-tuned state dict 0: key '0.bias' has NaN or inf"),
     ],
 )
@@ -409,7 +414,7 @@ def _cli_fixture(tmp_path, K=3):
         g = torch.Generator().manual_seed(k + 1)
         save_safetensors({n: v + 0.1 * torch.randn(v.shape, generator=g) for n, v in pre.items()},
                          tmp_path / f"ft{k}.safetensors")
-        af.models.ClassificationHead(torch.randn(4, 6), torch.zeros(4)).save(tmp_path / f"head{k}.safetensors")
+        ClassificationHead(torch.randn(4, 6), torch.zeros(4)).save(tmp_path / f"head{k}.safetensors")
         torch.save(torch.randn(64, 8), tmp_path / f"data{k}.pt")
     return ["adamerge", "--model-factory", "test_cli:tiny_backbone", "--pretrained", str(tmp_path / "pre.safetensors"),
             "--finetuned", *[str(tmp_path / f"ft{k}.safetensors") for k in range(K)],

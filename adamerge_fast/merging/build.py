@@ -12,7 +12,8 @@ chosen dtype). The builder only calls its three steps, so another kind (quantize
 plugs in by implementing them::
 
     store = kind.allocate(name, base, K)      # before any model is read
-    kind.write(store, k, finetuned, base, what)  # task k's rows, from the fine-tuned tensor of this parameter
+    kind.write(store, k, finetuned, base, what, source)  # task k's rows: finetuned - base (base None: finetuned is
+                                              # the difference); what / source name the entry and the tensor
     result = kind.finish(name, store)         # after the K-th model: what the merged layers read
 
 and ``kind.nbytes(shape, base_dtype, K)`` for the memory plan.
@@ -28,8 +29,8 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union
 import torch
 from torch import nn
 
-from ..io import check_fits, existing, load_state_dict
-from .task_vectors import Source, rounded_difference_
+from ..io import NonFiniteCheckpointError, check_finite, check_fits, existing, load_state_dict
+from .task_vectors import Source, rounded_difference_, source_name
 
 #: a fine-tuned model as the builder takes it: a module, a state dict, a checkpoint path, or a callable with no
 #: arguments that returns one of those (called when the model's turn comes)
@@ -42,7 +43,8 @@ class RowStorage(Protocol):
 
     def allocate(self, name: str, base: torch.Tensor, K: int) -> Any: ...
 
-    def write(self, store: Any, k: int, finetuned: torch.Tensor, base: torch.Tensor, what: str) -> None: ...
+    def write(self, store: Any, k: int, finetuned: torch.Tensor, base: torch.Tensor | None, what: str,
+              source: str | None = None) -> None: ...
 
     def finish(self, name: str, store: Any) -> Any: ...
 
@@ -55,8 +57,8 @@ class DenseRows:
     (:func:`~adamerge_fast.merging.task_vectors.rounded_difference_`)."""
 
     def __init__(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None):
-        if dtype is not None and not dtype.is_floating_point:
-            raise ValueError(f"task-vector storage dtype must be floating, got {dtype}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"task-vector storage dtype must be a floating torch.dtype, got {dtype!r}")
         self.dtype, self.device = dtype, device
 
     def allocate(self, name: str, base: torch.Tensor, K: int) -> torch.Tensor:
@@ -64,8 +66,9 @@ class DenseRows:
         dev = self.device if self.device is not None else base.device
         return torch.empty((K, *base.shape), dtype=self.dtype or base.dtype, device=dev)
 
-    def write(self, store: torch.Tensor, k: int, finetuned: torch.Tensor, base: torch.Tensor, what: str) -> None:
-        rounded_difference_(store[k], finetuned, base, what)
+    def write(self, store: torch.Tensor, k: int, finetuned: torch.Tensor, base: torch.Tensor | None, what: str,
+              source: str | None = None) -> None:
+        rounded_difference_(store[k], finetuned, base, what, source)
 
     def finish(self, name: str, store: torch.Tensor) -> torch.Tensor:
         return store
@@ -88,7 +91,7 @@ def _open(src: FinetunedSource, k: int, trust_pickle: bool) -> tuple[Mapping[str
     if isinstance(src, nn.Module):
         return dict(src.named_parameters()), f"fine-tuned model {k}", owned
     if isinstance(src, Mapping):
-        return src, f"fine-tuned state dict {k}", owned
+        return src, source_name(src, f"fine-tuned state dict {k}"), owned
     if isinstance(src, (str, os.PathLike)):
         return load_state_dict(existing(src, "fine-tuned checkpoint"), trust_pickle=trust_pickle), str(src), None
     raise TypeError(f"fine-tuned model {k}: expected an nn.Module, a state dict, a checkpoint path or a callable "
@@ -173,8 +176,10 @@ def build_task_vectors(
         release_finetuned: after its rows are taken, empty each in-memory module / mutable state dict given in
             ``finetuned`` (:func:`release`; tensors shared with ``base`` are kept). Models the builder loads
             itself (paths, callables) are always dropped before the next is loaded.
-    Raises :class:`CheckpointError` naming the model and key when a model lacks a key, has another shape or dtype,
-    or its task vector has a NaN or inf; ``ValueError`` when the number of models is not ``K``.
+    Raises :class:`~adamerge_fast.io.CheckpointError` naming the model and key when a model lacks a key or has
+    another shape or dtype, :class:`~adamerge_fast.io.NonFiniteCheckpointError` naming the checkpoint (or the
+    pretrained model) and key on a NaN/inf, or the task vector's key and dtype when storing it overflows;
+    ``ValueError`` when the number of models is not ``K``.
     """
     keys = list(base.keys()) if keys is None else list(keys)
     K = num_sources(finetuned, K)
@@ -182,6 +187,7 @@ def build_task_vectors(
         raise ValueError("need at least one fine-tuned model (got zero tasks)")
     storage = storage if storage is not None else DenseRows()
     stores = {n: storage.allocate(n, base[n].detach(), K) for n in keys}
+    base_checked: dict[str, bool] = {}
     k = -1
     for k, src in enumerate(finetuned):
         if k >= K:
@@ -189,8 +195,16 @@ def build_task_vectors(
         sd, what, owned = _open(src, k, trust_pickle)
         del src
         check_fits(base, sd, what, keys=keys, check_dtype=True, ref_name="the pretrained model")
+        exact = getattr(sd, "task_vector", None)  # a view that knows its difference (adapters.AdapterCheckpoint)
         for n in keys:
-            storage.write(stores[n], k, sd[n], base[n], f"{what}: key {n!r}")
+            entry = f"task vector {k}: key {n!r}"
+            if exact is not None:
+                storage.write(stores[n], k, exact(n), None, entry)
+                continue
+            if not base_checked.get(n):  # the pretrained tensor, once: a NaN there is not the fine-tuned model's
+                check_finite(base[n].detach(), f"the pretrained model: key {n!r}", error=NonFiniteCheckpointError)
+                base_checked[n] = True
+            storage.write(stores[n], k, sd[n], base[n], entry, f"{what}: key {n!r}")
         del sd
         if release_finetuned and owned is not None:
             release(owned, keep=base.values())

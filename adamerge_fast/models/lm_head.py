@@ -68,7 +68,8 @@ class LinearHeadInputs:
             w = ops.merge(w, self.tau_w, self.coef_w, backend=self.backend)
         if b is not None and self.tau_b is not None:
             b = ops.merge(b, self.tau_b, self.coef_b, backend=self.backend)
-        return nn.functional.linear(self.hidden, w.to(self.hidden.dtype), None if b is None else b.to(self.hidden.dtype))
+        dt = self.hidden.dtype
+        return nn.functional.linear(self.hidden, w.to(dt), None if b is None else b.to(dt))
 
 
 def rows_of(out) -> int:

@@ -46,7 +46,8 @@ def _entropy_tile_kernel(
         _row_grad(z_row, 1, z_row, C, m, log_s, h, g, BLOCK_C)
 
 
-def entropy_tile_(z: torch.Tensor, g: torch.Tensor | None, write_grad: bool, block_c: int | None = None) -> torch.Tensor:
+def entropy_tile_(z: torch.Tensor, g: torch.Tensor | None, write_grad: bool,
+                  block_c: int | None = None) -> torch.Tensor:
     """``z[c, V]`` fp32 with unit column stride -> ``H[c]`` fp32; with ``write_grad`` ``z`` becomes
     ``-p (log p + H) g``. ``g``: ``[c]`` or ``None`` (1). ``block_c``: chunk width (rounded to a power of two)."""
     if z.dtype != torch.float32 or z.dim() != 2 or z.stride(1) != 1:
