@@ -565,7 +565,7 @@ def _memory_plan(args, spec, data, limit: int | None):
     in_memory = sum(tensor_bytes(sd.values()) for sd in spec.finetuned if not lazy(sd))
     heads_bytes = sum(module_bytes(h) for h in spec.heads.values())
     process = max(0, (rss_bytes() or 0) - module_bytes(spec.backbone) - heads_bytes - in_memory)
-    example = _inputs(next(iter(data[spec.tasks[0]])))
+    example = _inputs(next(iter(data[spec.tasks[0]])), spec.tasks[0])
     options = dict(batch_size=args.batch_size, task_batching=args.task_batching,
                    task_vector_dtype=_dtype(args.task_vector_dtype), checkpoint_activations=args.checkpoint_activations)
 

@@ -168,9 +168,9 @@ def test_a_storage_kind_plugs_in():
         def allocate(self, name, base, K):
             return [None] * K
 
-        def write(self, store, k, finetuned, base, what):
+        def write(self, store, k, finetuned, base, what, source=None):
             d = finetuned.double() - base.double()
-            scale = float(d.abs().max()) / 127 or 1.0
+            scale = float(d.detach().abs().max()) / 127 or 1.0
             store[k] = ((d / scale).round().to(torch.int8), scale)
 
         def finish(self, name, store):
