@@ -41,20 +41,15 @@ FB_PYTHON = "/work/wt/c-compat/.venv-compat/bin/python"  # an environment with f
 
 # ------------------------------------------------------------------------------------------------ process side
 def _status(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
+    from adamerge_fast.memory import rss_bytes
+
+    return rss_bytes(key) or 0
 
 
 def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    from benchmarks.adamerging_step.protocol import _reset_peak_rss
+
+    return _reset_peak_rss()
 
 
 def _vit_b32(seed: int):

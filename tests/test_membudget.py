@@ -8,7 +8,7 @@ import weakref
 
 import pytest
 import torch
-from torch import nn
+from test_adamerged import mlp, perturbed
 
 import adamerge_fast as af
 from _tol import assert_close
@@ -20,21 +20,6 @@ from adamerge_fast.models.heads import ClassificationHead
 INF = float("inf")
 
 
-def mlp(seed):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.GELU(), nn.Linear(7, 3))
-
-
-def perturbed(model, seed, scale=0.1):
-    m = copy.deepcopy(model)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * scale)
-    return m
-
-
-# ----------------------------------------------------------------------------------------- model-outer build
 def test_every_kind_of_source_gives_the_same_task_vectors(tmp_path):
     pre = mlp(0)
     fts = [perturbed(pre, s) for s in (1, 2, 3, 4, 5)]
