@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fixtures import backend_params
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -18,33 +19,11 @@ import adamerge_fast as af
 from _tol import assert_close, lowest
 from adamerge_fast import ops
 from adamerge_fast.ops import _library
-from adamerge_fast.ops.cpp_backend import CppBackend
-from adamerge_fast.ops.triton_backend import TritonBackend
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _marks(backend) -> list:
-    if isinstance(backend, TritonBackend):
-        return [pytest.mark.triton]
-    return [pytest.mark.ext] if isinstance(backend, CppBackend) else []
-
-
-def _backends():
-    """Every registered backend available here, on every device present."""
-    out = []
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for name in ops.backend_names():
-            try:
-                be = ops.get_backend(name)
-            except ops.BackendUnavailableError:
-                continue
-            if be.available(torch.device(dev)):
-                out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=_marks(be)))
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = backend_params()
 
 
 def _rand(shape, dtype, device, scale=1.0):
@@ -366,12 +345,17 @@ def test_backend_selection(monkeypatch):
 def test_builtin_auto_order():
     """The order ``auto`` tries the built-in backends in, per device type and op (declared in ops/__init__.py)."""
     for op in ops.OPS:
-        assert ops.auto_order("cuda", op) == ("cuda", "triton", "reference")
+        # no kernel of the extension (merged_lora_linear; linear_entropy's tile): Triton first on CUDA
+        if op not in ("merged_lora_linear", "linear_entropy"):
+            assert ops.auto_order("cuda", op) == ("cuda", "triton", "reference")
         assert ops.AUTO_ORDER["cuda"][op] == ops.auto_order("cuda", op)
         assert ops.auto_order("mps", op) == ("reference",)  # a device type no backend names: the fallback only
     for op in ("merge", "merge_many", "merged_linear"):
         assert ops.auto_order("cpu", op) == ("cpu", "reference")
     assert ops.auto_order("cpu", "entropy") == ops.AUTO_ORDER["cpu"]["entropy"] == ("reference",)
+    for op in ("merged_lora_linear", "linear_entropy"):
+        assert ops.auto_order("cuda", op) == ("triton", "reference")
+        assert ops.auto_order("cpu", op) == ("reference",)
     assert set(ops.AUTO_ORDER) == {"cpu", "cuda"}
     assert ops.BACKEND_NAMES == ops.backend_names() == ("reference", "cpu", "triton", "cuda")
     with pytest.raises(ValueError, match="unknown op 'nope'"):
@@ -496,6 +480,10 @@ def _ops_imports():
     return top, local
 
 
+# the modules that define torch.library custom ops (they carry a backend name, so they reach the registry)
+_CUSTOM_OP_MODULES = ("_library", "_library_quant", "lora", "_linear_entropy")
+
+
 def test_ops_import_graph_is_layered():
     top, local = _ops_imports()
     # no cycle (depth-first search over module-level imports)
@@ -519,8 +507,8 @@ def test_ops_import_graph_is_layered():
             for dep in top[todo.pop()] - reach:
                 reach.add(dep)
                 todo.append(dep)
-        if mod != "__init__" and not mod.startswith("_library"):  # the custom-op modules carry backend names
-            assert not {"_registry", "_library", "_library_quant", "__init__"} & reach, (mod, reach)
+        if mod not in ("__init__",) + _CUSTOM_OP_MODULES:  # the op modules (custom ops carry a backend name)
+            assert not {"_registry", "__init__", *_CUSTOM_OP_MODULES} & reach, (mod, reach)
     # function-level imports only for optional dependencies
     for mod, targets in local.items():
         assert all(t.startswith(_OPTIONAL) for t in targets), (mod, targets)

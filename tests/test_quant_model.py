@@ -227,6 +227,27 @@ def test_buffers_follow_device_and_keep_fp32_scales():
     assert m(torch.randn(2, 5)).shape == (2, 4)
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_memory_plan_counts_quantized_bytes(fmt):
+    """The memory plan of ``task_vector_dtype="int8"|"int4"`` counts the bytes the built model holds (packed values,
+    scales, zero points; dense 1-D entries), before and after the build."""
+    from adamerge_fast import memory
+
+    pre = small_vit(0)
+    fts = [perturbed(pre, s, 0.02) for s in (1, 2)]
+    model = af.AdaMergedModel(pre, fts, task_vector_dtype=fmt)
+    x = torch.zeros(1, 3, 16, 16)
+    before = memory.plan(pre, 2, x, batch_size=4, task_vector_dtype=fmt)
+    after = memory.plan_for_model(model, x, batch_size=4)
+    assert before.items["task_vectors"] == after.items["task_vectors"] == model.task_vector_bytes()
+    assert after.items["pretrained"] == before.items["pretrained"]
+    assert before.options["storage"] == after.options["storage"] == fmt
+    assert f"task vectors ({fmt})" in before.format()
+    f32 = memory.plan(pre, 2, x, batch_size=4)
+    assert before.items["task_vectors"] < f32.items["task_vectors"] / 2  # width 16: scales weigh more than at scale
+    assert before.items["loading"] > f32.items["loading"]  # the quantizer's fp32 temporaries of one tensor
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def test_cli_merge_and_adamerge_quantized(request, tmp_path, capsys):
     d = request.getfixturevalue("fixture_dir")  # test_cli's module fixture (imported above)
@@ -245,6 +266,8 @@ def test_cli_merge_and_adamerge_quantized(request, tmp_path, capsys):
         assert main(_module_args(d, run, "--steps", "2", "--task-vector-dtype", fmt)) == 0
         assert (run / "merged.safetensors").is_file()
         assert json.loads((run / "history.json").read_text())["args"]["task_vector_dtype"] == fmt
+        assert main(_module_args(d, tmp_path / f"plan_{fmt}", "--task-vector-dtype", fmt, "--plan")) == 0
+        assert f"task vectors ({fmt})" in capsys.readouterr().out
     assert main(["merge", "--method", "average", "--pretrained", "x", "--finetuned", "y", "-o", "z.safetensors",
                  "--task-vector-dtype", "int3"]) == 2
     assert "invalid choice: 'int3'" in capsys.readouterr().err

@@ -15,25 +15,35 @@ The coefficient table matches the official AdaMerging code: one row per paramete
 ``pretrained.named_parameters()`` order (one row in total for task-wise), one column per task.
 ``raw_coefficients`` is the trainable parameter; ``coefficients`` is it clamped to ``clamp``; the
 pretrained model's coefficient is fixed at 1.
+
+Options for drop-in wrappers (:mod:`adamerge_fast.compat`), all off by default: ``coefficient_layout`` stores
+``raw_coefficients`` as ``[rows, K]`` (default), ``[K, rows]`` (FusionBench's layer-wise ``merge_weight``) or
+``[K]`` (task-wise only; FusionBench's task-wise ``merge_weight``); ``normalize="softmax"`` turns each row of the
+clamped table into weights over the tasks that sum to 1 (FusionBench's ``normalized_merging_weights``);
+``parameter_filter`` picks the parameters that get a row (``"requires_grad"``: FusionBench's rule) — the others stay
+at their pretrained values.
 """
 
 from __future__ import annotations
 
 import copy as _copy
 import hashlib
-from typing import Any, Literal, Mapping, Sequence
+import math
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import ops
-from ..io import CheckpointError, save_safetensors
+from ..io import CheckpointError, check_finite, save_safetensors
 from ..ops.quant import FORMATS, QuantizedTensor
+from . import lora
 from . import quantized as _quantized
-from .static import ties_split
-from .task_vectors import Source, check_task_vectors
-from .task_vectors import task_vectors as make_task_vectors
+from .build import DenseRows, FinetunedSource, build_task_vectors
+from .static import check_ties_k, ties_split
+from .task_vectors import check_task_vectors
 
 
 class _CoefContext:
@@ -188,28 +198,75 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle):
-    """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned``, or checked), in
-    ``dtype``, TIES-split for AdaMerging++, contiguous, on the pretrained parameters' devices. A quantized ``dtype``
-    (``"int8"``/``"int4"``) or quantized ``task_vectors`` take :func:`_quantized_task_vectors`."""
+def block_paths(module: nn.Module) -> list[str]:
+    """Paths of the children of every ``nn.ModuleList`` holding two or more modules of one type (a transformer's
+    blocks: open_clip ``transformer.resblocks``, HF ``model.layers`` / ``encoder.layers``), outermost lists only."""
+    out: list[str] = []
+    for path, m in module.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or any(path.startswith(p + ".") for p in out):
+            continue
+        if len({type(c) for c in m}) == 1:
+            out += [f"{path}.{i}" if path else str(i) for i in range(len(m))]
+    return out
+
+
+class _CheckpointedForward:
+    """A module's forward under ``torch.utils.checkpoint`` (non-reentrant). The module's tensors at call time
+    (the merged ones ``AdaMergedModel.forward`` feeds through ``functional_call``; in the skeleton every tensor is
+    a buffer) and the coefficient table are captured, and the recomputation in backward runs the module's own
+    forward on exactly those again (its hooks run once per forward; its submodules' hooks again when recomputed)."""
+
+    def __init__(self, ctx: _CoefContext, module: nn.Module, forward):
+        self.ctx, self.module, self.forward = ctx, module, forward
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        coefs = self.ctx.get()
+        state = [(m, n, t) for m in self.module.modules() for n, t in m._buffers.items() if t is not None]
+
+        def run(*a, **kw):
+            saved = [(m, n, m._buffers[n]) for m, n, _ in state]
+            prev, self.ctx.coefs = self.ctx.coefs, coefs
+            try:
+                for m, n, t in state:
+                    m._buffers[n] = t
+                return self.forward(*a, **kw)
+            finally:
+                self.ctx.coefs = prev
+                for m, n, t in saved:
+                    m._buffers[n] = t
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle, *, K=None,
+                          release_finetuned=False):
+    """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned`` one model at a time by
+    :func:`~adamerge_fast.merging.build.build_task_vectors`, or checked), in ``dtype``, TIES-split for
+    AdaMerging++, contiguous, on the pretrained parameters' devices. A quantized ``dtype`` (``"int8"``/``"int4"``)
+    or quantized ``task_vectors`` take :func:`_quantized_task_vectors`."""
     names = list(base)
     given_q = task_vectors is not None and any(isinstance(t, QuantizedTensor) for t in task_vectors.values())
     if isinstance(dtype, str) or given_q:
-        return _quantized_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle)
+        return _quantized_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle, K=K,
+                                       release_finetuned=release_finetuned)
     if task_vectors is None:
-        tv = make_task_vectors(pretrained, finetuned, keys=names, dtype=dtype, trust_pickle=trust_pickle)
+        tv = build_task_vectors(base, finetuned, keys=names, K=K, storage=DenseRows(dtype),
+                                release_finetuned=release_finetuned, trust_pickle=trust_pickle)
     else:
         check_task_vectors(task_vectors, base, names)
         tv = {n: task_vectors[n].detach().to(device=base[n].device, dtype=dtype or task_vectors[n].dtype)
               for n in names}
     if ties:
-        tv = ties_split(tv, **({} if ties is True else dict(ties)))
+        tv = ties_split(tv, **ties)
     return {n: t.contiguous() for n, t in tv.items()}
 
 
-def _quantized_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle):
+def _quantized_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle, K=None,
+                            release_finetuned=False):
     """The quantized-storage branch of :func:`_stacked_task_vectors`: parameters of two or more dims get
-    :class:`QuantizedTensor` task vectors in format ``dtype`` (built from the checkpoints one tensor at a time, or
+    :class:`QuantizedTensor` task vectors in format ``dtype`` (built from the checkpoints one model at a time, or
     quantized from dense ``task_vectors``, or given already quantized), the others stay dense. AdaMerging++ trims
     the dense task vectors first (TIES needs them), then quantizes them."""
     names = list(base)
@@ -222,12 +279,12 @@ def _quantized_task_vectors(pretrained, base, finetuned, task_vectors, ties, dty
             raise ValueError("ties (AdaMerging++) needs dense task vectors: give dense task_vectors with "
                              "task_vector_dtype='int8'/'int4' (TIES runs first, then quantization)")
         tv = {n: task_vectors[n] for n in names}
-    elif ties:
-        tv = make_task_vectors(pretrained, finetuned, keys=names, trust_pickle=trust_pickle)
-    else:
-        tv = _quantized.quantize_task_vectors(pretrained, finetuned, dtype, keys=names, trust_pickle=trust_pickle)
+    else:  # one fine-tuned model at a time; quantized rows, or dense ones for TIES to trim first
+        storage = DenseRows() if ties else _quantized.QuantizedRows(dtype)
+        tv = build_task_vectors(base, finetuned, keys=names, K=K, storage=storage, release_finetuned=release_finetuned,
+                                trust_pickle=trust_pickle)
     if ties:
-        tv = ties_split(tv, **({} if ties is True else dict(ties)))
+        tv = ties_split(tv, **ties)
     out = {}
     for n in names:
         t = tv.pop(n)
@@ -236,13 +293,108 @@ def _quantized_task_vectors(pretrained, base, finetuned, task_vectors, ties, dty
     return out
 
 
-def _initial_table(init: float | torch.Tensor, rows: int, K: int) -> torch.Tensor:
-    """The initial raw coefficient table ``[rows, K]``: ``init`` everywhere, or a copy of a given table."""
+# ------------------------------------------------------------------------------ argument checks (issue #11)
+#: ``task_vector_dtype`` strings for quantized task vectors (handled where the task vectors are built)
+QUANTIZED_TASK_VECTOR_DTYPES = ("int8", "int4")
+
+
+def _check_clamp(clamp) -> tuple[float, float] | None:
+    """``clamp`` as ``(lo, hi)`` floats, or None; ``ValueError`` unless two numbers, neither NaN, with lo <= hi."""
+    if clamp is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clamp)
+    except (TypeError, ValueError):
+        raise ValueError(f"clamp must be None or (lo, hi), two numbers, got {clamp!r}") from None
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"clamp must be two numbers, not NaN, got ({lo}, {hi})")
+    if lo > hi:
+        raise ValueError(f"clamp must have lo <= hi, got ({lo}, {hi}): every coefficient would be clamped to {hi}")
+    return lo, hi
+
+
+def _check_init(init) -> None:
+    """``ValueError`` unless ``init`` (a number or a table) is finite."""
     if isinstance(init, torch.Tensor):
-        if tuple(init.shape) != (rows, K):
-            raise ValueError(f"init must have shape [{rows}, {K}], got {list(init.shape)}")
+        if not init.is_floating_point() or not bool(torch.isfinite(init).all()):
+            raise ValueError(f"init must be a finite floating table, got a {init.dtype} tensor with non-finite values"
+                             if init.is_floating_point() else f"init must be a finite floating table, got {init.dtype}")
+        return
+    try:
+        v = float(init)
+    except (TypeError, ValueError):
+        raise TypeError(f"init must be a number or a [rows, K] tensor, got {type(init).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"init must be a finite number, got {v}")
+
+
+def _ties_options(ties) -> dict[str, Any] | None:
+    """``ties`` as the :func:`ties_split` options ``{"k", "scope"}`` (defaults filled in), or None when off."""
+    if ties is None or ties is False:
+        return None
+    opts: dict[str, Any] = {"k": 0.2, "scope": "global"}
+    if ties is not True:
+        if not isinstance(ties, Mapping):
+            raise TypeError(f"ties must be None, True or a dict of ties_split options (k, scope), got "
+                            f"{type(ties).__name__}")
+        unknown = [k for k in ties if k not in opts]
+        if unknown:
+            raise ValueError(f"ties: unknown option {unknown[0]!r}; expected k (fraction kept) and scope")
+        opts.update(ties)
+    opts["k"] = check_ties_k(opts["k"], "ties: k")
+    if opts["scope"] not in ("global", "tensor"):
+        raise ValueError(f"ties: scope must be 'global' or 'tensor', got {opts['scope']!r}")
+    return opts
+
+
+def _check_task_vector_dtype(dtype) -> None:
+    if dtype is None or dtype in QUANTIZED_TASK_VECTOR_DTYPES:
+        return
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"task_vector_dtype must be None, a floating torch.dtype or one of "
+                        f"{QUANTIZED_TASK_VECTOR_DTYPES}, got {dtype!r}")
+
+
+def _check_backend(backend) -> None:
+    names = ("auto", *ops.backend_names())
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+
+
+def _init_setting(init) -> float | str:
+    """``init`` as a JSON value for :meth:`AdaMergedModel.algorithm_settings`: the number, or a digest of a table."""
+    if isinstance(init, torch.Tensor):
+        t = init.detach().float().cpu().contiguous()
+        return "table:" + hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+    return float(init)
+
+
+#: ``coefficient_layout`` -> what ``raw_coefficients`` holds: ``[rows, K]``, ``[K, rows]``, ``[K]`` (one row)
+COEFFICIENT_LAYOUTS = ("rows_tasks", "tasks_rows", "tasks")
+
+
+def _layout_shape(layout: str, rows: int, K: int) -> tuple[int, ...]:
+    return {"rows_tasks": (rows, K), "tasks_rows": (K, rows), "tasks": (K,)}[layout]
+
+
+def _initial_table(init: float | torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial raw coefficients of ``shape``: ``init`` everywhere, or a float32 copy of a given tensor."""
+    if isinstance(init, torch.Tensor):
+        if tuple(init.shape) != shape:
+            raise ValueError(f"init must have shape {list(shape)}, got {list(init.shape)}")
         return init.detach().float().clone()
-    return torch.full((rows, K), float(init))
+    return torch.full(shape, float(init))
+
+
+def _parameter_rule(parameter_filter) -> Callable[[str, nn.Parameter], bool]:
+    """``parameter_filter`` (None, ``"requires_grad"`` or a callable ``(name, parameter) -> bool``) as a callable."""
+    if parameter_filter is None:
+        return lambda n, p: True
+    if parameter_filter == "requires_grad":
+        return lambda n, p: p.requires_grad
+    if callable(parameter_filter):
+        return parameter_filter
+    raise ValueError(f"parameter_filter must be None, 'requires_grad' or a callable, got {parameter_filter!r}")
 
 
 class AdaMergedModel(nn.Module):
@@ -251,8 +403,23 @@ class AdaMergedModel(nn.Module):
     Args:
         pretrained: the pretrained ``nn.Module`` (``theta_0``). Its modules are copied unless ``copy=False``
             (then they are rewritten in place); its parameter tensors are shared, never copied or written.
-        finetuned: fine-tuned models/state dicts/checkpoint paths (one per task), or ``None`` if
-            ``task_vectors`` is given.
+        finetuned: one fine-tuned model per task, or ``None`` if ``task_vectors`` is given: modules, state dicts,
+            checkpoint paths, or callables (no arguments) that load and return one of those; a sequence, or an
+            iterator such as a generator (then ``task_names`` says how many). The task vectors are built one model
+            at a time (:func:`~adamerge_fast.merging.build.build_task_vectors`): each model is read, its rows
+            written, and dropped before the next is loaded, so with paths or loaders the peak is the pretrained
+            weights + the task vectors + one fine-tuned model. LoRA adapters (PEFT adapter directories,
+            ``{name: (A, B, scale)}`` mappings, :class:`~adamerge_fast.merging.lora.LoraAdapter`; given as a sequence)
+            are task vectors too, kept low-rank (:mod:`adamerge_fast.merging.lora`); a task may also be a full
+            fine-tuned model among adapters.
+        release_finetuned: side effect, off by default: empty each in-memory fine-tuned module (and mutable
+            state dict) of ``finetuned`` once its task vector is taken — its parameters and buffers become empty
+            tensors (:func:`~adamerge_fast.merging.build.release`), so their memory is freed as the task vectors
+            fill (when nothing else refers to them). The modules are unusable afterwards.
+        checkpoint_activations: recompute the activations of the backbone's blocks in the backward instead of
+            keeping them (``torch.utils.checkpoint``, non-reentrant): ``True`` checkpoints every child of the
+            model's repeated-block lists (:func:`block_paths`), or a predicate ``(path, module) -> bool`` picks
+            the modules. The merged layers save no merged weight, so recomputation costs only the forward.
         task_vectors: stacked task vectors ``{name: [K, *shape]}`` for every floating parameter.
         granularity: ``"layer"`` (one coefficient per parameter tensor per task) or ``"task"`` (one per task).
         init: initial coefficient (0.3 as the paper), a float or a ``[rows, K]`` tensor.
@@ -267,12 +434,20 @@ class AdaMergedModel(nn.Module):
             :func:`~adamerge_fast.merging.quantized.load_task_vectors`).
         backend: op backend (``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``).
         task_names: names of the K tasks (for tables and plots).
+        coefficient_layout: what ``raw_coefficients`` holds: ``"rows_tasks"`` ``[rows, K]`` (default),
+            ``"tasks_rows"`` ``[K, rows]``, or ``"tasks"`` ``[K]`` (``granularity="task"`` only). ``init`` as a tensor
+            has this shape; ``coefficients`` is ``[rows, K]`` whatever the layout.
+        normalize: ``None``, or ``"softmax"``: after the clamp, each row becomes ``softmax`` over the tasks
+            (FusionBench's ``normalized_merging_weights``).
+        parameter_filter: which floating parameters get a coefficient row: ``None`` (all), ``"requires_grad"``
+            (FusionBench's rule), or ``(name, parameter) -> bool``. The others keep their pretrained values; their
+            task vectors are neither built nor stored.
     """
 
     def __init__(
         self,
         pretrained: nn.Module,
-        finetuned: Sequence[Source] | None = None,
+        finetuned: Iterable[FinetunedSource] | None = None,
         *,
         task_vectors: Mapping[str, torch.Tensor | QuantizedTensor] | None = None,
         granularity: Literal["task", "layer"] = "layer",
@@ -284,26 +459,67 @@ class AdaMergedModel(nn.Module):
         task_names: Sequence[str] | None = None,
         copy: bool = True,
         trust_pickle: bool = False,
+        release_finetuned: bool = False,
+        checkpoint_activations: bool | Callable[[str, nn.Module], bool] = False,
+        coefficient_layout: Literal["rows_tasks", "tasks_rows", "tasks"] = "rows_tasks",
+        normalize: Literal["softmax"] | None = None,
+        parameter_filter: str | Callable[[str, nn.Parameter], bool] | None = None,
     ):
         super().__init__()
         if granularity not in ("task", "layer"):
             raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
+        clamp = _check_clamp(clamp)
+        _check_init(init)
+        ties = _ties_options(ties)
+        _check_task_vector_dtype(task_vector_dtype)
+        _check_backend(backend)
+        if coefficient_layout not in COEFFICIENT_LAYOUTS or (coefficient_layout == "tasks" and granularity != "task"):
+            raise ValueError(f"coefficient_layout must be one of {COEFFICIENT_LAYOUTS} ('tasks' only with "
+                             f"granularity='task'), got {coefficient_layout!r} with granularity={granularity!r}")
+        if normalize not in (None, "softmax"):
+            raise ValueError(f"normalize must be None or 'softmax', got {normalize!r}")
         if (finetuned is None) == (task_vectors is None):
             raise ValueError("give exactly one of finetuned=... or task_vectors=...")
-        named = [(n, p) for n, p in pretrained.named_parameters() if torch.is_floating_point(p)]
+        keep = _parameter_rule(parameter_filter)
+        named = [(n, p) for n, p in pretrained.named_parameters() if torch.is_floating_point(p) and keep(n, p)]
         if not named:
-            raise ValueError("pretrained model has no floating-point parameters to merge")
+            raise ValueError("pretrained model has no floating-point parameters to merge"
+                             + ("" if parameter_filter is None else f" (parameter_filter={parameter_filter!r})"))
         names = [n for n, _ in named]
-        tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
-                                   trust_pickle)
-        K = next(iter(tv.values())).shape[0]
+        self._lora: lora.LoraTaskVectors | None = None
+        if isinstance(finetuned, Sequence) and any(lora.is_lora_source(f) for f in finetuned):
+            # storage kind "LoRA": low-rank weights run by MergedLoRALinear; `tv` holds the dense task vectors only,
+            # of the parameters some task touches densely (its tasks in self._lora.dense_tasks)
+            if ties:
+                raise ValueError("ties (AdaMerging++) trims dense task vectors: it does not apply to LoRA adapters")
+            if isinstance(task_vector_dtype, str):
+                raise ValueError(f"task_vector_dtype={task_vector_dtype!r} (quantized dense task vectors) does not "
+                                 "apply to LoRA adapters; give a floating dtype or None")
+            self._lora = lora.collect(pretrained, dict(named), finetuned, dtype=task_vector_dtype,
+                                      trust_pickle=trust_pickle)
+            tv, K = self._lora.dense, self._lora.num_tasks
+        else:
+            tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
+                                       trust_pickle, K=None if task_names is None else len(task_names),
+                                       release_finetuned=release_finetuned)
+            K = next(iter(tv.values())).shape[0]
         self.num_tasks, self.granularity, self.clamp_range, self.backend = K, granularity, clamp, backend
+        self.coefficient_layout, self.normalize = coefficient_layout, normalize
         self.param_names = names
         self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(K)]
         if len(self.task_names) != K:
             raise ValueError(f"task_names has {len(self.task_names)} names for {K} tasks")
         rows = len(names) if granularity == "layer" else 1
-        self.raw_coefficients = nn.Parameter(_initial_table(init, rows, K).to(named[0][1].device))
+        shape = _layout_shape(coefficient_layout, rows, K)
+        self.raw_coefficients = nn.Parameter(_initial_table(init, shape).to(named[0][1].device))
+        self._settings = {
+            "granularity": granularity, "num_tasks": K, "init": _init_setting(init),
+            "clamp": None if clamp is None else list(clamp), "ties": ties,
+            "task_vector_dtype": None if task_vector_dtype is None else str(task_vector_dtype).replace("torch.", ""),
+            "normalize": normalize, "coefficient_layout": coefficient_layout,
+        }  # fmt: skip
+        if self._lora is not None:  # a run on adapters is another problem than one on dense task vectors
+            self._settings["task_vector_storage"] = "lora"
 
         object.__setattr__(self, "_template", _meta_template(pretrained))
         # every name under which each parameter is reachable (tied weights have several) -> its row in `names`
@@ -323,6 +539,29 @@ class AdaMergedModel(nn.Module):
         skel = self._rewrite_linear_modules(skel, tv)
         self._collect_generic_parameters(skel, tv)
         self.skeleton = skel
+        self.checkpointed: list[str] = []  # paths of the modules whose activations are recomputed in backward
+        if checkpoint_activations:
+            self._checkpoint_modules(checkpoint_activations)
+
+    def _checkpoint_modules(self, which: bool | Callable[[str, nn.Module], bool]) -> None:
+        """Wrap the forward of the chosen skeleton modules in :class:`_CheckpointedForward`."""
+        if which is True:
+            paths = block_paths(self.skeleton)
+            if not paths:
+                raise ValueError("checkpoint_activations=True: the model has no list of repeated blocks (an "
+                                 "nn.ModuleList of modules of one type); pass a predicate (path, module) -> bool")
+        elif callable(which):
+            paths = [p for p, m in self.skeleton.named_modules() if p and which(p, m)]
+            paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]  # outermost only
+            if not paths:
+                raise ValueError("checkpoint_activations: the predicate picked no module")
+        else:
+            raise ValueError(f"checkpoint_activations must be a bool or a predicate (path, module) -> bool, got "
+                             f"{which!r}")
+        for p in paths:
+            m = self.skeleton.get_submodule(p)
+            m.forward = _CheckpointedForward(self._ctx, m, m.forward)
+        self.checkpointed = paths
 
     def _coef_row(self, name: str) -> int:
         """The coefficient-table row of parameter ``name`` (0 for every parameter when task-wise)."""
@@ -340,21 +579,29 @@ class AdaMergedModel(nn.Module):
 
     def _rewrite_linear_modules(self, skel: nn.Module, tv: Mapping[str, torch.Tensor]) -> nn.Module:
         """Replace every ``nn.Linear`` and rewritable ``nn.MultiheadAttention`` whose weight has a coefficient
-        row by its merged counterpart; ``self._rewritten`` lists their paths. Returns the (new) root."""
+        row by its merged counterpart; ``self._rewritten`` lists their paths. Returns the (new) root. With LoRA
+        sources: the layers whose weight has LoRA task vectors become
+        :class:`~adamerge_fast.merging.lora.MergedLoRALinear` instead."""
         self._rewritten: list[str] = []
+        if self._lora is not None:
+            for path, new in lora.merged_lora_modules(self, skel, self._lora):
+                skel = _set_child(skel, path, new)
+                self._rewritten.append(path)
+            return skel
         for path, m in list(skel.named_modules()):
             if any(path.startswith(h + ".") or h == "" for h in self._rewritten):
                 continue  # inside a module already rewritten
             pre = path + "." if path else ""
-            if _rewritable_mha(m) and pre + "in_proj_weight" in self._row_index:
+            if (_rewritable_mha(m) and pre + "in_proj_weight" in self._row_index
+                    and pre + "out_proj.weight" in self._row_index):
                 inp = self._merged_linear(pre + "in_proj_weight", pre + "in_proj_bias", m.in_proj_weight,
                                           m.in_proj_bias, tv)
                 outp = self._merged_linear(pre + "out_proj.weight", pre + "out_proj.bias", m.out_proj.weight,
                                            m.out_proj.bias, tv)
                 new: nn.Module = MergedMultiheadAttention(m, inp, outp)
             elif type(m) in _LINEARS and pre + "weight" in self._row_index:
-                if m.bias is not None and pre + "bias" not in self._row_index:
-                    continue  # bias tied elsewhere: keep the module generic
+                if m.bias is not None and pre + "bias" in self._aliases and pre + "bias" not in self._row_index:
+                    continue  # bias tied elsewhere: keep the module generic (a filtered-out bias stays fixed)
                 new = self._merged_linear(pre + "weight", pre + "bias", m.weight, m.bias, tv)
             else:
                 continue
@@ -375,8 +622,8 @@ class AdaMergedModel(nn.Module):
             mod = skel.get_submodule(mod_path) if mod_path else skel
             del mod._parameters[pn]
             mod.register_buffer(pn, p.detach(), persistent=False)
-            if full not in self._aliases:  # a non-floating parameter: kept as it is
-                continue
+            if full not in self._aliases or self.param_names[self._aliases[full]] not in tv:
+                continue  # a non-floating parameter, or one no task touches (LoRA sources): kept as it is
             canon = self.param_names[self._aliases[full]]
             if canon not in pos:
                 pos[canon] = len(self._generic_names)
@@ -394,11 +641,17 @@ class AdaMergedModel(nn.Module):
             else:
                 self._generic_task_vectors.register_buffer(f"t{i}", tv[n], persistent=False)
         self._generic_cache: list | None = None
+        # LoRA sources: task vectors of task subsets, merged per subset (None: every parameter has all K tasks)
+        self._generic_groups = None if self._lora is None else lora.task_groups(
+            self._generic_names, self._lora.dense_tasks, device)  # fmt: skip
 
     # -------------------------------------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
         self._generic_cache = None
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_generic_groups", None) is not None:
+            self._generic_groups = [(fn(p), fn(t)) for p, t in self._generic_groups]
+        return out
 
     def _generic_tensors(self) -> list[list[torch.Tensor]]:
         """``[bases, task vectors]`` of the parameters merged by ``merge_many`` (cached until ``.to()``)."""
@@ -410,13 +663,25 @@ class AdaMergedModel(nn.Module):
             self._generic_cache = [bases, deltas]
         return self._generic_cache
 
+    def _as_table(self, raw: torch.Tensor) -> torch.Tensor:
+        """``raw`` (in ``coefficient_layout``) as a ``[rows, K]`` table (a view)."""
+        if self.coefficient_layout == "tasks_rows":
+            return raw.t()
+        if self.coefficient_layout == "tasks":
+            return raw.unsqueeze(0)
+        return raw
+
     @property
     def coefficients(self) -> torch.Tensor:
-        """The clamped coefficient table ``[rows, K]`` (rows = parameter tensors, or 1 for task-wise)."""
-        if self.clamp_range is None:
-            return self.raw_coefficients
-        lo, hi = self.clamp_range
-        return self.raw_coefficients.clamp(lo, hi)
+        """The coefficient table ``[rows, K]`` (rows = parameter tensors, or 1 for task-wise) whatever the layout:
+        ``raw_coefficients`` clamped to ``clamp``, then (``normalize="softmax"``) a softmax over each row."""
+        c = self._as_table(self.raw_coefficients)
+        if self.clamp_range is not None:
+            lo, hi = self.clamp_range
+            c = c.clamp(lo, hi)
+        if self.normalize == "softmax":
+            c = c.softmax(dim=1)
+        return c if self.coefficient_layout == "rows_tasks" else c.contiguous()
 
     def forward(self, *args, **kwargs):
         coefs = self.coefficients
@@ -425,11 +690,22 @@ class AdaMergedModel(nn.Module):
             params = {}
             if self._generic_names:
                 bases, deltas = self._generic_tensors()
-                merged = ops.merge_many(bases, deltas, coefs[self._generic_rows_t], backend=self.backend)
+                if self._generic_groups is None:
+                    merged = ops.merge_many(bases, deltas, coefs[self._generic_rows_t], backend=self.backend)
+                else:  # LoRA sources: one merge_many per task subset
+                    merged = lora.merge_groups(bases, deltas, coefs[self._generic_rows_t], self._generic_groups,
+                                               self.backend)  # fmt: skip
                 params = {full: merged[i] for full, i in self._generic_feed}
             return torch.func.functional_call(self.skeleton, params, args, kwargs)
         finally:
             self._ctx.coefs = None
+
+    def rows_per_example(self, *args, **kwargs) -> torch.Tensor | None:
+        """Output rows per example ``[B]`` for these inputs, when the wrapped model's forward gives a variable number
+        of rows per example and says so through its own ``rows_per_example`` (e.g.
+        :class:`~adamerge_fast.models.hf.CausalLMForEntropy` with ``positions="all"``); ``None`` otherwise."""
+        fn = getattr(self.skeleton, "rows_per_example", None)
+        return None if fn is None else fn(*args, **kwargs)
 
     # -------------------------------------------------------------------------------------------------
     def _row_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -438,15 +714,24 @@ class AdaMergedModel(nn.Module):
             i = self._generic_names.index(name)
             bases, deltas = self._generic_tensors()
             return bases[i], deltas[i], self._generic_rows[i]
-        mod_path, _, leaf = name.rpartition(".")
-        if leaf in ("in_proj_weight", "in_proj_bias"):
-            m = self.skeleton.get_submodule(mod_path).in_proj
-            leaf = leaf[len("in_proj_"):]
-        else:
-            m = self.skeleton.get_submodule(mod_path)
+        m, leaf = self._merged_layer_of(name)
         if leaf == "weight":
             return m.w0, m.weight_task_vectors(), m.w_row
         return m.b0, m.tau_b, m.b_row
+
+    def _merged_layer_of(self, name: str) -> tuple[MergedLinear, str]:
+        """The :class:`MergedLinear` holding parameter ``name`` of a rewritten module, and ``"weight"``/``"bias"``."""
+        mod_path, _, leaf = name.rpartition(".")
+        if leaf in ("in_proj_weight", "in_proj_bias"):
+            return self.skeleton.get_submodule(mod_path).in_proj, leaf[len("in_proj_"):]
+        return self.skeleton.get_submodule(mod_path), leaf
+
+    def _fixed_tensor(self, key: str) -> torch.Tensor:
+        """A state-dict entry without a coefficient row (a buffer, a non-floating or filtered-out parameter)."""
+        if any(key.startswith(path + ".") or path == "" for path in self._rewritten):
+            m, leaf = self._merged_layer_of(key)  # a filtered-out parameter of a rewritten layer
+            return m.w0 if leaf == "weight" else m.b0
+        return self.skeleton.get_buffer(key)
 
     def task_vector_bytes(self) -> int:
         """Bytes of the task vectors this model holds (dense and quantized storage)."""
@@ -457,8 +742,10 @@ class AdaMergedModel(nn.Module):
         """The merged model's full state dict (the pretrained architecture's keys), materialized once (each tensor
         merged in fp32 from its task vectors, dequantized in the kernel when quantized, and rounded once)."""
         coefs = self.coefficients.detach()
-        merged = {}
+        merged = {} if self._lora is None else self._lora_merged_parameters(coefs)
         for name in self.param_names:
+            if name in merged:
+                continue
             base, tau, r = self._row_tensors(name)
             merged[name] = ops.merge(base, tau, coefs[r], backend=self.backend)
         out = {}
@@ -466,7 +753,27 @@ class AdaMergedModel(nn.Module):
             if key in self._aliases:
                 out[key] = merged[self.param_names[self._aliases[key]]]
             else:
-                out[key] = self.skeleton.get_buffer(key)
+                out[key] = self._fixed_tensor(key)
+        return out
+
+    def _lora_merged_parameters(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """With LoRA sources: every parameter, materialized (the LoRA layers' weights, task-subset merges, and the
+        pretrained tensor of a parameter no task touches)."""
+        out = {}
+        for path in self._rewritten:  # MergedLoRALinear
+            m = self.skeleton.get_submodule(path)
+            pre = path + "." if path else ""
+            out[pre + "weight"] = m.merged_weight(coefs)
+            if m.b0 is not None:
+                out[pre + "bias"] = m.merged_bias(coefs)
+        bases, deltas = self._generic_tensors()
+        for i, name in enumerate(self._generic_names):
+            tasks = torch.tensor(self._lora.dense_tasks[name], dtype=torch.long, device=coefs.device)
+            out[name] = ops.merge(bases[i], deltas[i], coefs[self._generic_rows[i]].index_select(0, tasks),
+                                  backend=self.backend)  # fmt: skip
+        for name in self.param_names:
+            if name not in out:
+                out[name] = self.skeleton.get_buffer(name)
         return out
 
     def to_module(self) -> nn.Module:
@@ -478,21 +785,37 @@ class AdaMergedModel(nn.Module):
             if full != canon:
                 mod_path, _, pn = full.rpartition(".")
                 (m.get_submodule(mod_path) if mod_path else m)._parameters[pn] = m.get_parameter(canon)
+        for name, b in list(m.named_buffers()):  # non-persistent buffers (e.g. Llama's rotary inv_freq) are not in
+            if b.is_meta:  # the state dict: the skeleton's own (the pretrained model's) values
+                mod_path, _, bn = name.rpartition(".")
+                (m.get_submodule(mod_path) if mod_path else m)._buffers[bn] = self.skeleton.get_buffer(name)
         return m
 
     def save_merged(self, path) -> None:
-        """Write the merged state dict as safetensors (atomically)."""
-        save_safetensors(self.merged_state_dict(), path, {"format": "pt", "producer": "adamerge_fast"})
+        """Write the merged state dict as safetensors (atomically); :class:`~adamerge_fast.io.NonFiniteError` naming
+        the first tensor with a NaN/inf, before anything is written."""
+        sd = self.merged_state_dict()
+        for k, t in sd.items():
+            check_finite(t, f"merged tensor {k!r}")
+        save_safetensors(sd, path, {"format": "pt", "producer": "adamerge_fast"})
 
     # -------------------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
         """Identifies the model a coefficient table belongs to: names, shapes, K and granularity."""
         h = hashlib.sha256()
         h.update(f"{self.granularity}|{self.num_tasks}|".encode())
+        if self.coefficient_layout != "rows_tasks" or self.normalize is not None:
+            h.update(f"layout={self.coefficient_layout}|normalize={self.normalize}|".encode())
         for n in self.param_names:
-            base, _, _ = self._row_tensors(n)
-            h.update(f"{n}:{tuple(base.shape)};".encode())
+            h.update(f"{n}:{tuple(self._template.get_parameter(n).shape)};".encode())
         return h.hexdigest()[:16]
+
+    def algorithm_settings(self) -> dict[str, Any]:
+        """The settings that define this model's optimization problem, as JSON values: ``granularity``,
+        ``num_tasks``, ``init`` (a number, or a digest of the initial table), ``clamp``, ``ties`` (the TIES options
+        or None) and ``task_vector_dtype``. :func:`~adamerge_fast.optim.adamerge` stores them in its checkpoints and
+        refuses to resume with different ones."""
+        return dict(self._settings)
 
     def save_coefficients(self, path) -> None:
         save_safetensors(

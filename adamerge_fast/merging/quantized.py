@@ -1,4 +1,4 @@
-"""Quantized task vectors for whole models: built from checkpoints one tensor at a time, saved and loaded with
+"""Quantized task vectors for whole models: built from checkpoints one model at a time, saved and loaded with
 safetensors, held by modules.
 
 A model's task vectors are ``{name: [K, *shape]}`` as everywhere in this package, each entry either a dense tensor
@@ -17,6 +17,7 @@ quantized one as ``name.__qdata``, ``name.__scales`` (and ``name.__zeros`` for i
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence, Union
@@ -24,18 +25,20 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from ..io import CheckpointError, check_fits, existing, save_safetensors
+from ..io import CheckpointError, existing, save_safetensors
 from ..ops.quant import (
     DEFAULT_GROUP_SIZE,
     FORMATS,
     QuantizedTensor,
     check_quantized,
+    component_shapes,
     empty,
     format_bits,
     quantize,
     quantize_into,
 )
-from .task_vectors import Source, as_state_dict, check_task_vectors, floating_keys
+from .build import DenseRows, build_task_vectors
+from .task_vectors import Source, as_state_dict, check_task_vectors, floating_keys, rounded_difference_
 
 AnyTaskVector = Union[torch.Tensor, QuantizedTensor]
 META_KEY = "adamerge_fast.task_vectors"
@@ -63,6 +66,57 @@ def quantize_stack(t: AnyTaskVector, fmt: str, *, group_size: int = DEFAULT_GROU
     return quantize(t, fmt, group_size=group_size) if t.dim() - 1 >= MIN_DIMS else t
 
 
+class QuantizedRows:
+    """The quantized storage kind of :func:`~adamerge_fast.merging.build.build_task_vectors`: a parameter of two
+    or more dims gets a :class:`QuantizedTensor` in format ``fmt`` (task ``k``'s difference is formed in fp32 —
+    rounded once, checked finite, chunk by chunk, as dense rows are — then quantized into slot ``k``), the others
+    dense rows in the pretrained dtype (:class:`~adamerge_fast.merging.build.DenseRows`)."""
+
+    def __init__(self, fmt: str = "int8", group_size: int = DEFAULT_GROUP_SIZE,
+                 device: torch.device | str | None = None):
+        self.bits = format_bits(fmt)
+        self.fmt, self.group_size, self.device = fmt, int(group_size), device
+        self._dense = DenseRows(None, device)
+
+    def allocate(self, name: str, base: torch.Tensor, K: int):
+        if base.dim() < MIN_DIMS:
+            return self._dense.allocate(name, base, K)
+        dev = self.device if self.device is not None else base.device
+        return empty((K, *base.shape), self.fmt, group_size=self.group_size, device=dev)
+
+    def write(self, store, k: int, finetuned: torch.Tensor, base: torch.Tensor | None, what: str,
+              source: str | None = None) -> None:
+        if not isinstance(store, QuantizedTensor):
+            self._dense.write(store, k, finetuned, base, what, source)
+            return
+        d = torch.empty(store.task_shape, dtype=torch.float32, device=store.device)
+        rounded_difference_(d, finetuned, base, what, source)
+        quantize_into(store, k, d)
+
+    def finish(self, name: str, store):
+        return store
+
+    def temporary_bytes(self, numel: int) -> int:
+        """Bytes :meth:`write` allocates for a tensor of ``numel`` entries: the fp32 difference and the quantizer's
+        fp32 temporaries (:func:`~adamerge_fast.ops.quant.quantize_into`), about four fp32 copies."""
+        return 4 * 4 * int(numel)
+
+    def nbytes(self, shape: Sequence[int], base_dtype: torch.dtype, K: int) -> int:
+        if len(shape) < MIN_DIMS:
+            return self._dense.nbytes(shape, base_dtype, K)
+        gs = 0 if self.bits == 8 else self.group_size
+        parts = component_shapes((K, *shape), self.bits, gs)
+        return sum(math.prod(v) * (4 if n == "scales" else 1) for n, v in parts.items())
+
+
+def row_storage(task_vector_dtype) -> DenseRows | QuantizedRows:
+    """The storage kind of a ``task_vector_dtype`` value: None or a floating dtype -> dense rows; ``"int8"`` /
+    ``"int4"`` -> :class:`QuantizedRows`."""
+    if is_quantized_format(task_vector_dtype):
+        return QuantizedRows(task_vector_dtype)
+    return DenseRows(task_vector_dtype)
+
+
 def quantize_task_vectors(
     pretrained: Source,
     finetuned: Sequence[Source],
@@ -73,36 +127,18 @@ def quantize_task_vectors(
     device: torch.device | str | None = None,
     trust_pickle: bool = False,
 ) -> dict[str, AnyTaskVector]:
-    """Quantized task vectors ``{name: [K, *shape]}`` of ``finetuned`` against ``pretrained``, built one tensor of
-    one model at a time: each difference is taken in the checkpoints' precision, quantized into its slot and
-    dropped, so lazily read checkpoints (safetensors) are never dense in memory and no dense ``[K, *shape]`` stack
-    exists. ``keys``, sources and errors as :func:`~adamerge_fast.merging.task_vectors`; tensors with fewer than
-    two dims stay dense (in the checkpoint's dtype)."""
-    format_bits(fmt)
+    """Quantized task vectors ``{name: [K, *shape]}`` of ``finetuned`` against ``pretrained``, built one
+    fine-tuned model at a time (:func:`~adamerge_fast.merging.build.build_task_vectors` with
+    :class:`QuantizedRows`): each difference is formed chunk by chunk, quantized into its slot and dropped, so no
+    dense ``[K, *shape]`` stack exists and lazily read checkpoints are never dense in memory. ``keys`` (default:
+    every floating tensor of ``pretrained``), sources and errors as :func:`~adamerge_fast.merging.task_vectors`;
+    tensors with fewer than two dims stay dense (in the checkpoint's dtype)."""
+    storage = QuantizedRows(fmt, group_size, device)
     if len(finetuned) == 0:
         raise ValueError("quantize_task_vectors: need at least one fine-tuned model (got zero tasks)")
     base = as_state_dict(pretrained, trust_pickle=trust_pickle)
     keys = list(keys) if keys is not None else floating_keys(base)
-    fts = [as_state_dict(f, trust_pickle=trust_pickle) for f in finetuned]
-    for i, ft in enumerate(fts):
-        check_fits(base, ft, f"fine-tuned model {i}", keys=keys, check_dtype=True, ref_name="the pretrained model")
-    out: dict[str, AnyTaskVector] = {}
-    for k in keys:
-        b = base[k].detach()
-        dev = device if device is not None else b.device
-        shape = (len(fts), *b.shape)
-        st = empty(shape, fmt, group_size=group_size, device=dev) if b.dim() >= MIN_DIMS else None
-        dense = torch.empty(shape, dtype=b.dtype, device=dev) if st is None else None
-        for i, ft in enumerate(fts):
-            d = ft[k].detach().to(dev) - b.to(dev)
-            if not torch.isfinite(d).all():
-                raise CheckpointError(f"task vector {i}: key {k!r} has NaN or inf values")
-            if st is not None:
-                quantize_into(st, i, d)
-            else:
-                dense[i].copy_(d)
-        out[k] = st if st is not None else dense
-    return out
+    return build_task_vectors(base, finetuned, keys=keys, storage=storage, trust_pickle=trust_pickle)
 
 
 def check_any_task_vectors(tv: Mapping[str, AnyTaskVector], base: Mapping[str, torch.Tensor],

@@ -5,7 +5,8 @@ Plain-torch semantics (fp32 accumulation)::
     fwd: H[N]         = -(softmax(z) * log_softmax(z)).sum(-1)     for logits z[N, C]     (fp32)
     bwd: dz[N, C]     = -p * (log p + H[:, None]) * grad[:, None]  with p = softmax(z)   (z dtype)
 
-``-inf`` logits contribute 0 (``p log p -> 0``) and never produce NaN; a row of only ``-inf`` has H = 0.
+``-inf`` logits of a row with a finite entry contribute 0 (``p log p -> 0``) and get a zero gradient; a row with
+a NaN or a ``+inf``, or of only ``-inf``, has H = NaN and a NaN gradient in every entry, as the plain formula.
 
 One program per row walks the row in ``BLOCK_C`` chunks with an online update, so a 128k vocabulary never
 materializes probabilities: with a running max ``m``, ``S = sum exp(z - m)`` and
@@ -46,11 +47,13 @@ def _row_stats(z_row, C, stride_c, BLOCK_C: tl.constexpr):
         t = a * (t + shift * s) + tl.sum(e * zr, axis=0)
         s = a * s + tl.sum(e, axis=0)
         m = m_new
-    ok = s > 0  # False only for a row of -inf: then m = log S = 0 and H = 0, and the backward writes 0
+    # s > 0 fails for a row of only -inf (s = 0) and for a row with a NaN or a +inf (z - m' is NaN there, so s is
+    # NaN): H = NaN, and the backward's -p * (log p + H) is NaN in every entry of the row
+    ok = s > 0
     m = tl.where(ok, m, 0.0)
     s = tl.where(ok, s, 1.0)
     log_s = tl.log(s)
-    h = tl.where(ok, log_s - t / s, 0.0)
+    h = tl.where(ok, log_s - t / s, float("nan"))
     return m, log_s, h
 
 
@@ -83,6 +86,12 @@ def _entropy_bwd_kernel(
     z_row = z_ptr + row * stride_n
     m, log_s, h = _row_stats(z_row, C, stride_c, BLOCK_C)
     g = tl.load(g_ptr + row * stride_g).to(tl.float32)
+    _row_grad(z_row, stride_c, dz_ptr + row * C, C, m, log_s, h, g, BLOCK_C)
+
+
+@triton.jit
+def _row_grad(z_row, stride_c, dz_row, C, m, log_s, h, g, BLOCK_C: tl.constexpr):
+    # dz_row[c] = -p * (log p + H) * g for one row z[C] with its stats (m, log S, H); dz_row contiguous (may be z_row)
     rc = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + rc
@@ -92,7 +101,7 @@ def _entropy_bwd_kernel(
         p = tl.exp(logp)
         logp = tl.where(p > 0, logp, 0.0)  # -inf entries (p = 0) give exactly 0, never 0 * -inf = NaN
         d = -p * (logp + h) * g
-        tl.store(dz_ptr + row * C + cols, d.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_row + cols, d.to(dz_row.dtype.element_ty), mask=mask)
 
 
 def _block_c(C: int, block_c: int | None) -> int:
