@@ -47,7 +47,7 @@ def _check_against_dense(pre, fts, inputs, fmt, backend, **kw):
         with torch.no_grad():
             m.raw_coefficients.copy_(init)
         out = m(*inputs)
-        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device)
         (out * w).sum().backward()
         outs.append((out, m.raw_coefficients.grad))
     assert_close(outs[0][0], outs[1][0].double(), F32, f"{fmt} forward")
@@ -60,10 +60,15 @@ def _check_against_dense(pre, fts, inputs, fmt, backend, **kw):
 def test_mlp_quantized_equals_dense_over_dequantized(be, fmt):
     name, dev = be
     pre = mlp(0)
-    fts = [perturbed(pre, s) for s in (1, 2, 3)]
-    q = _check_against_dense(pre, fts, (torch.randn(6, 5),), fmt, name)
+    fts = [perturbed(pre, s).to(dev) for s in (1, 2, 3)]
+    pre = pre.to(dev)
+    x = torch.randn(6, 5).to(dev)
+    q = _check_against_dense(pre, fts, (x,), fmt, name)
     kinds = {n: type(q._row_tensors(n)[1]).__name__ for n in q.param_names}
     assert kinds["0.weight"] == "QuantizedTensor" and kinds["0.bias"] == "Tensor" and kinds["1.weight"] == "Tensor"
+    # to_module on this backend: the merged weights (merge over the packed values) give the model's forward
+    with torch.no_grad():
+        assert_close(q.to_module()(x), q(x).double(), F32, f"{name} to_module forward")
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
