@@ -30,7 +30,7 @@ MAX_BLOCK_C = 16384 if INTERPRET else 4096
 @triton.jit
 def _row_stats(z_row, C, stride_c, BLOCK_C: tl.constexpr):
     # one row z[C] -> (m, log S, H): running max, log-sum-exp relative to m, entropy (all fp32 scalars)
-    rc = tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    rc = tl.arange(0, BLOCK_C).to(tl.int64)  # [BLOCK_C]; int64: cols * stride_c of a transposed view passes 2^31
     m = tl.full([], -float("inf"), tl.float32)
     s = tl.full([], 0.0, tl.float32)
     t = tl.full([], 0.0, tl.float32)
@@ -83,7 +83,7 @@ def _entropy_bwd_kernel(
     z_row = z_ptr + row * stride_n
     m, log_s, h = _row_stats(z_row, C, stride_c, BLOCK_C)
     g = tl.load(g_ptr + row * stride_g).to(tl.float32)
-    rc = tl.arange(0, BLOCK_C)
+    rc = tl.arange(0, BLOCK_C).to(tl.int64)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + rc
         mask = cols < C

@@ -6,13 +6,22 @@ Plain-torch semantics (fp32 accumulation)::
     dcoef(grad[*S], deltas[K, *S])          = [(grad * deltas[k]).sum() for k]         -> [K],  fp32
     merge_many / dcoef_many                 = the same over a list (coefs [n, K] -> outputs, [n, K])
 
+Task-vector stacks are read in place when each slice ``deltas[k]`` is contiguous, whatever the distance between
+slices (``stride(0)``): a row slice ``tau[:, lo:hi]`` of a packed projection is never copied. Other layouts are
+copied once with ``.contiguous()``.
+
 ``merge_many`` / ``dcoef_many`` are multi-tensor-apply kernels: the launcher writes a table of raw pointers
-(``data_ptr()``), sizes and coefficient rows, one row per tensor, plus a block -> tensor map, and a single
-launch covers every tensor whose dtypes match (one launch per dtype combination). Each program reads its
-tensor's pointers from the table and casts them with ``.to(tl.pointer_type(...))``.
+(``data_ptr()``), sizes, slice strides and coefficient rows, one row per tensor, plus a block -> tensor map, and a
+single launch covers every tensor of one group: same dtypes, and either all 16-byte aligned (pointers, sizes and
+slice strides multiples of 16 bytes / 16 elements: the ``ALIGNED`` variant, whose loads and stores compile to
+16-byte vector accesses like the single-tensor kernels') or not. Each program reads its tensor's pointers from the
+table and casts them with ``.to(tl.pointer_type(...))``. While the current CUDA stream is being captured into a
+CUDA graph the table is not built (a host-to-device copy of host memory that a replay would read again): each
+tensor is then launched on its own with the single-tensor kernels, whose arguments are kernel parameters.
 
 ``dcoef`` is deterministic: every program writes its ``K`` partial sums to a ``[num_blocks, K]`` buffer (no
-float atomics) and a second kernel sums each tensor's rows in a fixed order.
+float atomics) and :func:`segment_sum` sums each tensor's rows in a fixed order, in two levels when a tensor has
+more than :data:`CHUNK_ROWS` rows of partial sums (fixed chunks in parallel, then the chunk sums).
 """
 
 from __future__ import annotations
@@ -22,34 +31,39 @@ import triton
 import triton.language as tl
 
 from .._common import new_output
-from ._common import INTERPRET, TL_DTYPE, clamp_pow2, int64_table
+from ._common import INTERPRET, TL_DTYPE, capturing, clamp_pow2, int64_table
 
 # Elements per program. Under the interpreter bigger blocks mean fewer (slow, Python-level) programs.
 MERGE_BLOCK = 4096 if INTERPRET else 1024
 DCOEF_BLOCK = 4096 if INTERPRET else 2048
 NUM_WARPS = 4
+# segment_sum: rows of partial sums one program adds up; longer segments are reduced in two levels
+CHUNK_ROWS = 64 if INTERPRET else 2048
+ALIGN = 16  # bytes (pointers), elements (sizes and slice strides) of the ALIGNED multi-tensor variant
 
-# The *_many kernels read one int64 table row per tensor:
-#   [base (or grad) pointer, deltas pointer, output pointer (0 for dcoef), numel, coefs row, first block]
+# The *_many kernels read one int64 table row of ROW columns per tensor:
+#   [base (or grad) pointer, deltas pointer, output pointer (0 for dcoef), numel, coefs row, first block,
+#    elements between task-vector slices]
+ROW = 7
 
 
 # --------------------------------------------------------------------------------------------------- kernels
 @triton.jit
-def _merge_block(base_ptr, delta_ptr, coef_ptr, out_ptr, N, K, block, BLOCK: tl.constexpr):
+def _merge_block(base_ptr, delta_ptr, coef_ptr, out_ptr, N, KSTRIDE, K, block, BLOCK: tl.constexpr):
     # one BLOCK-element slice of out[N] = base[N] + sum_k coef[k] * delta[k, N]   (fp32 in registers)
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK] int64: deltas may exceed 2^31 elements
     mask = offs < N
     acc = tl.load(base_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK]
-    d_ptrs = delta_ptr + offs  # [BLOCK] pointers into deltas[0]; advanced by N per task vector (64-bit pointers)
+    d_ptrs = delta_ptr + offs  # [BLOCK] pointers into deltas[0]; advanced by KSTRIDE per task vector (64-bit)
     for k in range(K):
         c = tl.load(coef_ptr + k).to(tl.float32)  # scalar
         acc += c * tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK] slice of deltas[k]
-        d_ptrs += N
+        d_ptrs += KSTRIDE
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _dcoef_block(grad_ptr, delta_ptr, partial_ptr, N, K, block, BLOCK: tl.constexpr):
+def _dcoef_block(grad_ptr, delta_ptr, partial_ptr, N, KSTRIDE, K, block, BLOCK: tl.constexpr):
     # partial[k] = sum over one BLOCK-element slice of grad[N] * delta[k, N], for every k   (fp32)
     offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # [BLOCK]
     mask = offs < N
@@ -58,74 +72,96 @@ def _dcoef_block(grad_ptr, delta_ptr, partial_ptr, N, K, block, BLOCK: tl.conste
     for k in range(K):
         d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK] slice of deltas[k]
         tl.store(partial_ptr + k, tl.sum(g * d, axis=0))
-        d_ptrs += N
+        d_ptrs += KSTRIDE
 
 
 @triton.jit
 def _merge_kernel(
     base_ptr,  # [N] contiguous
-    delta_ptr,  # [K, N] contiguous
+    delta_ptr,  # [K, N]: slice k (contiguous) at delta_ptr + k * stride_k
     coef_ptr,  # [K]
     out_ptr,  # [N], any float dtype (the merged tensor's dtype)
     N,
     K,
+    stride_k,
     BLOCK: tl.constexpr,
 ):
-    _merge_block(base_ptr, delta_ptr, coef_ptr, out_ptr, N, K, tl.program_id(0), BLOCK)
+    _merge_block(base_ptr, delta_ptr, coef_ptr, out_ptr, N, stride_k, K, tl.program_id(0), BLOCK)
 
 
 @triton.jit
 def _dcoef_partial_kernel(
     grad_ptr,  # [N] contiguous
-    delta_ptr,  # [K, N] contiguous
+    delta_ptr,  # [K, N]: slice k (contiguous) at delta_ptr + k * stride_k
     partial_ptr,  # [num_blocks, K] fp32
     N,
     K,
+    stride_k,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    _dcoef_block(grad_ptr, delta_ptr, partial_ptr + pid.to(tl.int64) * K, N, K, pid, BLOCK)
+    _dcoef_block(grad_ptr, delta_ptr, partial_ptr + pid.to(tl.int64) * K, N, stride_k, K, pid, BLOCK)
+
+
+@triton.jit
+def _table_item(table_ptr, block_tensor_ptr, pid, A_TY: tl.constexpr, D_TY: tl.constexpr, ALIGNED: tl.constexpr):
+    # The table row of program pid: (first operand, deltas, output address, numel, slice stride, coefs row, block
+    # index inside the tensor). ALIGNED: the launcher grouped 16-byte aligned rows; the hints let the compiler
+    # emit 16-byte vector accesses (pointers read from memory carry no alignment information otherwise).
+    row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * 7  # ROW columns
+    a_addr = tl.load(row + 0)
+    d_addr = tl.load(row + 1)
+    o_addr = tl.load(row + 2)
+    n = tl.load(row + 3)
+    kstride = tl.load(row + 6)
+    a = a_addr.to(tl.pointer_type(A_TY))
+    d = d_addr.to(tl.pointer_type(D_TY))
+    if ALIGNED:
+        a = tl.multiple_of(a, 16)
+        d = tl.multiple_of(d, 16)
+        n = tl.multiple_of(n, 16)
+        kstride = tl.multiple_of(kstride, 16)
+    return a, d, o_addr, n, kstride, tl.load(row + 4), pid - tl.load(row + 5)
 
 
 @triton.jit
 def _merge_many_kernel(
-    table_ptr,  # [n, 6] int64: base ptr, delta ptr, out ptr, numel, coef row, first block
+    table_ptr,  # [n, ROW] int64 (see ROW)
     block_tensor_ptr,  # [num_blocks] int32: which table row each program works on
     coef_ptr,  # [n_all, K] contiguous coefficients (row picked by the table)
     K,
     BASE_TY: tl.constexpr,  # element types shared by every tensor of this launch
     DELTA_TY: tl.constexpr,
     OUT_TY: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every row 16-byte aligned (see _table_item)
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * 6
-    base = tl.load(row + 0).to(tl.pointer_type(BASE_TY))
-    delta = tl.load(row + 1).to(tl.pointer_type(DELTA_TY))
-    out = tl.load(row + 2).to(tl.pointer_type(OUT_TY))
-    n = tl.load(row + 3)
-    coef = coef_ptr + tl.load(row + 4) * K
-    _merge_block(base, delta, coef, out, n, K, pid - tl.load(row + 5), BLOCK)
+    base, delta, o_addr, n, kstride, coef_row, block = _table_item(
+        table_ptr, block_tensor_ptr, pid, BASE_TY, DELTA_TY, ALIGNED
+    )
+    out = o_addr.to(tl.pointer_type(OUT_TY))
+    if ALIGNED:
+        out = tl.multiple_of(out, 16)
+    _merge_block(base, delta, coef_ptr + coef_row * K, out, n, kstride, K, block, BLOCK)
 
 
 @triton.jit
 def _dcoef_many_partial_kernel(
-    table_ptr,  # [n, 6] int64: grad ptr, delta ptr, (unused), numel, (unused), first block
+    table_ptr,  # [n, ROW] int64 (output pointer and coefs row unused)
     block_tensor_ptr,  # [num_blocks] int32
     partial_ptr,  # [total_blocks, K] fp32; this launch writes rows [block_base, block_base + num_blocks)
     block_base,
     K,
     GRAD_TY: tl.constexpr,
     DELTA_TY: tl.constexpr,
+    ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    row = table_ptr + tl.load(block_tensor_ptr + pid).to(tl.int64) * 6
-    grad = tl.load(row + 0).to(tl.pointer_type(GRAD_TY))
-    delta = tl.load(row + 1).to(tl.pointer_type(DELTA_TY))
-    n = tl.load(row + 3)
+    grad, delta, _, n, kstride, _, block = _table_item(table_ptr, block_tensor_ptr, pid, GRAD_TY, DELTA_TY, ALIGNED)
     partial = partial_ptr + (block_base + pid).to(tl.int64) * K
-    _dcoef_block(grad, delta, partial, n, K, pid - tl.load(row + 5), BLOCK)
+    _dcoef_block(grad, delta, partial, n, kstride, K, block, BLOCK)
 
 
 @triton.jit
@@ -133,8 +169,9 @@ def _segment_sum_kernel(
     partial_ptr,  # [P, K] fp32
     seg_ptr,  # [n, 2] int64 row ranges [start, end) of partial, one per output row (HAS_SEG)
     out_ptr,  # [n, K] fp32
-    P,  # rows of partial; the single segment when not HAS_SEG
+    P,  # rows of partial
     K,
+    CHUNK,  # without HAS_SEG: output row i sums rows [i * CHUNK, min((i + 1) * CHUNK, P))
     HAS_SEG: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -145,8 +182,8 @@ def _segment_sum_kernel(
         start = tl.load(seg_ptr + 2 * i)
         end = tl.load(seg_ptr + 2 * i + 1)
     else:
-        start = 0
-        end = P
+        start = i.to(tl.int64) * CHUNK
+        end = tl.minimum(start + CHUNK, P)
     rk = tl.arange(0, BLOCK_K)  # [BLOCK_K]
     mk = rk < K
     acc = tl.zeros((BLOCK_P, BLOCK_K), dtype=tl.float32)
@@ -154,67 +191,131 @@ def _segment_sum_kernel(
         rp = p0 + tl.arange(0, BLOCK_P)  # [BLOCK_P]
         m = (rp < end)[:, None] & mk[None, :]
         acc += tl.load(partial_ptr + rp[:, None].to(tl.int64) * K + rk[None, :], mask=m, other=0.0)
-    tl.store(out_ptr + i * K + rk, tl.sum(acc, axis=0), mask=mk)
+    tl.store(out_ptr + i.to(tl.int64) * K + rk, tl.sum(acc, axis=0), mask=mk)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
-def segment_sum(partial: torch.Tensor, seg: torch.Tensor | None, n: int) -> torch.Tensor:
-    """``partial[P, K]`` fp32 -> ``[n, K]`` fp32: row i sums ``partial[seg[i,0]:seg[i,1]]`` (all P rows if
-    ``seg`` is None, then ``n == 1``). Deterministic second pass of every coefficient gradient."""
+def _launch_segment_sum(partial, seg, out, n, chunk):
     P, K = partial.shape
-    out = new_output((n, K), torch.float32, partial.device)
     BLOCK_K = clamp_pow2(K, 1, 1 << 20)
     BLOCK_P = max(1, min(128 if not INTERPRET else 1024, 4096 // BLOCK_K))
     _segment_sum_kernel[(n,)](
-        partial, partial if seg is None else seg, out, P, K,
+        partial, partial if seg is None else seg, out, P, K, max(int(chunk), 1),
         HAS_SEG=seg is not None, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
     )  # fmt: skip
+
+
+def _chunks(bounds, chunk):
+    """Split row ranges ``[(start, end)]`` into ranges of at most ``chunk`` rows: ``(chunk ranges, per input range
+    the range of its chunks)``."""
+    pieces, owner = [], []
+    for a, b in bounds:
+        first = len(pieces)
+        pieces += [[s, min(s + chunk, b)] for s in range(a, b, chunk)]
+        owner.append([first, len(pieces)])
+    return pieces, owner
+
+
+def segment_sum(partial: torch.Tensor, seg, n: int, out: torch.Tensor | None = None, _seg_t=None) -> torch.Tensor:
+    """``partial[P, K]`` fp32 -> ``[n, K]`` fp32: row i sums ``partial[seg[i][0]:seg[i][1]]`` (all P rows if
+    ``seg`` is None, then ``n == 1``); ``seg``: a list of ``(start, end)`` pairs. Deterministic second pass of every
+    coefficient gradient: ranges longer than :data:`CHUNK_ROWS` are first summed in fixed chunks, one program
+    each, then the chunk sums (two levels, same order on every call). ``out``: a contiguous ``[n, K]`` fp32 tensor
+    to write (default: a new one). ``_seg_t``: ``seg`` already on the device (internal)."""
+    P, K = partial.shape
+    if out is None:
+        out = new_output((n, K), torch.float32, partial.device)
+    bounds = [(0, P)] if seg is None else [(int(a), int(b)) for a, b in seg]
+    if max((b - a for a, b in bounds), default=0) > CHUNK_ROWS:  # level 1: chunk sums in parallel
+        if seg is None:
+            n1 = triton.cdiv(P, CHUNK_ROWS)
+            level1 = torch.empty((n1, K), dtype=torch.float32, device=partial.device)
+            _launch_segment_sum(partial, None, level1, n1, CHUNK_ROWS)
+            return segment_sum(level1, None, 1, out)
+        pieces, owner = _chunks(bounds, CHUNK_ROWS)
+        table = int64_table(pieces + owner, partial.device)  # one host-to-device copy for both levels
+        level1 = torch.empty((len(pieces), K), dtype=torch.float32, device=partial.device)
+        _launch_segment_sum(partial, table[: len(pieces)], level1, len(pieces), 0)
+        return segment_sum(level1, owner, n, out, _seg_t=table[len(pieces) :])
+    if seg is not None and _seg_t is None:
+        _seg_t = int64_table([list(b) for b in bounds], partial.device)
+    _launch_segment_sum(partial, _seg_t, out, n, P)
     return out
+
+
+def slices(deltas: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(stack, kstride)``: ``deltas[K, *S]`` itself when every slice ``deltas[k]`` is contiguous (slice k starts
+    ``k * kstride`` elements after the first), else a contiguous copy."""
+    expected = 1
+    for size, stride in zip(reversed(deltas.shape[1:]), reversed(deltas.stride()[1:]), strict=True):
+        if size != 1 and stride != expected:
+            d = deltas.contiguous()
+            return d, d[0].numel()
+        expected *= size
+    return deltas, deltas.stride(0)
+
+
+def _launch_merge(base, deltas, coef, out) -> None:
+    """``out <- merge(base, deltas, coef)`` with ``base`` and ``out`` contiguous, ``coef`` contiguous."""
+    N = base.numel()
+    if N == 0:
+        return
+    d, kstride = slices(deltas)
+    grid = (triton.cdiv(N, MERGE_BLOCK),)
+    _merge_kernel[grid](base, d, coef, out, N, d.shape[0], kstride, BLOCK=MERGE_BLOCK, num_warps=NUM_WARPS)
 
 
 def merge(base: torch.Tensor, deltas: torch.Tensor, coef: torch.Tensor, out_dtype=None) -> torch.Tensor:
     """``base[*S] + sum_k coef[k] * deltas[k]`` with ``deltas[K, *S]``, ``coef[K]`` -> ``[*S]`` fresh, contiguous,
     in ``out_dtype`` (default ``base.dtype``); fp32 accumulation. Inputs fp32/bf16/fp16, any layout."""
     out = new_output(base.shape, out_dtype or base.dtype, base.device)
-    N = base.numel()
-    if N == 0:
-        return out
-    K = deltas.shape[0]
-    base, deltas, coef = base.contiguous(), deltas.contiguous(), coef.contiguous()
-    grid = (triton.cdiv(N, MERGE_BLOCK),)
-    _merge_kernel[grid](base, deltas, coef, out, N, K, BLOCK=MERGE_BLOCK, num_warps=NUM_WARPS)
+    _launch_merge(base.contiguous(), deltas, coef.contiguous(), out)
     return out
 
 
-def dcoef(grad: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-    """``[(grad * deltas[k]).sum() for k]`` with ``grad[*S]``, ``deltas[K, *S]`` -> ``[K]`` fp32, deterministic."""
-    K = deltas.shape[0]
-    N = grad.numel()
-    grad, deltas = grad.contiguous(), deltas.contiguous()
-    nblocks = triton.cdiv(N, DCOEF_BLOCK)
-    partial = torch.empty((nblocks, K), dtype=torch.float32, device=grad.device)  # [num_blocks, K]
+def _dcoef_partials(grad, deltas, partial) -> None:
+    """``partial[num_blocks, K]`` <- per-block partial sums of ``dcoef(grad, deltas)``; ``grad`` contiguous."""
+    d, kstride = slices(deltas)
+    nblocks = partial.shape[0]
     if nblocks:
-        _dcoef_partial_kernel[(nblocks,)](grad, deltas, partial, N, K, BLOCK=DCOEF_BLOCK, num_warps=NUM_WARPS)
-    return segment_sum(partial, None, 1).reshape(K)
+        _dcoef_partial_kernel[(nblocks,)](grad, d, partial, grad.numel(), d.shape[0], kstride, BLOCK=DCOEF_BLOCK,
+                                          num_warps=NUM_WARPS)  # fmt: skip
 
 
-def _groups(firsts, seconds):
-    """Indices of the non-empty tensors, grouped by (first dtype, second dtype): one launch per group."""
+def dcoef(grad: torch.Tensor, deltas: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``[(grad * deltas[k]).sum() for k]`` with ``grad[*S]``, ``deltas[K, *S]`` -> ``[K]`` fp32, deterministic.
+    ``out``: a contiguous ``[1, K]`` fp32 tensor to write (default: a new one)."""
+    K = deltas.shape[0]
+    grad = grad.contiguous()
+    partial = torch.empty((triton.cdiv(grad.numel(), DCOEF_BLOCK), K), dtype=torch.float32, device=grad.device)
+    _dcoef_partials(grad, deltas, partial)
+    return segment_sum(partial, None, 1, out).reshape(K)
+
+
+def _aligned(*ts_and_ints) -> bool:
+    return all((x.data_ptr() if isinstance(x, torch.Tensor) else x) % ALIGN == 0 for x in ts_and_ints)
+
+
+def _groups(firsts, stacks, outs):
+    """Indices of the non-empty tensors grouped by (first dtype, deltas dtype, aligned): one launch per group.
+    ``stacks[i]`` is ``(deltas, kstride)``; ``outs`` None for dcoef."""
     groups: dict[tuple, list[int]] = {}
-    for i, (a, b) in enumerate(zip(firsts, seconds, strict=True)):
+    for i, (a, (d, kstride)) in enumerate(zip(firsts, stacks, strict=True)):
         if a.numel():
-            groups.setdefault((a.dtype, b.dtype), []).append(i)
+            al = _aligned(a, d, a.numel(), kstride, *(() if outs is None else (outs[i],)))
+            groups.setdefault((a.dtype, d.dtype, al), []).append(i)
     return groups
 
 
-def _table(rows_idx, firsts, deltas, outs, block, device):
+def _table(rows_idx, firsts, stacks, outs, block, device):
     """The per-tensor pointer table and the block -> row map of one launch; also each tensor's block count."""
     rows, counts, first = [], [], 0
     for i in rows_idx:
         n = firsts[i].numel()
         nb = triton.cdiv(n, block)
         out_ptr = outs[i].data_ptr() if outs is not None else 0
-        rows.append([firsts[i].data_ptr(), deltas[i].data_ptr(), out_ptr, n, i, first])
+        d, kstride = stacks[i]
+        rows.append([firsts[i].data_ptr(), d.data_ptr(), out_ptr, n, i, first, kstride])
         counts.append(nb)
         first += nb
     table = int64_table(rows, device)
@@ -228,61 +329,61 @@ def _one_launch_ok(device: torch.device) -> bool:
     # The interpreter copies non-CPU tensor arguments to the host, so raw device pointers read from a table
     # cannot be dereferenced there: interpreting with CUDA tensors falls back to one launch per tensor.
     # (On CPU tensors the interpreter dereferences table pointers fine; on CUDA compiled kernels always do.)
-    return not INTERPRET or device.type == "cpu"
+    # During CUDA-graph capture the table (copied from host memory) is not built either: see the module docstring.
+    return (not INTERPRET or device.type == "cpu") and not capturing(device)
 
 
 def merge_many(bases, deltas, coefs: torch.Tensor) -> list[torch.Tensor]:
-    """``[merge(bases[i], deltas[i], coefs[i]) for i]`` in one launch per (base dtype, delta dtype) pair.
+    """``[merge(bases[i], deltas[i], coefs[i]) for i]`` in one launch per group (base dtype, delta dtype, aligned).
 
     ``bases[i][*S_i]``, ``deltas[i][K, *S_i]``, ``coefs[n, K]``; outputs fresh, contiguous, in each base's dtype.
     """
     n = len(bases)
     device = bases[0].device
     outs = [new_output(b.shape, b.dtype, b.device) for b in bases]
-    if not _one_launch_ok(device):
-        for i in range(n):
-            if bases[i].numel():
-                outs[i].copy_(merge(bases[i], deltas[i], coefs[i]))
-        return outs
-    K = coefs.shape[1]
     coefs = coefs.contiguous()
     bases = [b.contiguous() for b in bases]  # kept alive (referenced) until the launches are queued
-    deltas = [d.contiguous() for d in deltas]
-    for (bdt, ddt), idx in _groups(bases, deltas).items():
-        table, block_tensor, counts = _table(idx, bases, deltas, outs, MERGE_BLOCK, device)
+    if not _one_launch_ok(device):
+        for i in range(n):
+            _launch_merge(bases[i], deltas[i], coefs[i], outs[i])
+        return outs
+    K = coefs.shape[1]
+    stacks = [slices(d) for d in deltas]
+    for (bdt, ddt, aligned), idx in _groups(bases, stacks, outs).items():
+        table, block_tensor, counts = _table(idx, bases, stacks, outs, MERGE_BLOCK, device)
         _merge_many_kernel[(sum(counts),)](
             table, block_tensor, coefs, K,
-            BASE_TY=TL_DTYPE[bdt], DELTA_TY=TL_DTYPE[ddt], OUT_TY=TL_DTYPE[bdt],
+            BASE_TY=TL_DTYPE[bdt], DELTA_TY=TL_DTYPE[ddt], OUT_TY=TL_DTYPE[bdt], ALIGNED=aligned,
             BLOCK=MERGE_BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
     return outs
 
 
 def dcoef_many(grads, deltas) -> torch.Tensor:
-    """``[n, K]`` fp32: row i is ``dcoef(grads[i], deltas[i])``; one partial-sum launch per dtype pair and one
-    deterministic reduction launch for all rows."""
+    """``[n, K]`` fp32: row i is ``dcoef(grads[i], deltas[i])``; one partial-sum launch per group (dtypes,
+    aligned) and one deterministic reduction (:func:`segment_sum`) for all rows."""
     n = len(grads)
     K = deltas[0].shape[0]
     device = grads[0].device
+    grads = [g.contiguous() for g in grads]
     if not _one_launch_ok(device):
         out = new_output((n, K), torch.float32, device)
         for i in range(n):
-            out[i] = dcoef(grads[i], deltas[i])
+            dcoef(grads[i], deltas[i], out=out[i : i + 1])
         return out
-    grads = [g.contiguous() for g in grads]
-    deltas = [d.contiguous() for d in deltas]
-    groups = _groups(grads, deltas)
-    launches, seg, block_base = [], [[0, 0] for _ in range(n)], 0
-    for (gdt, ddt), idx in groups.items():
-        table, block_tensor, counts = _table(idx, grads, deltas, None, DCOEF_BLOCK, device)
+    stacks = [slices(d) for d in deltas]
+    groups = _groups(grads, stacks, None)
+    launches, seg, block_base = [], [(0, 0)] * n, 0
+    for (gdt, ddt, aligned), idx in groups.items():
+        table, block_tensor, counts = _table(idx, grads, stacks, None, DCOEF_BLOCK, device)
         for i, c in zip(idx, counts, strict=True):
-            seg[i] = [block_base, block_base + c]
+            seg[i] = (block_base, block_base + c)
             block_base += c
-        launches.append((table, block_tensor, block_base - sum(counts), sum(counts), gdt, ddt))
+        launches.append((table, block_tensor, block_base - sum(counts), sum(counts), gdt, ddt, aligned))
     partial = torch.empty((block_base, K), dtype=torch.float32, device=device)  # [total_blocks, K]
-    for table, block_tensor, base, nblocks, gdt, ddt in launches:
+    for table, block_tensor, base, nblocks, gdt, ddt, aligned in launches:
         _dcoef_many_partial_kernel[(nblocks,)](
             table, block_tensor, partial, base, K,
-            GRAD_TY=TL_DTYPE[gdt], DELTA_TY=TL_DTYPE[ddt], BLOCK=DCOEF_BLOCK, num_warps=NUM_WARPS,
+            GRAD_TY=TL_DTYPE[gdt], DELTA_TY=TL_DTYPE[ddt], ALIGNED=aligned, BLOCK=DCOEF_BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
-    return segment_sum(partial, int64_table(seg, device), n)
+    return segment_sum(partial, seg, n)
