@@ -177,15 +177,15 @@ def test_every_kernel_method_runs_under_the_device_guard(be, monkeypatch):
 # ----------------------------------------------------------------------- item 4: CUDA-graph capture of *_many
 def test_many_ops_launch_per_tensor_while_capturing(be, km, monkeypatch):
     """Issue 12 item 4: while a CUDA graph is being captured the pointer table (a host-to-device copy that a replay
-    would read again) is not built: every tensor gets the single-tensor kernels, whose arguments are kernel
+    would read again) is not built: every tensor goes through the capture kernels, whose arguments are kernel
     parameters. The capture state is simulated; results equal the oracle."""
     shapes = [(5,), (7, 3), (4100,), (1,), (4, 4, 4)]
     K = 3
     bases = [_randn(*s, seed=i) for i, s in enumerate(shapes)]
     deltas = [_randn(K, *s, dtype=BF16, scale=0.1, seed=10 + i) for i, s in enumerate(shapes)]
     coefs = _randn(len(shapes), K, seed=99)
-    counts = {n: _Count(getattr(km, n)) for n in ("_merge_many_kernel", "_dcoef_many_partial_kernel",
-                                                  "_merge_kernel", "_dcoef_partial_kernel")}  # fmt: skip
+    names = ("_merge_many_kernel", "_dcoef_many_partial_kernel", "_merge_one_kernel", "_dcoef_one_kernel")
+    counts = {n: _Count(getattr(km, n)) for n in names}
     for n, c in counts.items():
         monkeypatch.setattr(km, n, c)
     monkeypatch.setattr(km, "capturing", lambda device: True)
@@ -194,11 +194,35 @@ def test_many_ops_launch_per_tensor_while_capturing(be, km, monkeypatch):
     outs = be.merge_many(bases, deltas, coefs)
     dcs = be.dcoef_many(bases, deltas)
     assert not counts["_merge_many_kernel"].calls and not counts["_dcoef_many_partial_kernel"].calls
-    assert len(counts["_merge_kernel"].calls) == len(shapes) == len(counts["_dcoef_partial_kernel"].calls)
+    assert len(counts["_merge_one_kernel"].calls) == len(shapes) == len(counts["_dcoef_one_kernel"].calls)
     assert tables == []
     for i in range(len(shapes)):
         assert_close(outs[i], _merge64(bases[i], deltas[i], coefs[i]), BF16, f"merge_many[{i}] (capture path)")
         assert_close(dcs[i], _dcoef64(bases[i], deltas[i]), BF16, f"dcoef_many[{i}] (capture path)")
+
+
+def test_eager_path_warms_the_capture_kernels(be, km, monkeypatch):
+    """No kernel may be compiled or loaded during capture (cuModuleLoadData is refused then): the first eager call
+    per (dtypes, alignment) group launches one tensor through the capture kernels, later calls do not."""
+    monkeypatch.setattr(km, "_WARM", set())
+    counts = {n: _Count(getattr(km, n)) for n in ("_merge_one_kernel", "_dcoef_one_kernel", "_merge_many_kernel")}
+    for n, c in counts.items():
+        monkeypatch.setattr(km, n, c)
+    shapes = [(5,), (64,), (7, 3), (32,)]  # two unaligned, two aligned (16-element multiples)
+    bases = [_randn(*s, seed=i) for i, s in enumerate(shapes)]
+    deltas = [_randn(2, *s, scale=0.1, seed=10 + i) for i, s in enumerate(shapes)]
+    coefs = _randn(len(shapes), 2, seed=9)
+    for call in range(2):
+        outs = be.merge_many(bases, deltas, coefs)
+        dcs = be.dcoef_many(bases, deltas)
+        expected = 2 if call == 0 else 0  # one per group, first call only
+        assert len(counts["_merge_one_kernel"].calls) == expected == len(counts["_dcoef_one_kernel"].calls)
+        assert len(counts["_merge_many_kernel"].calls) == 2  # one launch per group for the other tensors
+        for c in counts.values():
+            c.calls.clear()
+        for i in range(len(shapes)):
+            assert_close(outs[i], _merge64(bases[i], deltas[i], coefs[i]), F32, f"merge_many[{i}] call {call}")
+            assert_close(dcs[i], _dcoef64(bases[i], deltas[i]), F32, f"dcoef_many[{i}] call {call}")
 
 
 # ---------------------------------------------------------------------------- item 5: strategy tuning
@@ -319,6 +343,7 @@ def test_many_groups_by_alignment(be, km, monkeypatch):
     assert flags == [False, True, True, True]
     count = _Count(km._merge_many_kernel)
     monkeypatch.setattr(km, "_merge_many_kernel", count)
+    monkeypatch.setattr(km, "_warm_first", lambda *a: {})  # every tensor through the table (no capture warm-up)
     coefs = _randn(4, K, seed=8)
     outs = be.merge_many(bases, deltas, coefs)
     assert sorted(kw["ALIGNED"] for kw in count.kwargs) == [False, True]  # one launch per group

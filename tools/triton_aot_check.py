@@ -152,20 +152,20 @@ class _Unaligned:
 
 
 def _unaligned_twin(launch):
-    fn, args, kwargs = launch
+    fn, args, kwargs, name = launch
     wrap = [_Unaligned(a) if isinstance(a, torch.Tensor) else a for a in args]
-    return fn, tuple(wrap), kwargs
+    return fn, tuple(wrap), kwargs, name
 
 
 class _Recorder:
     """Stands in for a JITFunction: ``rec[grid](*args, **kwargs)`` records the launch instead of running it."""
 
-    def __init__(self, fn, sink):
-        self.fn, self.sink = fn, sink
+    def __init__(self, fn, sink, name):
+        self.fn, self.sink, self.name = fn, sink, name  # name: the module attribute (two may share one function)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.sink.append((self.fn, args, kwargs))
+            self.sink.append((self.fn, args, kwargs, self.name))
 
         return launch
 
@@ -179,7 +179,7 @@ def _recording():
                 saved.append((mod, name, obj))
     try:
         for mod, name, obj in saved:
-            setattr(mod, name, _Recorder(obj, launches))
+            setattr(mod, name, _Recorder(obj, launches, name))
         yield launches
     finally:
         for mod, name, obj in saved:
@@ -265,8 +265,8 @@ def _fmt(v):
 class Variant:
     """One kernel specialization for one target, packed exactly as ``JITFunction.run`` would pack it."""
 
-    def __init__(self, fn, cc, signature, constexprs, attrs, options):
-        self.fn, self.cc = fn, cc
+    def __init__(self, fn, name, cc, signature, constexprs, attrs, options):
+        self.fn, self.name, self.cc = fn, name, cc
         self.signature, self.constexprs, self.attrs, self.options = signature, constexprs, attrs, options
         names = fn.arg_names
         declared = {p.name for p in fn.params if p.is_constexpr}
@@ -288,7 +288,7 @@ class Variant:
         divisible = {names[k[0]] for k, v in attrs.items() if any(a[0] == "tt.divisibility" for a in v)}
         self.unaligned = any(t.startswith("*") and k not in divisible for k, t in signature.items())
         self.divisible, self.cxv = divisible, {k: _fmt(v) for k, v in cx.items()}  # for PTX_RULES
-        self.key = (fn.__name__, cc, repr(sorted(signature.items())),
+        self.key = (name, cc, repr(sorted(signature.items())),
                     repr(sorted((k, _fmt(v)) for k, v in constexprs.items())), repr(sorted(attrs.items())),
                     repr(sorted(options.__dict__.items())))  # fmt: skip
 
@@ -297,7 +297,7 @@ class Variant:
         unit strides) once per kernel. ``fine`` (first target) adds every config (tiles, DOT_TY/PREC, warps,
         stages) with each flag value and each pointer's dtype width (32/16-bit: register pressure); else (other
         targets) each tile shape (with its warps/stages) and each DOT_TY/PREC once per kernel."""
-        n = self.fn.__name__
+        n = self.name
         base = {(n, "dtype", a, t) for a, t in self.dtypes} | {(n, "flags", self.flags)}
         base |= {(n, "int", a, one) for a, one in self.ints} | {(n, "unaligned", self.unaligned)}
         base |= {(n, "ptx rule", PTX_RULES.index(r)) for r in _ptx_rules(self)}
@@ -308,7 +308,7 @@ class Variant:
 
     def label(self):
         types = ",".join(SHORT.get(t, t) for _, t in self.dtypes)
-        parts = [f"sm_{self.cc}", self.fn.__name__, self.flags, self.cfg, f"[{types}]"]
+        parts = [f"sm_{self.cc}", self.name, self.flags, self.cfg, f"[{types}]"]
         if self.spec:
             parts.append(f"({self.spec})")
         if self.unaligned:
@@ -321,12 +321,12 @@ def pack(launches, cc):
     target = GPUTarget("cuda", cc, 32)
     backend = make_backend(target)
     binders, out = {}, {}
-    for fn, args, kwargs in launches:
+    for fn, args, kwargs, name in launches:
         if fn not in binders:
             binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
         bound, specialization, options = binders[fn](*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        v = Variant(fn, cc, signature, constexprs, attrs, options)
+        v = Variant(fn, name, cc, signature, constexprs, attrs, options)
         out.setdefault(v.key, v)
     return list(out.values())
 
@@ -357,6 +357,8 @@ PTX_RULES: list[tuple[str, dict, tuple, int, int, str]] = [
      "the ALIGNED multi-tensor merge (pointers read from the table) vectorizes like the single-tensor one"),
     ("_dcoef_many_partial_kernel", {"ALIGNED": "1"}, (), 16, 0,
      "the ALIGNED multi-tensor dcoef (pointers read from the table): 16-byte vector loads"),
+    ("_merge_one_kernel", {"ALIGNED": "1"}, (), 16, 16, "the capture-path merge of an aligned tensor vectorizes"),
+    ("_dcoef_one_kernel", {"ALIGNED": "1"}, (), 16, 0, "the capture-path dcoef of an aligned tensor vectorizes"),
     ("_entropy_fwd_kernel", {"stride_c": "1"}, ("z_ptr", "C", "stride_n"), 16, 0,
      "entropy of contiguous rows (64-bit column offsets): 16-byte vector loads"),
     ("_entropy_bwd_kernel", {"stride_c": "1"}, ("z_ptr", "dz_ptr", "C", "stride_n"), 16, 16,
@@ -366,7 +368,7 @@ PTX_RULES: list[tuple[str, dict, tuple, int, int, str]] = [
 
 def _ptx_rules(v):
     """The PTX_RULES that apply to variant ``v``."""
-    return [r for r in PTX_RULES if v.fn.__name__ == r[0] and all(v.cxv.get(k) == val for k, val in r[1].items())
+    return [r for r in PTX_RULES if v.name == r[0] and all(v.cxv.get(k) == val for k, val in r[1].items())
             and all(a in v.divisible or v.cxv.get(a) == "1" for a in r[2])]  # fmt: skip
 
 
@@ -488,7 +490,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     launches = drive_launchers()
     seen = {name for _, name in kernels()}
-    recorded = {fn.__name__ for fn, _, _ in launches}
+    recorded = {name for _, _, _, name in launches}
     failures = [f"kernel {name}: never launched by the launchers driven here (add it to drive_launchers)"
                 for name in sorted(seen - recorded)]  # fmt: skip
     per_cc = {cc: pack(launches, cc) for cc in args.cc}
@@ -524,7 +526,7 @@ def main(args) -> int:
             failures += [f"{v.label()}: {msg}" for _, msg in probs]
         if r["error"] is None:
             no_spill_info += r["spill_st"] is None
-            s = summary.setdefault((v.fn.__name__, v.cc), {"n": 0, "regs": 0, "smem": 0, "spill": 0, "worst": ""})
+            s = summary.setdefault((v.name, v.cc), {"n": 0, "regs": 0, "smem": 0, "spill": 0, "worst": ""})
             s["n"] += 1
             if (r["regs"] or 0) >= s["regs"]:
                 s["regs"], s["worst"] = r["regs"] or 0, v.label()
@@ -539,7 +541,7 @@ def main(args) -> int:
         if not n:
             failures.append(f"PTX rule {PTX_RULES[i][:3]} matched no compiled variant (no launcher picks it any more?)")
     print("# PTX checks (widest global access >= 16 B): "
-          + ", ".join(f"{PTX_RULES[i][0]} {PTX_RULES[i][1]}: {n} variants OK" for i, n in ptx_checked.items()))
+          + ", ".join(f"{PTX_RULES[i][0]} {PTX_RULES[i][1]}: {n} variants checked" for i, n in ptx_checked.items()))
     ok = sum(s["n"] for s in summary.values())
     print("\n# summary: kernel, target, variants compiled, max registers, max dynamic smem (B), max spill (B)")
     for (name, cc), s in sorted(summary.items()):

@@ -15,9 +15,17 @@ copied once with ``.contiguous()``.
 single launch covers every tensor of one group: same dtypes, and either all 16-byte aligned (pointers, sizes and
 slice strides multiples of 16 bytes / 16 elements: the ``ALIGNED`` variant, whose loads and stores compile to
 16-byte vector accesses like the single-tensor kernels') or not. Each program reads its tensor's pointers from the
-table and casts them with ``.to(tl.pointer_type(...))``. While the current CUDA stream is being captured into a
-CUDA graph the table is not built (a host-to-device copy of host memory that a replay would read again): each
-tensor is then launched on its own with the single-tensor kernels, whose arguments are kernel parameters.
+table and casts them with ``.to(tl.pointer_type(...))``.
+
+CUDA-graph capture: while the current stream is being captured the table is not built (a copy from host memory that
+a replay would read again, after the host buffer is gone). Each tensor is then launched on its own through the
+*capture kernels* ``_merge_one_kernel`` / ``_dcoef_one_kernel`` / ``_segment_sum_fixed_kernel``, whose arguments are
+kernel parameters (captured by value). Their signatures are fixed (addresses and sizes typed int64 and never
+specialized, alignment only through ``ALIGNED``), so there is one compiled variant per dtype group and ``ALIGNED``,
+and the eager path launches the first tensor of every group through them once per process and device: the warm-up
+that precedes every capture (``torch.cuda.graph``'s own, or the eager steps before ``torch.compile``'s cudagraphs)
+has then loaded every capture kernel, and nothing is compiled or loaded during capture (``cuModuleLoadData`` is not
+allowed while a stream is capturing).
 
 ``dcoef`` is deterministic: every program writes its ``K`` partial sums to a ``[num_blocks, K]`` buffer (no
 float atomics) and :func:`segment_sum` sums each tensor's rows in a fixed order, in two levels when a tensor has
@@ -164,6 +172,60 @@ def _dcoef_many_partial_kernel(
     _dcoef_block(grad, delta, partial, n, kstride, K, block, BLOCK)
 
 
+# -- capture kernels (see the module docstring): fixed signatures, no runtime specialization ----------------------
+_FIXED_ARGS = dict(do_not_specialize=("base_addr", "delta_addr", "out_addr", "n_units", "K", "k_units",
+                                      "partial_ptr", "coef_ptr"),
+                   do_not_specialize_on_alignment=("coef_ptr", "partial_ptr"))  # fmt: skip
+
+
+@triton.jit(**_FIXED_ARGS)
+def _merge_one_kernel(
+    base_addr: tl.int64,  # addresses (data_ptr()) of base [N], deltas [K, N] (slice stride kstride), out [N]
+    delta_addr: tl.int64,
+    coef_ptr,  # [K]
+    out_addr: tl.int64,
+    n_units: tl.int64,  # N, or N / 16 when ALIGNED (a product by 16 carries its divisibility to the compiler)
+    K: tl.int32,
+    k_units: tl.int64,  # elements between task-vector slices, or that / 16 when ALIGNED
+    BASE_TY: tl.constexpr,
+    DELTA_TY: tl.constexpr,
+    OUT_TY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    base = base_addr.to(tl.pointer_type(BASE_TY))
+    delta = delta_addr.to(tl.pointer_type(DELTA_TY))
+    out = out_addr.to(tl.pointer_type(OUT_TY))
+    N, kstride = n_units, k_units
+    if ALIGNED:
+        base, delta, out = tl.multiple_of(base, 16), tl.multiple_of(delta, 16), tl.multiple_of(out, 16)
+        N, kstride = n_units * 16, k_units * 16
+    _merge_block(base, delta, coef_ptr, out, N, kstride, K, tl.program_id(0), BLOCK)
+
+
+@triton.jit(**_FIXED_ARGS)
+def _dcoef_one_kernel(
+    base_addr: tl.int64,  # the gradient [N]
+    delta_addr: tl.int64,
+    partial_ptr,  # [num_blocks, K] fp32
+    n_units: tl.int64,  # as in _merge_one_kernel
+    K: tl.int32,
+    k_units: tl.int64,
+    GRAD_TY: tl.constexpr,
+    DELTA_TY: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    grad = base_addr.to(tl.pointer_type(GRAD_TY))
+    delta = delta_addr.to(tl.pointer_type(DELTA_TY))
+    N, kstride = n_units, k_units
+    if ALIGNED:
+        grad, delta = tl.multiple_of(grad, 16), tl.multiple_of(delta, 16)
+        N, kstride = n_units * 16, k_units * 16
+    pid = tl.program_id(0)
+    _dcoef_block(grad, delta, partial_ptr + pid.to(tl.int64) * K, N, kstride, K, pid, BLOCK)
+
+
 @triton.jit
 def _segment_sum_kernel(
     partial_ptr,  # [P, K] fp32
@@ -194,12 +256,18 @@ def _segment_sum_kernel(
     tl.store(out_ptr + i.to(tl.int64) * K + rk, tl.sum(acc, axis=0), mask=mk)
 
 
+# the segment sum of the capture path: _segment_sum_kernel without runtime specialization (one variant per K)
+_segment_sum_fixed_kernel = triton.jit(_segment_sum_kernel.fn, do_not_specialize=("P", "K", "CHUNK"),
+                                       do_not_specialize_on_alignment=("partial_ptr", "seg_ptr", "out_ptr"))  # fmt: skip
+
+
 # ------------------------------------------------------------------------------------------------- launchers
-def _launch_segment_sum(partial, seg, out, n, chunk):
+def _launch_segment_sum(partial, seg, out, n, chunk, fixed=False):
     P, K = partial.shape
     BLOCK_K = clamp_pow2(K, 1, 1 << 20)
     BLOCK_P = max(1, min(128 if not INTERPRET else 1024, 4096 // BLOCK_K))
-    _segment_sum_kernel[(n,)](
+    kernel = _segment_sum_fixed_kernel if fixed else _segment_sum_kernel
+    kernel[(n,)](
         partial, partial if seg is None else seg, out, P, K, max(int(chunk), 1),
         HAS_SEG=seg is not None, BLOCK_P=BLOCK_P, BLOCK_K=BLOCK_K, num_warps=NUM_WARPS,
     )  # fmt: skip
@@ -216,12 +284,14 @@ def _chunks(bounds, chunk):
     return pieces, owner
 
 
-def segment_sum(partial: torch.Tensor, seg, n: int, out: torch.Tensor | None = None, _seg_t=None) -> torch.Tensor:
+def segment_sum(partial: torch.Tensor, seg, n: int, out: torch.Tensor | None = None, _seg_t=None,
+                fixed: bool = False) -> torch.Tensor:
     """``partial[P, K]`` fp32 -> ``[n, K]`` fp32: row i sums ``partial[seg[i][0]:seg[i][1]]`` (all P rows if
     ``seg`` is None, then ``n == 1``); ``seg``: a list of ``(start, end)`` pairs. Deterministic second pass of every
     coefficient gradient: ranges longer than :data:`CHUNK_ROWS` are first summed in fixed chunks, one program
     each, then the chunk sums (two levels, same order on every call). ``out``: a contiguous ``[n, K]`` fp32 tensor
-    to write (default: a new one). ``_seg_t``: ``seg`` already on the device (internal)."""
+    to write (default: a new one). ``_seg_t``: ``seg`` already on the device (internal). ``fixed``: through the
+    capture kernel (``seg`` must be None)."""
     P, K = partial.shape
     if out is None:
         out = new_output((n, K), torch.float32, partial.device)
@@ -230,8 +300,8 @@ def segment_sum(partial: torch.Tensor, seg, n: int, out: torch.Tensor | None = N
         if seg is None:
             n1 = triton.cdiv(P, CHUNK_ROWS)
             level1 = torch.empty((n1, K), dtype=torch.float32, device=partial.device)
-            _launch_segment_sum(partial, None, level1, n1, CHUNK_ROWS)
-            return segment_sum(level1, None, 1, out)
+            _launch_segment_sum(partial, None, level1, n1, CHUNK_ROWS, fixed)
+            return segment_sum(level1, None, 1, out, fixed=fixed)
         pieces, owner = _chunks(bounds, CHUNK_ROWS)
         table = int64_table(pieces + owner, partial.device)  # one host-to-device copy for both levels
         level1 = torch.empty((len(pieces), K), dtype=torch.float32, device=partial.device)
@@ -239,7 +309,7 @@ def segment_sum(partial: torch.Tensor, seg, n: int, out: torch.Tensor | None = N
         return segment_sum(level1, owner, n, out, _seg_t=table[len(pieces) :])
     if seg is not None and _seg_t is None:
         _seg_t = int64_table([list(b) for b in bounds], partial.device)
-    _launch_segment_sum(partial, _seg_t, out, n, P)
+    _launch_segment_sum(partial, _seg_t, out, n, P, fixed)
     return out
 
 
@@ -296,14 +366,18 @@ def _aligned(*ts_and_ints) -> bool:
     return all((x.data_ptr() if isinstance(x, torch.Tensor) else x) % ALIGN == 0 for x in ts_and_ints)
 
 
+def _group_key(a, stack, out) -> tuple:
+    """(first dtype, deltas dtype, aligned) of one tensor of a multi-tensor call; ``out`` None for dcoef."""
+    d, kstride = stack
+    return a.dtype, d.dtype, _aligned(a, d, a.numel(), kstride, *(() if out is None else (out,)))
+
+
 def _groups(firsts, stacks, outs):
-    """Indices of the non-empty tensors grouped by (first dtype, deltas dtype, aligned): one launch per group.
-    ``stacks[i]`` is ``(deltas, kstride)``; ``outs`` None for dcoef."""
+    """Indices of the non-empty tensors grouped by :func:`_group_key`: one launch per group."""
     groups: dict[tuple, list[int]] = {}
-    for i, (a, (d, kstride)) in enumerate(zip(firsts, stacks, strict=True)):
+    for i, (a, st) in enumerate(zip(firsts, stacks, strict=True)):
         if a.numel():
-            al = _aligned(a, d, a.numel(), kstride, *(() if outs is None else (outs[i],)))
-            groups.setdefault((a.dtype, d.dtype, al), []).append(i)
+            groups.setdefault(_group_key(a, st, None if outs is None else outs[i]), []).append(i)
     return groups
 
 
@@ -333,6 +407,55 @@ def _one_launch_ok(device: torch.device) -> bool:
     return (not INTERPRET or device.type == "cpu") and not capturing(device)
 
 
+# (op, group key, coefs dtype or K, device) whose capture kernel variant the eager path has launched (see the
+# module docstring)
+_WARM: set[tuple] = set()
+
+
+def _warm_first(op: str, groups: dict, extra, device) -> dict[tuple, int]:
+    """For every group not warmed yet on ``device``: remove its first tensor from the group (it is launched through
+    the capture kernel instead) and return ``{group key: that tensor's index}``."""
+    firsts = {}
+    for key, idx in groups.items():
+        wk = (op, key, extra, str(device))
+        if wk not in _WARM:
+            _WARM.add(wk)
+            firsts[key] = idx.pop(0)
+    return firsts
+
+
+def _merge_one(base, stack, coef_row, out) -> None:
+    """``out <- merge(base, deltas, coef_row)`` through the capture kernel (``base``, ``out`` contiguous)."""
+    N = base.numel()
+    if N == 0:
+        return
+    d, kstride = stack
+    _, _, aligned = _group_key(base, stack, out)
+    unit = ALIGN if aligned else 1
+    _merge_one_kernel[(triton.cdiv(N, MERGE_BLOCK),)](
+        base.data_ptr(), d.data_ptr(), coef_row, out.data_ptr(), N // unit, d.shape[0], kstride // unit,
+        BASE_TY=TL_DTYPE[base.dtype], DELTA_TY=TL_DTYPE[d.dtype], OUT_TY=TL_DTYPE[out.dtype], ALIGNED=aligned,
+        BLOCK=MERGE_BLOCK, num_warps=NUM_WARPS,
+    )  # fmt: skip
+
+
+def _dcoef_one(grad, stack, out_row) -> None:
+    """``out_row[1, K] <- dcoef(grad, deltas)`` through the capture kernels (``grad`` contiguous)."""
+    d, kstride = stack
+    K = d.shape[0]
+    nblocks = triton.cdiv(grad.numel(), DCOEF_BLOCK)
+    partial = torch.empty((max(nblocks, 1), K), dtype=torch.float32, device=grad.device)
+    if nblocks:
+        _, _, aligned = _group_key(grad, stack, None)
+        unit = ALIGN if aligned else 1
+        _dcoef_one_kernel[(nblocks,)](
+            grad.data_ptr(), d.data_ptr(), partial, grad.numel() // unit, K, kstride // unit,
+            GRAD_TY=TL_DTYPE[grad.dtype], DELTA_TY=TL_DTYPE[d.dtype], ALIGNED=aligned, BLOCK=DCOEF_BLOCK,
+            num_warps=NUM_WARPS,
+        )  # fmt: skip
+    segment_sum(partial[:nblocks], None, 1, out_row, fixed=True)
+
+
 def merge_many(bases, deltas, coefs: torch.Tensor) -> list[torch.Tensor]:
     """``[merge(bases[i], deltas[i], coefs[i]) for i]`` in one launch per group (base dtype, delta dtype, aligned).
 
@@ -343,13 +466,21 @@ def merge_many(bases, deltas, coefs: torch.Tensor) -> list[torch.Tensor]:
     outs = [new_output(b.shape, b.dtype, b.device) for b in bases]
     coefs = coefs.contiguous()
     bases = [b.contiguous() for b in bases]  # kept alive (referenced) until the launches are queued
+    stacks = [slices(d) for d in deltas]
     if not _one_launch_ok(device):
         for i in range(n):
-            _launch_merge(bases[i], deltas[i], coefs[i], outs[i])
+            if INTERPRET and device.type != "cpu":  # tensor arguments: the interpreter copies them to the host
+                _launch_merge(bases[i], deltas[i], coefs[i], outs[i])
+            else:
+                _merge_one(bases[i], stacks[i], coefs[i], outs[i])
         return outs
     K = coefs.shape[1]
-    stacks = [slices(d) for d in deltas]
-    for (bdt, ddt, aligned), idx in _groups(bases, stacks, outs).items():
+    groups = _groups(bases, stacks, outs)
+    for i in _warm_first("merge", groups, coefs.dtype, device).values():
+        _merge_one(bases[i], stacks[i], coefs[i], outs[i])
+    for (bdt, ddt, aligned), idx in groups.items():
+        if not idx:
+            continue
         table, block_tensor, counts = _table(idx, bases, stacks, outs, MERGE_BLOCK, device)
         _merge_many_kernel[(sum(counts),)](
             table, block_tensor, coefs, K,
@@ -366,15 +497,21 @@ def dcoef_many(grads, deltas) -> torch.Tensor:
     K = deltas[0].shape[0]
     device = grads[0].device
     grads = [g.contiguous() for g in grads]
-    if not _one_launch_ok(device):
-        out = new_output((n, K), torch.float32, device)
-        for i in range(n):
-            dcoef(grads[i], deltas[i], out=out[i : i + 1])
-        return out
     stacks = [slices(d) for d in deltas]
+    out = new_output((n, K), torch.float32, device)
+    if not _one_launch_ok(device):
+        for i in range(n):
+            if INTERPRET and device.type != "cpu":  # tensor arguments: the interpreter copies them to the host
+                dcoef(grads[i], deltas[i], out=out[i : i + 1])
+            else:
+                _dcoef_one(grads[i], stacks[i], out[i : i + 1])
+        return out
     groups = _groups(grads, stacks, None)
+    warm = _warm_first("dcoef", groups, K, device)
     launches, seg, block_base = [], [(0, 0)] * n, 0
     for (gdt, ddt, aligned), idx in groups.items():
+        if not idx:
+            continue
         table, block_tensor, counts = _table(idx, grads, stacks, None, DCOEF_BLOCK, device)
         for i, c in zip(idx, counts, strict=True):
             seg[i] = (block_base, block_base + c)
@@ -386,4 +523,7 @@ def dcoef_many(grads, deltas) -> torch.Tensor:
             table, block_tensor, partial, base, K,
             GRAD_TY=TL_DTYPE[gdt], DELTA_TY=TL_DTYPE[ddt], ALIGNED=aligned, BLOCK=DCOEF_BLOCK, num_warps=NUM_WARPS,
         )  # fmt: skip
-    return segment_sum(partial, seg, n)
+    segment_sum(partial, seg, n, out)
+    for i in warm.values():  # after the segment sum, which wrote 0 to these rows (empty segments)
+        _dcoef_one(grads[i], stacks[i], out[i : i + 1])
+    return out
