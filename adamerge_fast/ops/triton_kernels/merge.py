@@ -257,8 +257,11 @@ def _segment_sum_kernel(
 
 
 # the segment sum of the capture path: _segment_sum_kernel without runtime specialization (one variant per K)
-_segment_sum_fixed_kernel = triton.jit(_segment_sum_kernel.fn, do_not_specialize=("P", "K", "CHUNK"),
-                                       do_not_specialize_on_alignment=("partial_ptr", "seg_ptr", "out_ptr"))  # fmt: skip
+_segment_sum_fixed_kernel = triton.jit(
+    _segment_sum_kernel.fn,
+    do_not_specialize=("P", "K", "CHUNK"),
+    do_not_specialize_on_alignment=("partial_ptr", "seg_ptr", "out_ptr"),
+)
 
 
 # ------------------------------------------------------------------------------------------------- launchers
