@@ -9,7 +9,8 @@
   the tolerance tests with it (``make gpu-check`` runs them).
 * No compiler, no torch at build time, or a failed compile: a warning is printed and the package is
   installed without the extension (pure Python; the ``reference`` and ``triton`` backends still work).
-  ``ADAMERGE_REQUIRE_EXT=1`` turns that failure into an error instead.
+  ``ADAMERGE_REQUIRE_EXT=1`` turns that failure into an error instead; ``ADAMERGE_REQUIRE_CUDA=1`` also makes a
+  build without the CUDA kernels an error (``make gpu-check`` sets both).
 
 Install: ``pip install --no-build-isolation -e .`` (no build isolation: build against the torch installed).
 """
@@ -97,6 +98,9 @@ def _extensions_and_cmdclass():
     ):
         _warn("torch is a CUDA build but nvcc was not found (set CUDA_HOME); building the CPU extension only")
         want_cuda = False
+    if os.environ.get("ADAMERGE_REQUIRE_CUDA") == "1" and not want_cuda:
+        why = "torch is not a CUDA build" if torch.version.cuda is None else "nvcc not found or CUDA build turned off"
+        raise RuntimeError(f"ADAMERGE_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {why}")
 
     if want_cuda:
         sources += _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")

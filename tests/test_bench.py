@@ -125,3 +125,26 @@ def test_vit_workload_without_open_clip(monkeypatch):
     assert wl.info["vit_impl"] == "torch" and wl.names[:3] == ["class_embedding", "positional_embedding", "proj"]
     with pytest.raises(ImportError):
         build_workload("vit-tiny", DEVICE, {"impl": "open_clip"})
+
+
+def test_gpu_ops_benchmark_report_parts(tmp_path):
+    """benchmarks/bench_gpu_ops.py needs a GPU to time anything; its ``auto`` suggestion (backends ordered by the
+    geometric mean time over the cases all of them ran) and its markdown are checked on synthetic rows, and it
+    refuses to run without CUDA."""
+    from benchmarks import bench_gpu_ops as B
+
+    rows = [dict(section="merged_linear", op="merged_linear", case=c, backend=b, fwd_bwd_ms=t)
+            for c, ts in (("a", (1.0, 4.0, 9.0)), ("b", (4.0, 1.0, 9.0)), ("c", (2.0, 1.0, 9.0)))
+            for b, t in zip(("cuda", "triton", "reference"), ts, strict=True)]  # fmt: skip
+    rows.append(dict(section="merged_linear", op="merged_linear", case="d", backend="cuda", fwd_bwd_ms=0.01))
+    rows.append(dict(section="merged_linear", op="merged_linear", case="a", backend="materialize", fwd_bwd_ms=0.1))
+    rows.append(dict(section="entropy", op="entropy_fwd", case="x", backend="triton", ms=1.0))
+    sug = B.auto_suggestion(rows)
+    assert sug["merged_linear"]["order"] == ["triton", "cuda", "reference"] and sug["merged_linear"]["cases"] == 3
+    assert sug["entropy_fwd"]["order"] == ["triton"]
+    res = dict(device="dev", date="today", torch="t", triton="3", copy_Bps=4e12, matmul_flops={"bf16": 7e14},
+               rows=rows, auto_suggestion=sug, cut=["entropy: 1x1 and later rows"], elapsed_s=1.0)
+    md = B.render_markdown(res)
+    assert "`merged_linear`: triton" in md and "## merged_linear" in md and "Cut by the time budget" in md
+    if not torch.cuda.is_available():
+        assert B.main(["--out", str(tmp_path)]) == 2 and not list(tmp_path.iterdir())
