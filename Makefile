@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test test-triton test-ext bench lint clean gpu-check
+.PHONY: setup demo test test-triton test-ext test-props test-compat bench lint clean gpu-check
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -19,6 +19,19 @@ test-triton: setup
 
 test-ext: setup
 	$(PY) -m pytest -q -m ext tests
+
+# The hypothesis property tests of the ops at full size (>= 1000 drawn cases per backend; make test runs a small
+# derandomized profile of the same tests). Cases run per backend: runs/props_cases.json.
+test-props: setup
+	@mkdir -p runs
+	ADAMERGE_PROPS=full ADAMERGE_PROPS_REPORT=runs/props_cases.json $(PY) -m pytest -q -m props tests
+	@cat runs/props_cases.json
+
+# The drop-in tests, plus FusionBench's own AdaMerging algorithms driving our wrappers: FusionBench 0.2.33 (with
+# lightning, hydra, datasets, ...) lives in a separate .venv-compat (scripts/setup_compat_venv.sh), never in .venv.
+test-compat: setup
+	@bash scripts/setup_compat_venv.sh
+	PYTHONPATH=. .venv-compat/bin/python -m pytest -q tests/test_compat_*.py
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only -q

@@ -2,22 +2,16 @@
 on a tiny ViT, and the command writes its JSON. No wall-clock assertions."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+# benchmarks/ is a plain package of the checkout (pytest puts the checkout root on sys.path: pyproject.toml)
 from _tol import assert_close
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the checkout's benchmarks/ is a plain package, not installed
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.adamerging_step import main  # noqa: E402
-from benchmarks.adamerging_step.protocol import EquivalenceError, check_equivalence  # noqa: E402
-from benchmarks.adamerging_step.runners import available_methods, make_runner  # noqa: E402
-from benchmarks.adamerging_step.workloads import build_workload  # noqa: E402
+from benchmarks.adamerging_step import main
+from benchmarks.adamerging_step.protocol import EquivalenceError, check_equivalence
+from benchmarks.adamerging_step.runners import available_methods, make_runner
+from benchmarks.adamerging_step.workloads import build_workload
 
 DEVICE = torch.device("cpu")
 

@@ -15,19 +15,12 @@ float64 (computed on the GPU, in row chunks for the large shapes); tolerances fr
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 import adamerge_fast as af
 from _tol import TOL
 from adamerge_fast.ops import get_backend
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # benchmarks/ (the plain-torch ViT tower) is a package of the checkout
-    sys.path.insert(0, str(ROOT))
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Mapping
 
 import torch
@@ -44,21 +45,47 @@ def weight_average(base: Mapping[str, torch.Tensor], tv: TV, *, backend=None) ->
     return _combine(base, tv, torch.full((K,), 1.0 / K), backend)
 
 
+def check_scale(scale: float, what: str = "scale") -> float:
+    """``float(scale)``, or ``ValueError`` naming ``what`` unless it is a finite number that float32 (the dtype of
+    the merge coefficients) holds."""
+    try:
+        v = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a number, got {type(scale).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v}")
+    if abs(v) > torch.finfo(torch.float32).max:
+        raise ValueError(f"{what} must be a finite number that float32 holds (|scale| <= 3.4e38), got {v}")
+    return v
+
+
+def check_ties_k(k: float, what: str = "TIES: k") -> float:
+    """``float(k)``, or ``ValueError`` naming ``what`` unless ``0 < k <= 1`` (the fraction of entries kept)."""
+    try:
+        v = float(k)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a number, got {type(k).__name__}") from None
+    if not 0.0 < v <= 1.0:  # NaN fails too
+        raise ValueError(f"{what} is the fraction of entries kept, expected 0 < k <= 1 (in (0, 1]), got {v}")
+    return v
+
+
 def task_arithmetic(
     base: Mapping[str, torch.Tensor], tv: TV, scale: float = 0.3, *, backend=None
 ) -> dict[str, torch.Tensor]:
     """``theta_0 + scale * sum_k tau_k`` (0.3: the AdaMerging paper's task-arithmetic setting)."""
-    return _combine(base, tv, torch.full((_K(tv),), float(scale)), backend)
+    scale = check_scale(scale, "task_arithmetic: scale")
+    return _combine(base, tv, torch.full((_K(tv),), scale), backend)
 
 
 def _keep_count(n: int, k: float) -> int:
-    if not 0.0 < k <= 1.0:
-        raise ValueError(f"TIES: k is the fraction of entries kept, expected 0 < k <= 1, got {k}")
+    check_ties_k(k)
     return n - int(n * k)  # official: k-th smallest magnitude with k = d - int(d * K)
 
 
 def _trim(tv: TV, k: float, scope: str) -> dict[str, torch.Tensor]:
     """Zero all but the top-``k`` fraction (by magnitude) of each task's vector."""
+    k = check_ties_k(k)
     K = _K(tv)
     if k >= 1.0:
         return {n: t.clone() for n, t in tv.items()}
@@ -124,6 +151,7 @@ def ties_merge(
     kept each entry (the disjoint mean), ``"sum"`` adds them."""
     if merge not in ("mean", "sum"):
         raise ValueError(f"TIES: merge must be 'mean' or 'sum', got {merge!r}")
+    scale = check_scale(scale, "ties_merge: scale")
     sel = ties_split(tv, k, scope)
     out = {}
     with torch.no_grad():
