@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def _load():
     spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "tools" / "gpu_check.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
@@ -83,9 +84,10 @@ def test_runner_budgets_groups_and_skips(tmp_path):
     required phase fails and the phase after it is skipped."""
     marker = tmp_path / "child_finished"
     pidfile = tmp_path / "child.pid"
+    child = tmp_path / "child.py"
+    child.write_text(f"import time, pathlib\ntime.sleep(60)\npathlib.Path({str(marker)!r}).write_text('x')\n")
     slow = ("import subprocess, sys, time, pathlib; "
-            f"c = subprocess.Popen([sys.executable, '-c', 'import time, pathlib; time.sleep(60); "
-            f"pathlib.Path({str(marker)!r}).write_text(\"x\")']); "
+            f"c = subprocess.Popen([sys.executable, {str(child)!r}]); "
             f"pathlib.Path({str(pidfile)!r}).write_text(str(c.pid)); print('started', flush=True); time.sleep(60)")
     phases = [
         GC.Phase(1, "build", 30, 1, "fake", [GC.Step(_py("print('extension _C.so'); print('cubins: sm_90')"),
@@ -110,15 +112,17 @@ def test_runner_budgets_groups_and_skips(tmp_path):
     assert len(lines) == 5 and all(line.startswith("[gpu-check] phase ") for line in lines)
     log = (tmp_path / "sanitizer.log").read_text()
     assert "started" in log and "stopped: budget spent" in log
-    child = int(pidfile.read_text())
-    for _ in range(50):  # the stopped group's child is gone (killed, not left running)
+    child_pid = int(pidfile.read_text())
+    for _ in range(50):  # the stopped group's child is gone (killed, not left running; a zombie counts as gone)
         try:
-            os.kill(child, 0)
-        except ProcessLookupError:
+            state = Path(f"/proc/{child_pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            break
+        if state == "Z":
             break
         time.sleep(0.1)
     else:
-        pytest.fail(f"child {child} of the stopped phase still runs")
+        pytest.fail(f"child {child_pid} of the stopped phase still runs")
     assert not marker.exists()
 
 

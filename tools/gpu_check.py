@@ -163,8 +163,10 @@ def verify_build(archs: str) -> int:
 
 
 def _has_xdist(py: str) -> bool:
-    r = subprocess.run([py, "-c", "import xdist"], capture_output=True)
-    return r.returncode == 0
+    try:
+        return subprocess.run([py, "-c", "import xdist"], capture_output=True, timeout=60).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
 
 
 def plan(args, py: str, work: Path) -> list[Phase]:
