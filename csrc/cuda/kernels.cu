@@ -635,6 +635,21 @@ __global__ void __launch_bounds__(kThreads)
 
 inline unsigned grid1(int64_t blocks) { return static_cast<unsigned>(blocks); }
 
+// Items [c0, c0 + AMF_MANY_CHUNK) of a multi-tensor call as one by-value chunk, tile0 relative to its first item.
+// Sets `first` to the call-wide tile the chunk starts at; returns the chunk's number of tiles of `tile_elems`.
+template <class Chunk, class Item>
+int64_t fill_chunk(Chunk& chunk, const Item* items, int n, int c0, int64_t tile_elems, int64_t& first) {
+  memset(&chunk, 0, sizeof(chunk));
+  chunk.n = n - c0 < AMF_MANY_CHUNK ? n - c0 : AMF_MANY_CHUNK;
+  first = items[c0].tile0;
+  for (int i = 0; i < chunk.n; ++i) {
+    chunk.items[i] = items[c0 + i];
+    chunk.items[i].tile0 -= first;
+  }
+  const Item& last = chunk.items[chunk.n - 1];
+  return last.tile0 + (last.numel + tile_elems - 1) / tile_elems;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------ launchers
@@ -651,15 +666,8 @@ cudaError_t amf_merge_one(AmfMergeItem item, const double* coefs, int K, cudaStr
 cudaError_t amf_merge_many(const AmfMergeItem* items, int n, const double* coefs, int K, cudaStream_t stream) {
   for (int c0 = 0; c0 < n; c0 += AMF_MANY_CHUNK) {
     AmfMergeChunk chunk;
-    memset(&chunk, 0, sizeof(chunk));
-    chunk.n = n - c0 < AMF_MANY_CHUNK ? n - c0 : AMF_MANY_CHUNK;
-    const int64_t first = items[c0].tile0;
-    for (int i = 0; i < chunk.n; ++i) {
-      chunk.items[i] = items[c0 + i];
-      chunk.items[i].tile0 -= first;
-    }
-    const AmfMergeItem& last = chunk.items[chunk.n - 1];
-    const int64_t tiles = last.tile0 + amf_merge_tiles(last.numel);
+    int64_t first = 0;
+    const int64_t tiles = fill_chunk(chunk, items, n, c0, AMF_MERGE_TILE, first);
     if (tiles > 0) merge_many_kernel<<<grid1(tiles), kThreads, 0, stream>>>(chunk, coefs, K);
     const cudaError_t e = cudaGetLastError();
     if (e != cudaSuccess) return e;
@@ -680,15 +688,8 @@ cudaError_t amf_dcoef_many(const AmfDotItem* items, int n, int64_t total_tiles, 
   (void)total_tiles;  // the partial-sum rows of item i start at items[i].tile0
   for (int c0 = 0; c0 < n; c0 += AMF_MANY_CHUNK) {
     AmfDotChunk chunk;
-    memset(&chunk, 0, sizeof(chunk));
-    chunk.n = n - c0 < AMF_MANY_CHUNK ? n - c0 : AMF_MANY_CHUNK;
-    const int64_t first = items[c0].tile0;
-    for (int i = 0; i < chunk.n; ++i) {
-      chunk.items[i] = items[c0 + i];
-      chunk.items[i].tile0 -= first;
-    }
-    const AmfDotItem& last = chunk.items[chunk.n - 1];
-    const int64_t tiles = last.tile0 + amf_dot_tiles(last.numel);
+    int64_t first = 0;
+    const int64_t tiles = fill_chunk(chunk, items, n, c0, AMF_DOT_TILE, first);
     if (tiles > 0) dot_many_kernel<<<grid1(tiles), kThreads, 0, stream>>>(chunk, first, K, partials);
     reduce_chunk_kernel<<<grid1(static_cast<int64_t>(chunk.n) * K), kThreads, 0, stream>>>(
         partials, chunk, first, K, out + static_cast<int64_t>(c0) * K);

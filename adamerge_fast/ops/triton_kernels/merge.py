@@ -178,13 +178,24 @@ _FIXED_ARGS = dict(do_not_specialize=("base_addr", "delta_addr", "out_addr", "n_
                    do_not_specialize_on_alignment=("coef_ptr", "partial_ptr"))  # fmt: skip
 
 
+@triton.jit
+def _fixed_item(a_addr, d_addr, n_units, k_units, A_TY: tl.constexpr, D_TY: tl.constexpr, ALIGNED: tl.constexpr):
+    # (first operand, deltas, N, slice stride) of a capture kernel: the launcher passes N and the slice stride in
+    # units of 16 elements when ALIGNED (a product by 16 carries its divisibility to the compiler)
+    a = a_addr.to(tl.pointer_type(A_TY))
+    d = d_addr.to(tl.pointer_type(D_TY))
+    if ALIGNED:
+        return tl.multiple_of(a, 16), tl.multiple_of(d, 16), n_units * 16, k_units * 16
+    return a, d, n_units, k_units
+
+
 @triton.jit(**_FIXED_ARGS)
 def _merge_one_kernel(
     base_addr: tl.int64,  # addresses (data_ptr()) of base [N], deltas [K, N] (slice stride kstride), out [N]
     delta_addr: tl.int64,
     coef_ptr,  # [K]
     out_addr: tl.int64,
-    n_units: tl.int64,  # N, or N / 16 when ALIGNED (a product by 16 carries its divisibility to the compiler)
+    n_units: tl.int64,  # N, or N / 16 when ALIGNED (see _fixed_item)
     K: tl.int32,
     k_units: tl.int64,  # elements between task-vector slices, or that / 16 when ALIGNED
     BASE_TY: tl.constexpr,
@@ -193,13 +204,10 @@ def _merge_one_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    base = base_addr.to(tl.pointer_type(BASE_TY))
-    delta = delta_addr.to(tl.pointer_type(DELTA_TY))
+    base, delta, N, kstride = _fixed_item(base_addr, delta_addr, n_units, k_units, BASE_TY, DELTA_TY, ALIGNED)
     out = out_addr.to(tl.pointer_type(OUT_TY))
-    N, kstride = n_units, k_units
     if ALIGNED:
-        base, delta, out = tl.multiple_of(base, 16), tl.multiple_of(delta, 16), tl.multiple_of(out, 16)
-        N, kstride = n_units * 16, k_units * 16
+        out = tl.multiple_of(out, 16)
     _merge_block(base, delta, coef_ptr, out, N, kstride, K, tl.program_id(0), BLOCK)
 
 
@@ -216,12 +224,7 @@ def _dcoef_one_kernel(
     ALIGNED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    grad = base_addr.to(tl.pointer_type(GRAD_TY))
-    delta = delta_addr.to(tl.pointer_type(DELTA_TY))
-    N, kstride = n_units, k_units
-    if ALIGNED:
-        grad, delta = tl.multiple_of(grad, 16), tl.multiple_of(delta, 16)
-        N, kstride = n_units * 16, k_units * 16
+    grad, delta, N, kstride = _fixed_item(base_addr, delta_addr, n_units, k_units, GRAD_TY, DELTA_TY, ALIGNED)
     pid = tl.program_id(0)
     _dcoef_block(grad, delta, partial_ptr + pid.to(tl.int64) * K, N, kstride, K, pid, BLOCK)
 
