@@ -25,7 +25,9 @@ _EXPORTS: dict[str, str | None] = {
     "merge": "ops",
     "merge_many": "ops",
     "merged_linear": "ops",
+    "merged_lora_linear": "ops",
     "entropy": "ops",
+    "linear_entropy": "ops",
     "AdaMergedModel": "merging",
     "adamerge": "optim",
     "History": "optim",
@@ -45,7 +47,9 @@ __all__ = [
     "merge",
     "merge_many",
     "merged_linear",
+    "merged_lora_linear",
     "entropy",
+    "linear_entropy",
     "AdaMergedModel",
     "adamerge",
     "History",
@@ -88,5 +92,5 @@ if TYPE_CHECKING:  # the same names for type checkers and readers
         ties_split,
         weight_average,
     )
-    from .ops import entropy, merge, merge_many, merged_linear
+    from .ops import entropy, merge, merge_many, merged_linear, merged_lora_linear
     from .optim import History, adamerge

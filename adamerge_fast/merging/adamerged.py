@@ -29,17 +29,19 @@ from __future__ import annotations
 import copy as _copy
 import hashlib
 import math
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import ops
 from ..io import CheckpointError, check_finite, save_safetensors
+from . import lora
+from .build import DenseRows, FinetunedSource, build_task_vectors
 from .static import check_ties_k, ties_split
-from .task_vectors import Source, check_task_vectors
-from .task_vectors import task_vectors as make_task_vectors
+from .task_vectors import check_task_vectors
 
 
 class _CoefContext:
@@ -192,12 +194,57 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle):
-    """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned``, or checked), in
-    ``dtype``, TIES-split for AdaMerging++, contiguous, on the pretrained parameters' devices."""
+def block_paths(module: nn.Module) -> list[str]:
+    """Paths of the children of every ``nn.ModuleList`` holding two or more modules of one type (a transformer's
+    blocks: open_clip ``transformer.resblocks``, HF ``model.layers`` / ``encoder.layers``), outermost lists only."""
+    out: list[str] = []
+    for path, m in module.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or any(path.startswith(p + ".") for p in out):
+            continue
+        if len({type(c) for c in m}) == 1:
+            out += [f"{path}.{i}" if path else str(i) for i in range(len(m))]
+    return out
+
+
+class _CheckpointedForward:
+    """A module's forward under ``torch.utils.checkpoint`` (non-reentrant). The module's tensors at call time
+    (the merged ones ``AdaMergedModel.forward`` feeds through ``functional_call``; in the skeleton every tensor is
+    a buffer) and the coefficient table are captured, and the recomputation in backward runs the module's own
+    forward on exactly those again (its hooks run once per forward; its submodules' hooks again when recomputed)."""
+
+    def __init__(self, ctx: _CoefContext, module: nn.Module, forward):
+        self.ctx, self.module, self.forward = ctx, module, forward
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        coefs = self.ctx.get()
+        state = [(m, n, t) for m in self.module.modules() for n, t in m._buffers.items() if t is not None]
+
+        def run(*a, **kw):
+            saved = [(m, n, m._buffers[n]) for m, n, _ in state]
+            prev, self.ctx.coefs = self.ctx.coefs, coefs
+            try:
+                for m, n, t in state:
+                    m._buffers[n] = t
+                return self.forward(*a, **kw)
+            finally:
+                self.ctx.coefs = prev
+                for m, n, t in saved:
+                    m._buffers[n] = t
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle, *, K=None,
+                          release_finetuned=False):
+    """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned`` one model at a time by
+    :func:`~adamerge_fast.merging.build.build_task_vectors`, or checked), in ``dtype``, TIES-split for
+    AdaMerging++, contiguous, on the pretrained parameters' devices."""
     names = list(base)
     if task_vectors is None:
-        tv = make_task_vectors(pretrained, finetuned, keys=names, dtype=dtype, trust_pickle=trust_pickle)
+        tv = build_task_vectors(base, finetuned, keys=names, K=K, storage=DenseRows(dtype),
+                                release_finetuned=release_finetuned, trust_pickle=trust_pickle)
     else:
         check_task_vectors(task_vectors, base, names)
         tv = {n: task_vectors[n].detach().to(device=base[n].device, dtype=dtype or task_vectors[n].dtype)
@@ -317,8 +364,23 @@ class AdaMergedModel(nn.Module):
     Args:
         pretrained: the pretrained ``nn.Module`` (``theta_0``). Its modules are copied unless ``copy=False``
             (then they are rewritten in place); its parameter tensors are shared, never copied or written.
-        finetuned: fine-tuned models/state dicts/checkpoint paths (one per task), or ``None`` if
-            ``task_vectors`` is given.
+        finetuned: one fine-tuned model per task, or ``None`` if ``task_vectors`` is given: modules, state dicts,
+            checkpoint paths, or callables (no arguments) that load and return one of those; a sequence, or an
+            iterator such as a generator (then ``task_names`` says how many). The task vectors are built one model
+            at a time (:func:`~adamerge_fast.merging.build.build_task_vectors`): each model is read, its rows
+            written, and dropped before the next is loaded, so with paths or loaders the peak is the pretrained
+            weights + the task vectors + one fine-tuned model. LoRA adapters (PEFT adapter directories,
+            ``{name: (A, B, scale)}`` mappings, :class:`~adamerge_fast.merging.lora.LoraAdapter`; given as a sequence)
+            are task vectors too, kept low-rank (:mod:`adamerge_fast.merging.lora`); a task may also be a full
+            fine-tuned model among adapters.
+        release_finetuned: side effect, off by default: empty each in-memory fine-tuned module (and mutable
+            state dict) of ``finetuned`` once its task vector is taken — its parameters and buffers become empty
+            tensors (:func:`~adamerge_fast.merging.build.release`), so their memory is freed as the task vectors
+            fill (when nothing else refers to them). The modules are unusable afterwards.
+        checkpoint_activations: recompute the activations of the backbone's blocks in the backward instead of
+            keeping them (``torch.utils.checkpoint``, non-reentrant): ``True`` checkpoints every child of the
+            model's repeated-block lists (:func:`block_paths`), or a predicate ``(path, module) -> bool`` picks
+            the modules. The merged layers save no merged weight, so recomputation costs only the forward.
         task_vectors: stacked task vectors ``{name: [K, *shape]}`` for every floating parameter.
         granularity: ``"layer"`` (one coefficient per parameter tensor per task) or ``"task"`` (one per task).
         init: initial coefficient (0.3 as the paper), a float or a ``[rows, K]`` tensor.
@@ -341,7 +403,7 @@ class AdaMergedModel(nn.Module):
     def __init__(
         self,
         pretrained: nn.Module,
-        finetuned: Sequence[Source] | None = None,
+        finetuned: Iterable[FinetunedSource] | None = None,
         *,
         task_vectors: Mapping[str, torch.Tensor] | None = None,
         granularity: Literal["task", "layer"] = "layer",
@@ -353,6 +415,8 @@ class AdaMergedModel(nn.Module):
         task_names: Sequence[str] | None = None,
         copy: bool = True,
         trust_pickle: bool = False,
+        release_finetuned: bool = False,
+        checkpoint_activations: bool | Callable[[str, nn.Module], bool] = False,
         coefficient_layout: Literal["rows_tasks", "tasks_rows", "tasks"] = "rows_tasks",
         normalize: Literal["softmax"] | None = None,
         parameter_filter: str | Callable[[str, nn.Parameter], bool] | None = None,
@@ -378,9 +442,23 @@ class AdaMergedModel(nn.Module):
             raise ValueError("pretrained model has no floating-point parameters to merge"
                              + ("" if parameter_filter is None else f" (parameter_filter={parameter_filter!r})"))
         names = [n for n, _ in named]
-        tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
-                                   trust_pickle)
-        K = next(iter(tv.values())).shape[0]
+        self._lora: lora.LoraTaskVectors | None = None
+        if isinstance(finetuned, Sequence) and any(lora.is_lora_source(f) for f in finetuned):
+            # storage kind "LoRA": low-rank weights run by MergedLoRALinear; `tv` holds the dense task vectors only,
+            # of the parameters some task touches densely (its tasks in self._lora.dense_tasks)
+            if ties:
+                raise ValueError("ties (AdaMerging++) trims dense task vectors: it does not apply to LoRA adapters")
+            if isinstance(task_vector_dtype, str):
+                raise ValueError(f"task_vector_dtype={task_vector_dtype!r} (quantized dense task vectors) does not "
+                                 "apply to LoRA adapters; give a floating dtype or None")
+            self._lora = lora.collect(pretrained, dict(named), finetuned, dtype=task_vector_dtype,
+                                      trust_pickle=trust_pickle)
+            tv, K = self._lora.dense, self._lora.num_tasks
+        else:
+            tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
+                                       trust_pickle, K=None if task_names is None else len(task_names),
+                                       release_finetuned=release_finetuned)
+            K = next(iter(tv.values())).shape[0]
         self.num_tasks, self.granularity, self.clamp_range, self.backend = K, granularity, clamp, backend
         self.coefficient_layout, self.normalize = coefficient_layout, normalize
         self.param_names = names
@@ -396,6 +474,8 @@ class AdaMergedModel(nn.Module):
             "task_vector_dtype": None if task_vector_dtype is None else str(task_vector_dtype).replace("torch.", ""),
             "normalize": normalize, "coefficient_layout": coefficient_layout,
         }  # fmt: skip
+        if self._lora is not None:  # a run on adapters is another problem than one on dense task vectors
+            self._settings["task_vector_storage"] = "lora"
 
         object.__setattr__(self, "_template", _meta_template(pretrained))
         # every name under which each parameter is reachable (tied weights have several) -> its row in `names`
@@ -415,6 +495,29 @@ class AdaMergedModel(nn.Module):
         skel = self._rewrite_linear_modules(skel, tv)
         self._collect_generic_parameters(skel, tv)
         self.skeleton = skel
+        self.checkpointed: list[str] = []  # paths of the modules whose activations are recomputed in backward
+        if checkpoint_activations:
+            self._checkpoint_modules(checkpoint_activations)
+
+    def _checkpoint_modules(self, which: bool | Callable[[str, nn.Module], bool]) -> None:
+        """Wrap the forward of the chosen skeleton modules in :class:`_CheckpointedForward`."""
+        if which is True:
+            paths = block_paths(self.skeleton)
+            if not paths:
+                raise ValueError("checkpoint_activations=True: the model has no list of repeated blocks (an "
+                                 "nn.ModuleList of modules of one type); pass a predicate (path, module) -> bool")
+        elif callable(which):
+            paths = [p for p, m in self.skeleton.named_modules() if p and which(p, m)]
+            paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]  # outermost only
+            if not paths:
+                raise ValueError("checkpoint_activations: the predicate picked no module")
+        else:
+            raise ValueError(f"checkpoint_activations must be a bool or a predicate (path, module) -> bool, got "
+                             f"{which!r}")
+        for p in paths:
+            m = self.skeleton.get_submodule(p)
+            m.forward = _CheckpointedForward(self._ctx, m, m.forward)
+        self.checkpointed = paths
 
     def _coef_row(self, name: str) -> int:
         """The coefficient-table row of parameter ``name`` (0 for every parameter when task-wise)."""
@@ -432,8 +535,15 @@ class AdaMergedModel(nn.Module):
 
     def _rewrite_linear_modules(self, skel: nn.Module, tv: Mapping[str, torch.Tensor]) -> nn.Module:
         """Replace every ``nn.Linear`` and rewritable ``nn.MultiheadAttention`` whose weight has a coefficient
-        row by its merged counterpart; ``self._rewritten`` lists their paths. Returns the (new) root."""
+        row by its merged counterpart; ``self._rewritten`` lists their paths. Returns the (new) root. With LoRA
+        sources: the layers whose weight has LoRA task vectors become
+        :class:`~adamerge_fast.merging.lora.MergedLoRALinear` instead."""
         self._rewritten: list[str] = []
+        if self._lora is not None:
+            for path, new in lora.merged_lora_modules(self, skel, self._lora):
+                skel = _set_child(skel, path, new)
+                self._rewritten.append(path)
+            return skel
         for path, m in list(skel.named_modules()):
             if any(path.startswith(h + ".") or h == "" for h in self._rewritten):
                 continue  # inside a module already rewritten
@@ -468,8 +578,8 @@ class AdaMergedModel(nn.Module):
             mod = skel.get_submodule(mod_path) if mod_path else skel
             del mod._parameters[pn]
             mod.register_buffer(pn, p.detach(), persistent=False)
-            if full not in self._aliases:  # a non-floating parameter: kept as it is
-                continue
+            if full not in self._aliases or self.param_names[self._aliases[full]] not in tv:
+                continue  # a non-floating parameter, or one no task touches (LoRA sources): kept as it is
             canon = self.param_names[self._aliases[full]]
             if canon not in pos:
                 pos[canon] = len(self._generic_names)
@@ -484,11 +594,17 @@ class AdaMergedModel(nn.Module):
         for i, n in enumerate(self._generic_names):
             self._generic_task_vectors.register_buffer(f"t{i}", tv[n], persistent=False)
         self._generic_cache: list | None = None
+        # LoRA sources: task vectors of task subsets, merged per subset (None: every parameter has all K tasks)
+        self._generic_groups = None if self._lora is None else lora.task_groups(
+            self._generic_names, self._lora.dense_tasks, device)  # fmt: skip
 
     # -------------------------------------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
         self._generic_cache = None
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_generic_groups", None) is not None:
+            self._generic_groups = [(fn(p), fn(t)) for p, t in self._generic_groups]
+        return out
 
     def _generic_tensors(self) -> list[list[torch.Tensor]]:
         """``[bases, task vectors]`` of the parameters merged by ``merge_many`` (cached until ``.to()``)."""
@@ -525,11 +641,22 @@ class AdaMergedModel(nn.Module):
             params = {}
             if self._generic_names:
                 bases, deltas = self._generic_tensors()
-                merged = ops.merge_many(bases, deltas, coefs[self._generic_rows_t], backend=self.backend)
+                if self._generic_groups is None:
+                    merged = ops.merge_many(bases, deltas, coefs[self._generic_rows_t], backend=self.backend)
+                else:  # LoRA sources: one merge_many per task subset
+                    merged = lora.merge_groups(bases, deltas, coefs[self._generic_rows_t], self._generic_groups,
+                                               self.backend)  # fmt: skip
                 params = {full: merged[i] for full, i in self._generic_feed}
             return torch.func.functional_call(self.skeleton, params, args, kwargs)
         finally:
             self._ctx.coefs = None
+
+    def rows_per_example(self, *args, **kwargs) -> torch.Tensor | None:
+        """Output rows per example ``[B]`` for these inputs, when the wrapped model's forward gives a variable number
+        of rows per example and says so through its own ``rows_per_example`` (e.g.
+        :class:`~adamerge_fast.models.hf.CausalLMForEntropy` with ``positions="all"``); ``None`` otherwise."""
+        fn = getattr(self.skeleton, "rows_per_example", None)
+        return None if fn is None else fn(*args, **kwargs)
 
     # -------------------------------------------------------------------------------------------------
     def _row_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -561,8 +688,10 @@ class AdaMergedModel(nn.Module):
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The merged model's full state dict (the pretrained architecture's keys), materialized once."""
         coefs = self.coefficients.detach()
-        merged = {}
+        merged = {} if self._lora is None else self._lora_merged_parameters(coefs)
         for name in self.param_names:
+            if name in merged:
+                continue
             base, tau, r = self._row_tensors(name)
             merged[name] = ops.merge(base, tau, coefs[r], backend=self.backend)
         out = {}
@@ -571,6 +700,26 @@ class AdaMergedModel(nn.Module):
                 out[key] = merged[self.param_names[self._aliases[key]]]
             else:
                 out[key] = self._fixed_tensor(key)
+        return out
+
+    def _lora_merged_parameters(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """With LoRA sources: every parameter, materialized (the LoRA layers' weights, task-subset merges, and the
+        pretrained tensor of a parameter no task touches)."""
+        out = {}
+        for path in self._rewritten:  # MergedLoRALinear
+            m = self.skeleton.get_submodule(path)
+            pre = path + "." if path else ""
+            out[pre + "weight"] = m.merged_weight(coefs)
+            if m.b0 is not None:
+                out[pre + "bias"] = m.merged_bias(coefs)
+        bases, deltas = self._generic_tensors()
+        for i, name in enumerate(self._generic_names):
+            tasks = torch.tensor(self._lora.dense_tasks[name], dtype=torch.long, device=coefs.device)
+            out[name] = ops.merge(bases[i], deltas[i], coefs[self._generic_rows[i]].index_select(0, tasks),
+                                  backend=self.backend)  # fmt: skip
+        for name in self.param_names:
+            if name not in out:
+                out[name] = self.skeleton.get_buffer(name)
         return out
 
     def to_module(self) -> nn.Module:
@@ -582,6 +731,10 @@ class AdaMergedModel(nn.Module):
             if full != canon:
                 mod_path, _, pn = full.rpartition(".")
                 (m.get_submodule(mod_path) if mod_path else m)._parameters[pn] = m.get_parameter(canon)
+        for name, b in list(m.named_buffers()):  # non-persistent buffers (e.g. Llama's rotary inv_freq) are not in
+            if b.is_meta:  # the state dict: the skeleton's own (the pretrained model's) values
+                mod_path, _, bn = name.rpartition(".")
+                (m.get_submodule(mod_path) if mod_path else m)._buffers[bn] = self.skeleton.get_buffer(name)
         return m
 
     def save_merged(self, path) -> None:
@@ -600,8 +753,7 @@ class AdaMergedModel(nn.Module):
         if self.coefficient_layout != "rows_tasks" or self.normalize is not None:
             h.update(f"layout={self.coefficient_layout}|normalize={self.normalize}|".encode())
         for n in self.param_names:
-            base, _, _ = self._row_tensors(n)
-            h.update(f"{n}:{tuple(base.shape)};".encode())
+            h.update(f"{n}:{tuple(self._template.get_parameter(n).shape)};".encode())
         return h.hexdigest()[:16]
 
     def algorithm_settings(self) -> dict[str, Any]:

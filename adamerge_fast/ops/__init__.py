@@ -7,12 +7,20 @@ Plain-torch semantics (``K`` task vectors, accumulation in fp32, or fp64 when an
     merged_linear(x[*, in], w0[out, in], tau_w[K, out, in], coef_w[K],
                   b0[out]|None, tau_b[K, out]|None, coef_b[K]|None)
                                                    = x @ merge(w0, tau_w, coef_w).T + merge(b0, tau_b, coef_b)
+    merged_lora_linear(x[*, in], w0[out, in], lora_a[R, in], lora_b[out, R], ranks[K], coef_w[K], scale[K],
+                       b0, tau_b[Kb, out], coef_b[Kb])
+                                                   = x @ (w0 + sum_k coef_w[k] scale[k] B_k A_k).T + merged bias
     entropy(logits[N, C])                          = -(softmax(logits) * log_softmax(logits)).sum(-1)  -> [N]
+    linear_entropy(h[N, D], w0[V, D], b0[V]|None, tau_w=[K, V, D]|None, coef_w=[K]|None, tau_b, coef_b,
+                   reduction="none"|"mean"|"sum")  = entropy(h @ merge(w0, tau_w, coef_w).T + merge(b0, tau_b, coef_b))
+                                                     -> [N] (or its mean / sum), never holding the [N, V] logits
 
 All are differentiable. The fast paths are the coefficient gradients:
 ``d coef[k] = <grad, deltas[k]>`` and, for ``merged_linear``, ``d coef_w[k] = <dy^T x, tau_w[k]>`` computed
 without allocating the ``[out, in]`` weight gradient on fused backends; the merged weight is recomputed in
-backward, never saved. Task vectors may be stored in bf16/fp16 below an fp32 ``w0``.
+backward, never saved. Task vectors may be stored in bf16/fp16 below an fp32 ``w0``. ``merged_lora_linear`` takes
+LoRA adapters as the weight's task vectors (``A_k = lora_a[rows of task k]``, ``B_k = lora_b[:, those columns]``)
+and never forms an ``[out, in]`` tensor besides ``w0`` (:mod:`.lora`).
 
 ``backend``: ``"auto"`` (default; or the ``ADAMERGE_BACKEND`` environment variable), or a registered name:
 ``"reference"``, ``"cpu"`` (C++ extension), ``"triton"``, ``"cuda"`` (see :func:`backend_names`). The backends and
@@ -26,6 +34,7 @@ is first constructed, as an optional dependency)::
     _backend                      -> _common, reference
     _registry                     -> _backend
     _library                      -> _common, _registry
+    lora                          -> _common, reference, _library, _registry
     cpp_backend                   -> _common, _backend; adamerge_fast._C (lazy)
     triton_backend                -> _common, _backend, reference; triton, triton_kernels (lazy)
     triton_kernels                -> triton_kernels._common
@@ -33,10 +42,13 @@ is first constructed, as an optional dependency)::
     triton_kernels.merge          -> _common, triton_kernels._common
     triton_kernels.merged_linear  -> _common, triton_kernels._common, triton_kernels.merge
     triton_kernels.entropy        -> _common, triton_kernels._common
-    __init__                      -> _backend, _registry, _library, cpp_backend, triton_backend
+    triton_kernels.lora  -> _common, triton_kernels._common, triton_kernels.merge, triton_kernels.merged_linear
+    triton_kernels.linear_entropy -> _common, triton_kernels.entropy
+    _linear_entropy               -> _common, _library, _registry
+    __init__                      -> _backend, _registry, _library, _linear_entropy, lora, cpp_backend, triton_backend
 
-Kernel modules and backends never import the registry or the dispatcher; only ``_library`` (the custom ops,
-which carry a backend *name*) and this module do.
+Kernel modules and backends never import the registry or the dispatcher; only the op modules ``_library`` and
+``lora`` (the custom ops, which carry a backend *name*) and this module do.
 """
 
 from __future__ import annotations
@@ -46,7 +58,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _library
+from . import _library, _linear_entropy
 from ._backend import Backend, ReferenceBackend
 from ._registry import (
     ANY_DEVICE,
@@ -63,13 +75,16 @@ from ._registry import (
     unregister_backend,
 )
 from .cpp_backend import CppBackend, CudaBackend
+from .lora import merged_lora_linear
 from .triton_backend import TritonBackend
 
 __all__ = [
     "merge",
     "merge_many",
     "merged_linear",
+    "merged_lora_linear",
     "entropy",
+    "linear_entropy",
     "resolve",
     "backend_status",
     "get_backend",
@@ -90,7 +105,10 @@ __all__ = [
 # first available one. ``reference`` (plain torch) runs everywhere and comes last. On the CPU the C++ kernels
 # are preferred for the memory-bound merge ops, where benchmarks/results/cpu_merge.md shows them ahead of the
 # K-pass torch reference; ``merged_linear`` there merges with the same kernel and then calls the torch matmul.
-# The extension has no CPU entropy kernel, so CPU entropy stays on ``reference``.
+# The extension has no CPU entropy kernel, so CPU entropy and linear_entropy stay on ``reference``.
+# ``merged_lora_linear`` has no kernel of the extension (``cpu``/``cuda`` would run the same plain-torch composite as
+# ``reference``): ``auto`` takes ``reference`` on the CPU and the fused Triton kernels on CUDA. Nor has the CUDA
+# extension a ``linear_entropy`` tile kernel: Triton's serves that op on CUDA.
 # On CUDA the order is per op, from what each implementation does (GPU timings of every backend for every op:
 # ``python -m benchmarks.bench_gpu_ops``, run by ``make gpu-check``; set the order from its ``auto_suggestion``):
 # * merge, merge_many (and their dcoef backward): ``cuda`` first. Both it and ``triton`` stream the K task vectors
@@ -107,7 +125,7 @@ register_backend("reference", ReferenceBackend, priority=0, auto={ANY_DEVICE: OP
 register_backend("cpu", CppBackend, priority=100, auto={"cpu": ("merge", "merge_many", "merged_linear")})
 register_backend("triton", TritonBackend, priority=200, auto={"cuda": OPS})
 register_backend("cuda", CudaBackend, priority={ANY_DEVICE: 300, "merged_linear": 150, "entropy": 150},
-                 auto={"cuda": OPS})  # fmt: skip
+                 auto={"cuda": tuple(o for o in OPS if o not in ("merged_lora_linear", "linear_entropy"))})
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -230,3 +248,58 @@ def entropy(logits: Tensor, *, backend: str | None = None) -> Tensor:
     be = resolve(backend, "entropy", logits.device)
     lead = logits.shape[:-1]
     return _library.entropy(logits.reshape(-1, logits.shape[-1]), be).reshape(lead)
+
+
+def linear_entropy(
+    h: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    tau_w: Optional[Tensor] = None,
+    coef_w: Optional[Tensor] = None,
+    tau_b: Optional[Tensor] = None,
+    coef_b: Optional[Tensor] = None,
+    reduction: str = "none",
+    chunk: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Softmax entropy of the logits ``h @ W.T + b`` per row, without holding the logits (:mod:`._linear_entropy`).
+
+    ``h[*, D]`` (leading dims flattened into N rows); ``weight`` = ``w0[V, D]``, ``bias`` = ``b0[V]`` or None;
+    ``tau_w[K, V, D]`` with ``coef_w[K]``: a merged head ``W = w0 + sum_k coef_w[k] tau_w[k]``; ``tau_b[K, V]`` with
+    ``coef_b[K]``: a merged bias. ``reduction``: ``"none"`` -> ``[*]``; ``"mean"`` / ``"sum"`` -> a scalar (its
+    gradients are formed in the forward: no recomputation). ``chunk``: rows per logits tile (default: a fp32 tile
+    of at most 64 MiB). fp32 result (fp64 when an input is fp64); differentiable in ``h``, ``weight``, ``bias``,
+    ``coef_w``, ``coef_b``.
+    """
+    _check_float("linear_entropy: h", h)
+    _check_float("linear_entropy: weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"linear_entropy: weight must be [V, D], got {list(weight.shape)}")
+    V, D = weight.shape
+    if h.dim() < 1 or h.shape[-1] != D:
+        raise ValueError(f"linear_entropy: h must be [*, D={D}], got {list(h.shape)}")
+    if h.device != weight.device:
+        raise ValueError(f"linear_entropy: h is on {h.device} but weight is on {weight.device}")
+    if bias is not None:
+        _check_float("linear_entropy: bias", bias)
+        if tuple(bias.shape) != (V,) or bias.device != weight.device:
+            raise ValueError(f"linear_entropy: bias must be [V={V}] on {weight.device}, got {list(bias.shape)} on "
+                             f"{bias.device}")
+    if (tau_w is None) != (coef_w is None) or (tau_b is None) != (coef_b is None):
+        raise ValueError("linear_entropy: tau_w and coef_w (tau_b and coef_b) must be given together")
+    if tau_w is not None:
+        _check_merge_args("linear_entropy(weight)", weight, tau_w, coef_w, "coef_w")
+    if tau_b is not None:
+        if bias is None:
+            raise ValueError("linear_entropy: tau_b given without a bias")
+        _check_merge_args("linear_entropy(bias)", bias, tau_b, coef_b, "coef_b")
+    if reduction not in _linear_entropy.REDUCTIONS:
+        raise ValueError(f"linear_entropy: reduction must be one of {_linear_entropy.REDUCTIONS}, got {reduction!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"linear_entropy: chunk must be a positive int (rows per logits tile), got {chunk!r}")
+    be = resolve(backend, "linear_entropy", h.device)
+    lead = h.shape[:-1]
+    out = _linear_entropy.linear_entropy(h.reshape(-1, D), weight, bias, tau_w, coef_w, tau_b, coef_b, reduction,
+                                         chunk or _linear_entropy.default_chunk(V), be)
+    return out.reshape(lead) if reduction == "none" else out

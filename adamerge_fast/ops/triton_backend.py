@@ -8,6 +8,11 @@ Kernels live in :mod:`adamerge_fast.ops.triton_kernels` (one module per op). Wha
   program merges its weight tiles in registers); for large M it exists for this one layer only, inside the call.
 * ``dcoef_w``: tiles of ``dy^T x`` in registers, contracted with the task vectors; no ``[out, in]`` gradient.
 * ``entropy``: chunked online softmax entropy, one program per row.
+* ``merged_lora_linear``: the LoRA shrink ``x @ A^T`` of all tasks in one launch, then the base matmul and the
+  scaled expand ``(u * c_k s_k) @ B^T`` in one kernel; backward likewise, the coefficient gradient reduced in the
+  shrink of ``dy @ B`` (:mod:`.triton_kernels.lora`).
+* ``linear_entropy``: its tile step (entropy of a ``[chunk, V]`` logits tile and its gradient, in place); the head's
+  matmuls are torch's.
 
 fp64 is not a Triton path: calls with any fp64 input go to the reference backend's functions (same contract).
 
@@ -60,7 +65,8 @@ def _guarded(method):
 
 # The kernel methods every backend has (Backend's interface): each is wrapped by _guarded in TritonBackend.
 KERNEL_METHODS = ("merge", "dcoef", "merge_many", "dcoef_many", "merged_linear_fwd", "merged_linear_bwd",
-                  "entropy_fwd", "entropy_bwd")  # fmt: skip
+                  "merged_lora_linear_fwd", "merged_lora_linear_bwd", "entropy_fwd", "entropy_bwd",
+                  "entropy_tile_")  # fmt: skip
 
 
 class TritonBackend(Backend):
@@ -72,7 +78,7 @@ class TritonBackend(Backend):
             import triton  # noqa: F401
         except ImportError as e:  # the registry remembers this and reports it
             raise ImportError(f"the triton backend needs the 'triton' package ({e})") from e
-        from .triton_kernels import INTERPRET, entropy, merge, merged_linear
+        from .triton_kernels import INTERPRET, entropy, linear_entropy, lora, merge, merged_linear
         from .triton_kernels._common import device_guard
 
         self._interpret = INTERPRET
@@ -80,6 +86,8 @@ class TritonBackend(Backend):
         self._merge = merge
         self._linear = merged_linear
         self._entropy = entropy
+        self._lora = lora
+        self._linear_entropy = linear_entropy
 
     # -- availability -------------------------------------------------------------------------------
     def unavailable_reason(self, device):
@@ -144,6 +152,20 @@ class TritonBackend(Backend):
             dcb = self._merge.dcoef(gb, tau_b)
         return dx, dcw, dcb
 
+    # -- merged_lora_linear ------------------------------------------------------------------------------
+    def merged_lora_linear_fwd(self, x, w0, lora_a, lora_b, ranks, coef_w, scale, b0, tau_b, coef_b, strategy=None):
+        if _any_f64(x, w0, lora_a, lora_b, coef_w, scale, b0, tau_b, coef_b):
+            return _REFERENCE.merged_lora_linear_fwd(x, w0, lora_a, lora_b, ranks, coef_w, scale, b0, tau_b, coef_b)
+        return self._lora.merged_lora_linear_fwd(x, w0, lora_a, lora_b, ranks, coef_w, scale, b0, tau_b, coef_b,
+                                                 strategy=strategy)  # fmt: skip
+
+    def merged_lora_linear_bwd(self, dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, tau_b, need_dx,
+                               need_dcoef_w, need_dcoef_b, strategy=None):  # fmt: skip
+        args = (dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, tau_b, need_dx, need_dcoef_w, need_dcoef_b)
+        if _any_f64(dy, x, w0, lora_a, lora_b, coef_w, scale, u, tau_b):
+            return _REFERENCE.merged_lora_linear_bwd(*args)
+        return self._lora.merged_lora_linear_bwd(*args, strategy=strategy)
+
     # -- entropy ---------------------------------------------------------------------------------------
     def entropy_fwd(self, logits):
         if logits.dtype == _F64:
@@ -154,6 +176,11 @@ class TritonBackend(Backend):
         if logits.dtype == _F64 or grad.dtype == _F64:
             return _ref.entropy_bwd(grad, logits)
         return self._entropy.entropy_bwd(grad, logits)
+
+    def entropy_tile_(self, z, g, write_grad):
+        if z.dtype == _F64:
+            return _ref.entropy_tile_(z, g, write_grad)
+        return self._linear_entropy.entropy_tile_(z, g, write_grad)
 
 
 for _name in KERNEL_METHODS:
