@@ -25,7 +25,7 @@ import triton.language as tl
 
 from .._common import new_output
 from ..quant import rows_cols
-from ._common import INTERPRET, dot_dtype, int64_table
+from ._common import INTERPRET, dot_dtype
 from .merge import DCOEF_BLOCK, MERGE_BLOCK, NUM_WARPS, merge, segment_sum
 from .merged_linear import _dcoef_config, _matmul_config, _prec, choose_strategy
 
@@ -384,19 +384,19 @@ def merge_many_q(bases, qts, coefs: torch.Tensor) -> list[torch.Tensor]:
 
 
 def dcoef_many_q(grads, qts) -> torch.Tensor:
-    """``[n, K]`` fp32: row i is ``dcoef_q(grads[i], qts[i])``; the partial sums of every tensor go to one buffer,
-    reduced in one deterministic launch."""
+    """``[n, K]`` fp32: row i is ``dcoef_q(grads[i], qts[i])``, deterministic. Per tensor: its partial sums, then
+    their fixed-order sum through the capture kernel of :func:`~.merge.segment_sum` (fixed signature) into row i.
+    No host table is built, and the same launches (same specializations) run eagerly and while a CUDA stream is
+    capturing, so the eager warm-up that precedes a capture has compiled and loaded all of them."""
     n, K = len(grads), qts[0].num_tasks
-    counts = [triton.cdiv(g.numel(), DCOEF_BLOCK) for g in grads]
-    seg, row = [], 0
-    for c in counts:
-        seg.append([row, row + c])
-        row += c
-    partial = torch.zeros((max(row, 1), K), dtype=torch.float32, device=grads[0].device)
-    for g, q, (r0, r1) in zip(grads, qts, seg, strict=True):
-        if r1 > r0:
-            _dcoef_partials(g, q, partial, r0)
-    return segment_sum(partial, int64_table(seg, grads[0].device), n)
+    out = new_output((n, K), torch.float32, grads[0].device)
+    for i, (g, q) in enumerate(zip(grads, qts, strict=True)):
+        nblocks = triton.cdiv(g.numel(), DCOEF_BLOCK)
+        partial = torch.zeros((max(nblocks, 1), K), dtype=torch.float32, device=g.device)
+        if nblocks:
+            _dcoef_partials(g, q, partial, 0)
+        segment_sum(partial, None, 1, out[i : i + 1], fixed=True)
+    return out
 
 
 def _fused_q(a, w0, qt, coef, bias, out_dtype, transpose_w: bool):
