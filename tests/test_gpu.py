@@ -11,6 +11,9 @@ float64 (computed on the GPU, in row chunks for the large shapes); tolerances fr
   eager; ``torch.compile(mode="reduce-overhead")`` on ``AdaMergedModel``;
 * the strategy timing (L2 flushed, median), the tuned table round trip, the split-K fused kernel at M <= 16, and the
   extension's chunked multi-tensor launches (more than 40 tensors).
+* quantized task vectors (issue 14): large int8/int4 ``merge_q``/``dcoef_q``, ``merged_linear`` at odd and group-
+  boundary shapes with unaligned inputs, an ``AdaMergedModel`` with quantized storage against float64 and under
+  CUDA-graph capture.
 """
 
 from __future__ import annotations
@@ -449,3 +452,137 @@ def test_adamerge_on_cuda_matches_official(task_batching):
     hist = af.adamerge(model, heads_c, data_c, steps=6, task_batching=task_batching, progress=False)
     for step, (a, b) in enumerate(zip(hist.coefficients, ref, strict=True)):
         _close(a.to("cuda"), b.double().to("cuda"), F32, f"step {step}")
+
+
+# ------------------------------------------------------------------------ quantized task vectors (issue 14)
+QFMTS = ["int8", "int4"]
+
+
+def _qmerge64(base, qt, coef, rows=slice(None)):
+    """float64 ``base[rows] + sum_k coef_k deq(qt)[k][rows]``, one task dequantized at a time."""
+    out = base[rows].double().clone()
+    for k in range(qt.num_tasks):
+        out += coef[k].double() * qt.dequantize_task(k, F64)[rows]
+    return out
+
+
+@pytest.mark.parametrize("fmt", QFMTS)
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_large_quantized_merge_and_dcoef(name, fmt):
+    """merge and dcoef over K = 8 quantized task vectors of a 4096 x 11000 layer (int4: 86 groups per row, the last
+    one short) against float64 through explicit dequantization; ``cuda`` runs its logged torch fallback."""
+    from adamerge_fast.ops.quant import quantize
+
+    be = _backend(name)
+    R, C = 4096, 11000
+    torch.cuda.empty_cache()
+    base = _randn(R, C, dtype=BF16, scale=0.02, seed=1)
+    qt = quantize(_randn(K8, R, C, scale=0.002, seed=2), fmt)
+    grad = _randn(R, C, dtype=BF16, seed=3)
+    coef = torch.rand(K8, device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    out = be.merge_q(base, qt, coef)
+    assert out.dtype == BF16 and out.shape == base.shape
+    for r0 in range(0, R, 1024):
+        rows = slice(r0, r0 + 1024)
+        _close(out[rows], _qmerge64(base, qt, coef, rows), BF16, f"{name} {fmt} merge_q rows {r0}+")
+    dc = be.dcoef_q(grad, qt)
+    ref, mag = torch.zeros(K8, dtype=F64, device="cuda"), torch.zeros(K8, dtype=F64, device="cuda")
+    for k in range(K8):
+        prod = qt.dequantize_task(k, F64) * grad.double()
+        ref[k], mag[k] = prod.sum(), prod.abs().sum()
+    err = (dc.double() - ref).abs()
+    assert torch.isfinite(dc).all() and bool((err <= 1e-6 * mag + 1e-6).all()), (err, mag)
+    assert torch.equal(dc, be.dcoef_q(grad, qt)), "dcoef_q must be deterministic"
+    del base, qt, grad
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.parametrize("M", [9, 300])
+@pytest.mark.parametrize("fmt", QFMTS)
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_quantized_merged_linear_odd_shapes_unaligned(name, fmt, M):
+    """``merged_linear`` over quantized task vectors with bf16 inputs one element into their storage, 257 input
+    columns (int4: three groups, the last of one column; an odd byte count), bias task vectors merged: output, ``dx``
+    and both coefficient gradients against float64 autograd through explicit dequantization (M = 9: fused;
+    M = 300: the strategy measured on this GPU)."""
+    from adamerge_fast.ops.quant import quantize
+
+    _backend(name)
+    K, I_, O_ = 3, 257, 40
+    x = _unaligned(M, I_, seed=1).requires_grad_()
+    w0 = _unaligned(O_, I_, scale=0.1, seed=2)
+    qt = quantize(_randn(K, O_, I_, scale=0.01, seed=3), fmt)
+    b0, tau_b = _randn(O_, dtype=BF16, seed=4), _randn(K, O_, dtype=BF16, scale=0.01, seed=5)
+    cw = torch.rand(K, device="cuda", requires_grad=True)
+    cb = torch.rand(K, device="cuda", requires_grad=True)
+    y = af.merged_linear(x, w0, qt, cw, b0, tau_b, cb, backend=name)
+    dy = _randn(M, O_, dtype=BF16, seed=6)
+    y.backward(dy)
+    x64 = x.detach().double().requires_grad_()
+    cw64, cb64 = cw.detach().double().requires_grad_(), cb.detach().double().requires_grad_()
+    w64 = w0.double() + torch.tensordot(cw64, qt.dequantize(F64), dims=1)
+    y64 = x64 @ w64.t() + b0.double() + torch.tensordot(cb64, tau_b.double(), dims=1)
+    y64.backward(dy.double())
+    _close(y, y64, BF16, f"{name} {fmt} merged_linear M={M}")
+    _close(x.grad, x64.grad, BF16, f"{name} {fmt} dx M={M}")
+    _close(cw.grad, cw64.grad, BF16, f"{name} {fmt} dcoef_w M={M}")
+    _close(cb.grad, cb64.grad, BF16, f"{name} {fmt} dcoef_b M={M}")
+
+
+@pytest.mark.parametrize("fmt", QFMTS)
+@pytest.mark.parametrize("name", ["auto", "cuda", "triton"])
+def test_quantized_adamerged_model_on_cuda(name, fmt):
+    """AdaMergedModel with int8 / int4 task vectors on CUDA against functional_call on the float64 merge of the
+    dequantized task vectors (output, coefficient gradients), then a CUDA-graph capture of its forward + backward
+    replayed with new coefficients against eager."""
+    from adamerge_fast.ops.quant import QuantizedTensor
+
+    if name != "auto":
+        _backend(name)
+    K = 3
+    pre = _tiny_vit(0)
+    g = torch.Generator("cuda").manual_seed(1)
+    tv = {n: torch.randn((K, *p.shape), device="cuda", generator=g) * 0.01 for n, p in pre.named_parameters()}
+    model = af.AdaMergedModel(pre, task_vectors=tv, granularity="layer", backend=name, task_vector_dtype=fmt)
+    stored = {n: model._row_tensors(n)[1] for n in model.param_names}
+    assert any(isinstance(t, QuantizedTensor) for t in stored.values())
+    deq = {n: t.dequantize(F64) if isinstance(t, QuantizedTensor) else t.double() for n, t in stored.items()}
+    with torch.no_grad():
+        model.raw_coefficients.copy_(torch.rand(model.raw_coefficients.shape, device="cuda", generator=g) * 1.2 - 0.1)
+    x = _randn(5, 3, 32, 32, seed=2)
+    out = model(x)
+    w = _randn(*out.shape, seed=3)
+    (out * w).sum().backward()
+    raw64 = model.raw_coefficients.detach().double().requires_grad_()
+    lam = raw64.clamp(0, 1)
+    merged = {n: p.detach().double() + torch.tensordot(lam[i], deq[n], dims=1)
+              for i, (n, p) in enumerate(pre.named_parameters())}  # fmt: skip
+    ref = torch.func.functional_call(_tiny_vit(0).double(), merged, (x.double(),))
+    (ref * w.double()).sum().backward()
+    _close(out, ref.detach(), F32, f"{name} {fmt}: forward")
+    _close(model.raw_coefficients.grad, raw64.grad, F32, f"{name} {fmt}: coefficient gradients")
+    # capture: warm-up on a side stream, capture forward + backward, replay with new coefficients
+    head = _randn(32, 10, seed=4)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            model.raw_coefficients.grad = None
+            _loss(model, x, head).backward()
+    torch.cuda.current_stream().wait_stream(side)
+    model.raw_coefficients.grad = None
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_loss = _loss(model, x, head)
+        static_loss.backward()
+    static_grad = model.raw_coefficients.grad
+    with torch.no_grad():
+        model.raw_coefficients.copy_(torch.rand_like(model.raw_coefficients))
+    graph.replay()
+    torch.cuda.synchronize()
+    loss, grad = static_loss.detach().clone(), static_grad.detach().clone()
+    model.raw_coefficients.grad = None
+    eager = _loss(model, x, head)
+    eager.backward()
+    _close(loss, eager.detach().double(), F32, f"{name} {fmt} replay: loss")
+    _close(grad, model.raw_coefficients.grad.double(), F32, f"{name} {fmt} replay: coefficient gradient")

@@ -51,7 +51,7 @@ OUTPUT_FILES = ("gpu_check.md", "gpu_check.json", "build.log", "tests.log", "san
 # The test files of the GPU suite (phase 2, second step); tests marked ``gpu`` anywhere run in the first step.
 SUITE = ("tests/test_ops_contract.py", "tests/test_triton.py", "tests/test_cpp_ext.py", "tests/test_adamerged.py",
          "tests/test_optim.py", "tests/test_lora_ops.py", "tests/test_linear_entropy.py",
-         "tests/test_entropy_nonfinite.py")  # fmt: skip
+         "tests/test_entropy_nonfinite.py", "tests/test_quant.py", "tests/test_quant_model.py")  # fmt: skip
 # Suite tests that check the build machinery, not the GPU (CI runs them): nvcc -c and header syntax checks.
 DESELECT = ("tests/test_cpp_ext.py::test_cuda_sources_compile", "tests/test_cpp_ext.py::test_cuda_binding_syntax")
 

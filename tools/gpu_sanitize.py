@@ -4,9 +4,10 @@ Each op of the ``cuda`` (extension) and ``triton`` backends runs once on small, 
 reach every kernel path: single and multi-tensor merges and coefficient gradients (more than the extension's 40 items
 per launch, aligned and unaligned tensors, a gradient long enough for the two-level reduction), the merged linear
 layer at M = 1, 5 (fused, split-K), 40 and 300 (jit / cuBLAS) forward and backward, and the entropy of contiguous,
-transposed and ``-inf``-holding logits. Every result is compared with a float64 oracle; the exit status is 1 on a
-mismatch, 2 when CUDA or a backend is missing. Under the sanitizer run it with ``PYTORCH_NO_CUDA_MEMORY_CACHING=1``
-(every tensor its own allocation, so an out-of-bounds access past a tensor is an access past an allocation)::
+transposed and ``-inf``-holding logits; then the quantized-task-vector ops (:func:`run_quantized`). Every result
+is compared with a float64 oracle; the exit status is 1 on a mismatch, 2 when CUDA or a backend is missing. Under
+the sanitizer run it with ``PYTORCH_NO_CUDA_MEMORY_CACHING=1`` (every tensor its own allocation, so an out-of-bounds
+access past a tensor is an access past an allocation)::
 
     PYTORCH_NO_CUDA_MEMORY_CACHING=1 compute-sanitizer --tool memcheck --error-exitcode 9 python3 tools/gpu_sanitize.py
 """
@@ -119,6 +120,55 @@ def run(backend: str, chk: Checker) -> None:
             chk.close(f"{backend} dentropy {dt} {tuple(z.stride())}", z.grad, z64.grad, rt, at)
 
 
+def run_quantized(backend: str, chk: Checker) -> None:
+    """The quantized-task-vector ops (int8 per row, int4 per group of 128 columns) once each: merge / dcoef (odd and
+    group-boundary widths, an odd byte count), their multi-tensor forms, and merged_linear at M = 1, 40, 300 forward
+    and backward; oracles are float64 through explicit dequantization."""
+    import adamerge_fast as af
+    from adamerge_fast.ops import get_backend
+    from adamerge_fast.ops.quant import quantize
+
+    be = get_backend(backend)
+    K, f64 = 3, torch.float64
+    for fmt in ("int8", "int4"):
+        qts, bases = [], []
+        for i, shape in enumerate(((5, 129), (3, 257), (33, 128), (2, 3, 43))):
+            qt = quantize(_rand(K, *shape, scale=0.1, seed=20 + i), fmt)
+            base, grad = _rand(*shape, offset=1, seed=30 + i), _rand(*shape, seed=40 + i)
+            coef = torch.rand(K, device="cuda")
+            deq = qt.dequantize(f64)
+            chk.close(f"{backend} {fmt} merge_q {shape}", be.merge_q(base, qt, coef),
+                      base.double() + torch.tensordot(coef.double(), deq, dims=1), 2e-4, 2e-5)  # fmt: skip
+            chk.close(f"{backend} {fmt} dcoef_q {shape}", be.dcoef_q(grad, qt),
+                      deq.reshape(K, -1) @ grad.double().reshape(-1), 2e-4, 2e-5)  # fmt: skip
+            qts.append(qt)
+            bases.append(base)
+        coefs = torch.rand(len(qts), K, device="cuda")
+        outs, dcs = be.merge_many_q(bases, qts, coefs), be.dcoef_many_q(bases, qts)
+        for i, (b, qt) in enumerate(zip(bases, qts, strict=True)):
+            deq = qt.dequantize(f64)
+            chk.close(f"{backend} {fmt} merge_many_q[{i}]", outs[i],
+                      b.double() + torch.tensordot(coefs[i].double(), deq, dims=1), 2e-4, 2e-5)  # fmt: skip
+            chk.close(f"{backend} {fmt} dcoef_many_q[{i}]", dcs[i], deq.reshape(K, -1) @ b.double().reshape(-1),
+                      2e-4, 2e-5)  # fmt: skip
+        for dt in (torch.float32, torch.bfloat16):
+            rt, at = _tol(dt)
+            for M in (1, 40, 300):
+                IN, OUT = 257, 33
+                x = _rand(M, IN, dtype=dt, offset=1, seed=50).requires_grad_()
+                w0, qt = _rand(OUT, IN, dtype=dt, scale=0.1, seed=51), quantize(_rand(K, OUT, IN, scale=0.01, seed=52),
+                                                                                  fmt)  # fmt: skip
+                cw = torch.rand(K, device="cuda", requires_grad=True)
+                y = af.merged_linear(x, w0, qt, cw, backend=backend)
+                dy = _rand(M, OUT, dtype=dt, seed=53)
+                y.backward(dy)
+                x64, cw64 = (t.detach().double().requires_grad_() for t in (x, cw))
+                y64 = x64 @ (w0.double() + torch.tensordot(cw64, qt.dequantize(f64), dims=1)).t()
+                y64.backward(dy.double())
+                for what, a, e in (("y", y, y64), ("dx", x.grad, x64.grad), ("dcoef_w", cw.grad, cw64.grad)):
+                    chk.close(f"{backend} {fmt} merged_linear {what} M={M} {dt}", a, e, rt, at)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--backends", default="cuda,triton", help="comma-separated (default cuda,triton)")
@@ -136,6 +186,7 @@ def main(argv=None) -> int:
             print(f"gpu_sanitize: backend {name} unavailable: {reason}", file=sys.stderr)
             return 2
         run(name, chk)
+        run_quantized(name, chk)
         torch.cuda.synchronize()
     for f in chk.failures:
         print("MISMATCH " + f)
