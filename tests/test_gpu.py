@@ -277,16 +277,9 @@ def _loss(model, x, head):
     return af.entropy(model(x) @ head).mean()
 
 
-@pytest.mark.parametrize("name", ["auto", "cuda", "triton", "reference"])
-def test_cuda_graph_adamerged_forward_backward(name):
-    """Issue 12 section 3: a whole AdaMergedModel forward + backward (merged_linear, merged attention, merge_many of
-    the other parameters, entropy) captured into a CUDA graph and replayed with new coefficients and inputs equals
-    eager."""
-    if name != "auto":
-        _backend(name)
-    model = _model_and_tvs(name)
-    head = _randn(32, 10, seed=2)
-    x = _randn(6, 3, 32, 32, seed=3)
+def _check_capture(model, x, head, what: str, steps: int = 3) -> None:
+    """Warm ``model`` up on a side stream, capture one forward + backward of :func:`_loss` into a CUDA graph, and check
+    ``steps`` replays with new coefficients and inputs against eager (loss and coefficient gradient)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -300,7 +293,7 @@ def test_cuda_graph_adamerged_forward_backward(name):
         static_loss = _loss(model, x, head)
         static_loss.backward()
     static_grad = model.raw_coefficients.grad
-    for step in range(3):
+    for step in range(steps):
         with torch.no_grad():
             model.raw_coefficients.copy_(torch.rand_like(model.raw_coefficients))
             x.copy_(torch.randn_like(x))
@@ -310,9 +303,20 @@ def test_cuda_graph_adamerged_forward_backward(name):
         model.raw_coefficients.grad = None
         eager = _loss(model, x, head)
         eager.backward()
-        _close(loss, eager.detach().double(), F32, f"{name} replay {step}: loss")
-        _close(grad, model.raw_coefficients.grad.double(), F32, f"{name} replay {step}: coefficient gradient")
+        _close(loss, eager.detach().double(), F32, f"{what} replay {step}: loss")
+        _close(grad, model.raw_coefficients.grad.double(), F32, f"{what} replay {step}: coefficient gradient")
         model.raw_coefficients.grad = static_grad  # the graph writes into this tensor
+
+
+@pytest.mark.parametrize("name", ["auto", "cuda", "triton", "reference"])
+def test_cuda_graph_adamerged_forward_backward(name):
+    """Issue 12 section 3: a whole AdaMergedModel forward + backward (merged_linear, merged attention, merge_many of
+    the other parameters, entropy) captured into a CUDA graph and replayed with new coefficients and inputs equals
+    eager."""
+    if name != "auto":
+        _backend(name)
+    model = _model_and_tvs(name)
+    _check_capture(model, _randn(6, 3, 32, 32, seed=3), _randn(32, 10, seed=2), name)
 
 
 def test_torch_compile_reduce_overhead():
@@ -561,28 +565,4 @@ def test_quantized_adamerged_model_on_cuda(name, fmt):
     (ref * w.double()).sum().backward()
     _close(out, ref.detach(), F32, f"{name} {fmt}: forward")
     _close(model.raw_coefficients.grad, raw64.grad, F32, f"{name} {fmt}: coefficient gradients")
-    # capture: warm-up on a side stream, capture forward + backward, replay with new coefficients
-    head = _randn(32, 10, seed=4)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            model.raw_coefficients.grad = None
-            _loss(model, x, head).backward()
-    torch.cuda.current_stream().wait_stream(side)
-    model.raw_coefficients.grad = None
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_loss = _loss(model, x, head)
-        static_loss.backward()
-    static_grad = model.raw_coefficients.grad
-    with torch.no_grad():
-        model.raw_coefficients.copy_(torch.rand_like(model.raw_coefficients))
-    graph.replay()
-    torch.cuda.synchronize()
-    loss, grad = static_loss.detach().clone(), static_grad.detach().clone()
-    model.raw_coefficients.grad = None
-    eager = _loss(model, x, head)
-    eager.backward()
-    _close(loss, eager.detach().double(), F32, f"{name} {fmt} replay: loss")
-    _close(grad, model.raw_coefficients.grad.double(), F32, f"{name} {fmt} replay: coefficient gradient")
+    _check_capture(model, x, _randn(32, 10, seed=4), f"{name} {fmt}")
