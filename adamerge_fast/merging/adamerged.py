@@ -396,13 +396,20 @@ class AdaMergedModel(nn.Module):
         return m.b0, m.tau_b, m.b_row
 
     @torch.no_grad()
+    def merged_parameter(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``theta_0 + sum_k lambda_k tau_k`` of parameter ``name`` (a ``param_names`` entry), accumulated in
+        float32 (float64 when ``dtype`` differs from the parameter's) and rounded once to ``dtype`` (default: the
+        parameter's dtype)."""
+        base, tau, r = self._row_tensors(name)
+        coef = self.coefficients.detach()[r]
+        if dtype is None or dtype == base.dtype:
+            return ops.merge(base, tau, coef, backend=self.backend)
+        return ops.merge(base.double(), tau, coef.double(), backend=self.backend).to(dtype)
+
+    @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The merged model's full state dict (the pretrained architecture's keys), materialized once."""
-        coefs = self.coefficients.detach()
-        merged = {}
-        for name in self.param_names:
-            base, tau, r = self._row_tensors(name)
-            merged[name] = ops.merge(base, tau, coefs[r], backend=self.backend)
+        merged = {name: self.merged_parameter(name) for name in self.param_names}
         out = {}
         for key in self._template.state_dict(keep_vars=True):
             if key in self._aliases:

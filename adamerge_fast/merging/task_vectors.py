@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..io import CheckpointError, check_fits, load_state_dict, shape_dtype
+from ..ops._backend import acc_dtype
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 TaskVectors = dict[str, torch.Tensor]  # name -> [K, *shape]
@@ -49,8 +50,9 @@ def task_vectors(
     """Stacked task vectors ``{name: [K, *shape]}`` of ``finetuned`` against ``pretrained``.
 
     ``keys``: which tensors (default: every floating-point parameter of ``pretrained`` — for a module, in
-    ``named_parameters()`` order). ``dtype``: storage dtype of the task vectors (e.g. ``torch.bfloat16``);
-    the difference is taken in the checkpoints' own precision first. Keys of the fine-tuned checkpoints that the
+    ``named_parameters()`` order). ``dtype``: storage dtype of the task vectors (default: the pretrained
+    tensor's; e.g. ``torch.bfloat16``). The difference is taken in float32 (float64 when a checkpoint is float64)
+    and rounded to the storage dtype once. Keys of the fine-tuned checkpoints that the
     pretrained lacks (e.g. classification heads) are ignored. Raises :class:`CheckpointError` naming the key on a
     missing key, a shape or dtype mismatch, or a non-finite value.
     """
@@ -66,8 +68,10 @@ def task_vectors(
         b = base[k].detach()
         dev = device if device is not None else b.device
         st = torch.empty((len(fts), *b.shape), dtype=dtype or b.dtype, device=dev)
+        acc = acc_dtype(b.dtype)
+        b_acc = b.to(device=dev, dtype=acc)
         for i, ft in enumerate(fts):
-            d = ft[k].detach().to(dev) - b.to(dev)
+            d = ft[k].detach().to(device=dev, dtype=acc) - b_acc  # exact for bf16/fp16 within 2^15x
             if not torch.isfinite(d).all():
                 raise CheckpointError(f"task vector {i}: key {k!r} has NaN or inf values")
             st[i].copy_(d)

@@ -1,0 +1,461 @@
+"""Static merges of checkpoints streamed tensor by tensor (out of core), like mergekit.
+
+:func:`merge_checkpoints` reads one tensor name at a time from the pretrained and every fine-tuned checkpoint
+(safetensors files and sharded Hugging Face directories are read per tensor, nothing stays mapped), merges it,
+writes it (:class:`adamerge_fast.export.CheckpointWriter`) and drops it: the peak memory is about ``K + 2``
+times the largest tensor in float32, plus buffers, whatever the model size. The result equals the in-memory
+merges of :mod:`adamerge_fast.merging.static` on float32 task vectors (``task_vectors(..., dtype=float32)``).
+
+TIES with ``scope="global"`` needs each task's magnitude threshold over its whole task vector before the first
+tensor can be trimmed. :func:`global_thresholds` finds it exactly without holding the task vectors: a radix
+select over the magnitudes' bit patterns (non-negative floats order as their integer bit patterns), one
+streaming pass per 16 bits, gathering the candidates once few enough are left. A float32 model takes two
+passes before the merge pass (plus one for the majority sign of ``sign_tie="majority"``).
+
+``like="mergekit"`` reproduces mergekit 0.1.5 (configured with ``dtype: float32``): its task arithmetic, TIES
+and DARE-TIES semantics (weights, ``normalize``, ``lambda``, per-tensor magnitude trimming to exactly
+``max(1, int(density*n))`` entries, the +1 sign for zero sums, DARE's L1-norm rescaling) and its float32
+order of operations, so that outputs equal mergekit's element by element (DARE's random masks excepted).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..export import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, nbytes
+from ..io import CheckpointError, check_fits, existing, load_state_dict, shape_dtype, streaming
+from ..ops._backend import acc_dtype
+from . import static
+from .static import TiesPlan
+from .task_vectors import floating_keys
+
+METHODS = ("average", "task_arithmetic", "ties", "dare")
+Source = Any  # a checkpoint path, a state dict or an nn.Module
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """The options of a static merge (see :func:`merge_checkpoints`); ``None`` fields take the defaults of
+    ``like`` (ours, or mergekit's)."""
+
+    method: str = "task_arithmetic"
+    scale: float | None = None
+    weights: tuple[float, ...] | None = None
+    normalize: bool | None = None
+    ties_k: float | None = None
+    ties_merge: str | None = None
+    ties_scope: str | None = None
+    ties_keep: str | None = None
+    sign_tie: str | None = None
+    dare_p: float | None = None
+    dare_then: str | None = None
+    dare_rescale: str | None = None
+    seed: int = 0
+    task_vector_dtype: torch.dtype | None = None
+    like: str | None = None
+
+    def resolved(self) -> "MergeOptions":
+        """Every ``None`` option filled in from the preset (``like``), checked."""
+        method = self.method.replace("-", "_")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.like not in (None, "mergekit"):
+            raise ValueError(f"like must be None or 'mergekit', got {self.like!r}")
+        mk = self.like == "mergekit"
+        dare_ties = method == "dare" and (self.dare_then or ("ties" if mk else "task_arithmetic")).replace(
+            "-", "_") == "ties"
+        if mk and method == "average":
+            raise ValueError("like='mergekit': use method='task_arithmetic' with weights and normalize=True for "
+                             "mergekit's weighted average (method 'linear')")
+        d = dict(scale=1.0 if mk else 0.3, normalize=(method == "ties") if mk else False,
+                 ties_k=1.0 if (mk and dare_ties) else 0.2, ties_scope="tensor" if mk else "global",
+                 ties_keep="exact" if mk else "ties", sign_tie="positive" if mk else "majority",
+                 dare_p=0.5, dare_then="ties" if mk else "task_arithmetic", dare_rescale="l1" if mk else "inverse")
+        ties_merge = self.ties_merge
+        if ties_merge is None:
+            norm = self.normalize if self.normalize is not None else d["normalize"]
+            ties_merge = ("mean" if norm else "sum") if (mk or self.normalize is not None) else "mean"
+        elif self.normalize is not None and (ties_merge == "mean") != self.normalize and method in ("ties", "dare"):
+            raise ValueError(f"ties_merge={ties_merge!r} contradicts normalize={self.normalize} (TIES normalizes "
+                             "by the disjoint mean)")
+        r = replace(self, method=method, ties_merge=ties_merge,
+                    **{k: (getattr(self, k) if getattr(self, k) is not None else v) for k, v in d.items()})
+        r = replace(r, dare_then=r.dare_then.replace("-", "_"))
+        if r.dare_then not in ("task_arithmetic", "ties"):
+            raise ValueError(f"dare_then must be 'task_arithmetic' or 'ties', got {self.dare_then!r}")
+        static.check_ties_options(r.ties_k, r.ties_scope, r.ties_keep, r.sign_tie, r.ties_merge)
+        static.check_dare_options(r.dare_p, r.dare_rescale)
+        if mk and method in ("ties", "dare") and r.ties_scope != "tensor":
+            raise ValueError("like='mergekit' trims each tensor separately: ties_scope must be 'tensor'")
+        return r
+
+    @property
+    def uses_ties(self) -> bool:
+        return self.method == "ties" or (self.method == "dare" and self.dare_then == "ties")
+
+    def metadata(self) -> dict[str, str]:
+        """The options as strings (safetensors metadata of the output)."""
+        return {k: str(v) for k, v in asdict(self).items() if v is not None}
+
+
+# ----------------------------------------------------------------------------------------------- sources
+def open_source(src: Source, what: str, trust_pickle: bool = False) -> Mapping[str, torch.Tensor]:
+    """A name -> tensor mapping that reads one tensor at a time: safetensors files and directories through
+    :class:`adamerge_fast.io.StreamingStateDict`; torch files are loaded whole (``weights_only``)."""
+    if isinstance(src, nn.Module):
+        return src.state_dict()
+    if isinstance(src, Mapping):
+        return src
+    return streaming(load_state_dict(existing(src, what), trust_pickle=trust_pickle))
+
+
+def _stack_task_vectors(key: str, base: torch.Tensor, fts: Sequence[Mapping[str, torch.Tensor]],
+                        tv_dtype: torch.dtype | None) -> torch.Tensor:
+    """``[K, *S]`` task vectors of ``key`` in the compute dtype (float32, float64 for float64), each the difference
+    taken in that dtype (rounded through ``tv_dtype`` when given, as stored task vectors would be)."""
+    acc = acc_dtype(base.dtype)
+    b = base.to(acc)
+    st = torch.empty((len(fts), *base.shape), dtype=acc)
+    for i, ft in enumerate(fts):
+        st[i].copy_(ft[key])
+        st[i].sub_(b)
+        if not torch.isfinite(st[i]).all():
+            raise CheckpointError(f"task vector {i}: key {key!r} has NaN or inf values")
+    if tv_dtype is not None and tv_dtype != acc:
+        st = st.to(tv_dtype).to(acc)
+    return st
+
+
+# ------------------------------------------------------------------------------------- global thresholds
+_GATHER_MAX = 1 << 24  # gather a task's remaining candidates once at most this many are left
+
+
+class _RadixSelect:
+    """The ``q``-th smallest (1-based) of a stream of non-negative floats, exactly, 16 bits per pass; also counts
+    the values above it. Feed every value once per pass (:meth:`feed`), then :meth:`end_pass`."""
+
+    def __init__(self, q: int, dtype: torch.dtype):
+        self.q, self.dtype = q, dtype
+        self.width = 64 if dtype == torch.float64 else 32
+        self.int_dtype = torch.int64 if dtype == torch.float64 else torch.int32
+        self.known, self.prefix, self.above = 0, 0, 0
+        self.gather = False
+        self.value: torch.Tensor | None = None
+        self._hist = torch.zeros(1 << 16, dtype=torch.int64)
+        self._cands: list[torch.Tensor] = []
+
+    @property
+    def done(self) -> bool:
+        return self.value is not None
+
+    def feed(self, a: torch.Tensor) -> None:
+        bits = a.reshape(-1).to(self.dtype).view(self.int_dtype)
+        if self.known:
+            bits = bits[(bits >> (self.width - self.known)) == self.prefix]
+        if self.gather:
+            self._cands.append(bits.clone())
+        else:
+            digits = ((bits >> (self.width - self.known - 16)) & 0xFFFF).long()
+            self._hist += torch.bincount(digits, minlength=1 << 16)
+
+    def end_pass(self) -> None:
+        if self.gather:
+            c = torch.cat(self._cands) if self._cands else torch.empty(0, dtype=self.int_dtype)
+            v = c.kthvalue(self.q).values
+            self.above += int((c > v).sum())
+            self.value = v.view(self.dtype)
+            return
+        cum = self._hist.cumsum(0)
+        b = int(torch.searchsorted(cum, torch.tensor(self.q)))  # first bin with cum >= q
+        self.q -= int(cum[b - 1]) if b else 0
+        self.above += int(cum[-1] - cum[b])
+        in_bin = int(self._hist[b])
+        self.prefix = (self.prefix << 16) | b
+        self.known += 16
+        self._hist.zero_()
+        if self.known == self.width:
+            self.value = torch.tensor(self.prefix, dtype=self.int_dtype).view(self.dtype)
+        elif in_bin <= _GATHER_MAX:
+            self.gather = True
+
+
+def global_thresholds(read: Callable[[], Iterator[torch.Tensor]], n: int, K: int, plan: TiesPlan,
+                      dtype: torch.dtype = torch.float32, progress: Callable[[str], Any] | None = None) -> int:
+    """Fill ``plan.thresholds`` (and ``plan.budgets``) exactly as :func:`adamerge_fast.merging.static.global_thresholds`
+    does from the whole task vectors, reading them as a stream: ``read()`` yields the ``[K, *S]`` task vectors of
+    every tensor in order (one call per pass), ``n`` is the number of entries per task. Returns the passes made."""
+    r = static.keep_rank(n, plan.k, plan.keep)
+    sel = [_RadixSelect(n - r + 1, dtype) for _ in range(K)]
+    passes = 0
+    while not all(s.done for s in sel):
+        passes += 1
+        for t in read():
+            a = static._magnitudes(t)
+            for i, s in enumerate(sel):
+                if not s.done:
+                    s.feed(a[i])
+        for s in sel:
+            if not s.done:
+                s.end_pass()
+    plan.thresholds = torch.stack([s.value for s in sel]).to(dtype)
+    if plan.keep == "exact":
+        plan.budgets = [r - s.above for s in sel]
+        plan._budgets0 = list(plan.budgets)
+    return passes
+
+
+# ----------------------------------------------------------------------------------------- one tensor
+def merge_tensor(key: str, base: torch.Tensor, tau: torch.Tensor, opts: MergeOptions, plan: TiesPlan | None,
+                 gen: torch.Generator | None, backend=None) -> torch.Tensor:
+    """The merged value of one tensor from its task vectors ``tau[K, *S]`` (compute dtype), rounded once to
+    ``base.dtype``; ``gen`` draws the DARE masks, ``plan`` carries TIES's global state."""
+    K = tau.shape[0]
+    if opts.method == "dare":
+        tau = static.dare_tensor(tau, opts.dare_p, gen, opts.dare_rescale)
+    if opts.method == "average":
+        return static.combine(base, tau, static.coefficients(K, 1.0 / K), backend)
+    if not opts.uses_ties:
+        return static.combine(base, tau, static.coefficients(K, opts.scale, opts.weights, opts.normalize), backend)
+    trimmed = static.trim(tau, plan)
+    sel = static.select(trimmed, static.elect(trimmed, plan))
+    return static.disjoint_merge(base, sel, opts.scale, opts.ties_merge, plan.weights, backend)
+
+
+def merge_tensor_mergekit(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
+                          gen: torch.Generator | None) -> torch.Tensor:
+    """One tensor merged with mergekit 0.1.5's semantics and float32 order of operations (``dtype: float32``):
+    the fine-tuned deltas (sparsified per tensor: magnitude for TIES, seeded random for DARE), times their
+    weights, sign consensus (TIES), summed, divided by the (masked) weight sum with ``normalize``, times
+    ``lambda``, added to the base, rounded once to ``base.dtype``."""
+    dt = torch.float32
+    b = base.to(dt)
+    K = len(fts)
+    deltas = b.new_empty((K, *b.shape))
+    keep = torch.rand((K, *b.shape), generator=gen) >= opts.dare_p if opts.method == "dare" else None
+    for i, f in enumerate(fts):
+        d = f.to(dt) - b
+        if not torch.isfinite(d).all():
+            raise CheckpointError(f"task vector {i}: key {key!r} has NaN or inf values")
+        if opts.method == "ties" and opts.ties_k < 1.0:
+            m = max(1, int(opts.ties_k * d.numel()))
+            mask = torch.zeros(d.numel(), dtype=dt)
+            mask[torch.argsort(d.abs().reshape(-1).float(), descending=True)[:m]] = 1
+            d = d * mask.reshape_as(d)
+        elif keep is not None:
+            masked = d * keep[i].to(dt)
+            if opts.dare_rescale == "l1":
+                before, after = d.abs().sum(), masked.abs().sum()
+                if not (before < 1e-7 or after < 1e-7):
+                    masked = masked * (before / after)
+            elif opts.dare_rescale == "inverse":
+                masked = masked / (1.0 - opts.dare_p)
+            d = masked
+        deltas[i] = d
+    w = torch.tensor(list(opts.weights) if opts.weights is not None else [1.0] * K, dtype=dt)
+    w = w.reshape(K, *([1] * b.dim()))
+    deltas.mul_(w)
+    if opts.uses_ties:
+        majority = (deltas.sum(dim=0) >= 0).to(dt) * 2 - 1
+        mask = deltas.sign().to(dt) == majority
+        mixed = (deltas * mask).sum(dim=0)
+        divisor = (w * mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+        normalize = opts.ties_merge == "mean"
+    else:
+        mixed = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+        normalize = bool(opts.normalize)
+    if normalize:
+        mixed /= divisor
+    if opts.scale != 1:
+        mixed *= opts.scale
+    return (b + mixed).to(base.dtype)
+
+
+# --------------------------------------------------------------------------------------------- the merge
+def _is_hf_dir(p: Any) -> bool:
+    return isinstance(p, (str, os.PathLike)) and Path(p).is_dir() and (Path(p) / "config.json").is_file()
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (``ru_maxrss``)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def merge_checkpoints(
+    pretrained: Source,
+    finetuned: Sequence[Source],
+    method: str = "task_arithmetic",
+    out: str | os.PathLike | None = None,
+    *,
+    scale: float | None = None,
+    weights: Sequence[float] | None = None,
+    normalize: bool | None = None,
+    ties_k: float | None = None,
+    ties_merge: str | None = None,
+    ties_scope: str | None = None,
+    ties_keep: str | None = None,
+    sign_tie: str | None = None,
+    dare_p: float | None = None,
+    dare_then: str | None = None,
+    dare_rescale: str | None = None,
+    seed: int = 0,
+    task_vector_dtype: torch.dtype | None = None,
+    like: str | None = None,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    progress: bool = False,
+    trust_pickle: bool = False,
+    backend: str | None = None,
+) -> Path | dict[str, torch.Tensor]:
+    """Merge ``finetuned`` checkpoints into ``pretrained`` one tensor at a time; write ``out`` or return the result.
+
+    Every floating tensor of ``pretrained`` is merged (from float32 task vectors ``tau_k = theta_k - theta_0``,
+    rounded once to its dtype); other tensors are copied. Methods (``scale`` defaults to 0.3, ``like="mergekit"``:
+    1.0):
+
+    - ``"average"``: ``theta_0 + mean_k tau_k``;
+    - ``"task_arithmetic"``: ``theta_0 + scale * sum_k w_k tau_k`` (``/ sum_k w_k`` with ``normalize``);
+    - ``"ties"``: TIES with ``ties_k`` (0.2), ``ties_merge`` (``"mean"``/``"sum"``), ``ties_scope``
+      (``"global"``/``"tensor"``), ``ties_keep`` (``"ties"``/``"exact"``), ``sign_tie``
+      (``"majority"``/``"positive"``), ``weights`` (see :func:`adamerge_fast.merging.static.ties_merge`);
+    - ``"dare"``: drop entries with probability ``dare_p`` (0.5; ``seed``), rescale (``dare_rescale``:
+      ``"inverse"`` 1/(1-p), ``"l1"``, ``"none"``), then ``dare_then`` (``"task_arithmetic"`` or ``"ties"``).
+
+    ``like="mergekit"``: mergekit 0.1.5's semantics and float32 arithmetic (see the module docstring): scale is
+    mergekit's ``lambda``, ``weights`` its per-model ``weight``, ``ties_k`` its ``density`` (for DARE:
+    ``1 - dare_p`` is the density, and TIES's magnitude trimming is off), ``normalize`` its ``normalize``.
+
+    Args:
+        pretrained, finetuned: checkpoint paths (``.safetensors`` files, sharded / Hugging Face directories,
+            torch state-dict files), state dicts or modules; the fine-tuned ones must hold every floating tensor
+            of ``pretrained`` with its shape and dtype.
+        out: ``None`` returns ``{name: tensor}``; a path ending in ``.safetensors`` writes one file; any other
+            path writes a Hugging Face directory (shards of at most ``max_shard_size`` bytes, e.g. ``"2GB"``, with
+            ``model.safetensors.index.json``; the pretrained directory's config/tokenizer/generation files are
+            copied when it is one). Written atomically; an existing ``out`` is replaced only with ``overwrite``,
+            and never when it is (or contains) an input.
+        task_vector_dtype: round each task vector to this dtype first (as stored task vectors would be).
+        progress: a progress bar over the bytes of the tensors (tqdm, on stderr).
+    Returns:
+        ``out`` as a ``Path``, or the merged state dict.
+    """
+    opts = MergeOptions(method=method, scale=scale, weights=None if weights is None else tuple(float(w) for w in weights),
+                        normalize=normalize, ties_k=ties_k, ties_merge=ties_merge, ties_scope=ties_scope,
+                        ties_keep=ties_keep, sign_tie=sign_tie, dare_p=dare_p, dare_then=dare_then,
+                        dare_rescale=dare_rescale, seed=seed, task_vector_dtype=task_vector_dtype,
+                        like=like).resolved()
+    if len(finetuned) == 0:
+        raise ValueError("merge: need at least one fine-tuned checkpoint (got zero tasks)")
+    K = len(finetuned)
+    if opts.weights is not None and len(opts.weights) != K:
+        raise ValueError(f"weights: expected one weight per fine-tuned checkpoint ({K}), got {len(opts.weights)}")
+    base = open_source(pretrained, "pretrained checkpoint", trust_pickle)
+    keys = floating_keys(base)
+    if not keys:
+        raise CheckpointError(f"{pretrained}: no floating-point tensors to merge")
+    fts = []
+    for i, f in enumerate(finetuned):
+        sd = open_source(f, "fine-tuned checkpoint", trust_pickle)
+        what = str(f) if isinstance(f, (str, os.PathLike)) else f"fine-tuned state dict {i}"
+        check_fits(base, sd, what, keys=keys, check_dtype=True, ref_name="the pretrained checkpoint")
+        fts.append(sd)
+    merged_keys = set(keys)
+    entries = [(k, *shape_dtype(base, k)) for k in base.keys()]
+    total = sum(nbytes(s, d) for _, s, d in entries)
+
+    def bar(desc: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit="B", unit_scale=True, desc=desc, disable=not progress, leave=False)
+
+    plan = None
+    if opts.uses_ties and opts.like != "mergekit":
+        plan = TiesPlan(k=opts.ties_k, scope=opts.ties_scope, keep=opts.ties_keep, sign_tie=opts.sign_tie,
+                        weights=None if opts.weights is None else static._weights(K, opts.weights))
+        _global_passes(plan, base, fts, keys, opts, bar)
+
+    gen = torch.Generator(device="cpu").manual_seed(opts.seed) if opts.method == "dare" else None
+    result: dict[str, torch.Tensor] = {}
+    if out is None:
+        sink = None
+    else:
+        inputs = [p for p in (pretrained, *finetuned) if isinstance(p, (str, os.PathLike))]
+        sink = CheckpointWriter(out, entries, max_shard_size=max_shard_size,
+                                metadata={"producer": "adamerge_fast", **opts.metadata()},
+                                copy_files_from=pretrained if _is_hf_dir(pretrained) else None,
+                                overwrite=overwrite, inputs=inputs)
+    with (sink if sink is not None else _NullContext()), bar(f"merge ({opts.method})") as pbar:
+        for k, shape, dtype in entries:
+            b = base[k]
+            if k in merged_keys:
+                with torch.no_grad():
+                    if opts.like == "mergekit":
+                        t = merge_tensor_mergekit(k, b, [f[k] for f in fts], opts, gen)
+                    else:
+                        tau = _stack_task_vectors(k, b, fts, opts.task_vector_dtype)
+                        t = merge_tensor(k, b, tau, opts, plan, gen, backend)
+                        del tau
+                if not torch.isfinite(t).all():
+                    raise CheckpointError(f"merge: the merged tensor {k!r} has NaN or inf values")
+            else:
+                t = b
+            if sink is not None:
+                sink.write(k, t)
+            else:
+                result[k] = t
+            pbar.update(nbytes(shape, dtype))
+            del t, b
+    return Path(out) if out is not None else result
+
+
+class _NullContext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return None
+
+
+def _global_passes(plan: TiesPlan, base, fts, keys, opts: MergeOptions, bar) -> None:
+    """The streaming passes TIES needs before merging: global thresholds, and the global majority sign."""
+    def tensors(desc: str) -> Iterator[torch.Tensor]:
+        gen = torch.Generator(device="cpu").manual_seed(opts.seed) if opts.method == "dare" else None
+        with bar(desc) as pbar:
+            for k in keys:
+                b = base[k]
+                tau = _stack_task_vectors(k, b, fts, opts.task_vector_dtype)
+                if gen is not None:
+                    tau = static.dare_tensor(tau, opts.dare_p, gen, opts.dare_rescale)
+                yield tau
+                pbar.update(b.numel() * b.element_size())
+
+    K = len(fts)
+    if plan.scope == "global" and plan.k < 1.0:
+        n = sum(int(torch.Size(shape_dtype(base, k)[0]).numel()) for k in keys)
+        dtype = acc_dtype(*(shape_dtype(base, k)[1] for k in keys))
+        count = iter(range(1, 100))
+        global_thresholds(lambda: tensors(f"TIES thresholds (pass {next(count)})"), n, K, plan, dtype)
+    if plan.scope == "global" and plan.sign_tie == "majority":
+        total = 0.0
+        for tau in tensors("TIES majority sign"):
+            total += float(static.sign_sum(static.trim(tau, plan), plan.weights).sum())
+        plan.restart()
+        plan.majority = float(torch.sign(torch.tensor(total)))
+
+
+def format_summary(seconds: float) -> str:
+    """``"<seconds>s, peak RSS <GiB> GiB"`` for the final line of a merge."""
+    return f"{seconds:.1f}s, peak RSS {peak_rss_bytes() / 2**30:.2f} GiB"
+
+
+__all__ = ["merge_checkpoints", "MergeOptions", "global_thresholds", "merge_tensor", "merge_tensor_mergekit",
+           "open_source", "peak_rss_bytes", "format_summary", "METHODS"]
