@@ -4,7 +4,8 @@
 (safetensors files and sharded Hugging Face directories are read per tensor, nothing stays mapped), merges it,
 writes it (:class:`adamerge_fast.export.CheckpointWriter`) and drops it: the peak memory is about ``K + 2``
 times the largest tensor in float32, plus buffers, whatever the model size. The result equals the in-memory
-merges of :mod:`adamerge_fast.merging.static` on float32 task vectors (``task_vectors(..., dtype=float32)``).
+merges of :mod:`adamerge_fast.merging.static` on exact task vectors (``task_vectors(..., dtype=...)`` with
+float32 for bf16/fp16 checkpoints, float64 for fp32 ones: :func:`exact_tv_dtype`).
 
 TIES with ``scope="global"`` needs each task's magnitude threshold over its whole task vector before the first
 tensor can be trimmed. :func:`global_thresholds` finds it exactly without holding the task vectors: a radix
@@ -116,15 +117,34 @@ def open_source(src: Source, what: str, trust_pickle: bool = False) -> Mapping[s
     return streaming(load_state_dict(existing(src, what), trust_pickle=trust_pickle))
 
 
-def _stack_task_vectors(key: str, base: torch.Tensor, fts: Sequence[Mapping[str, torch.Tensor]],
+def exact_tv_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype in which ``theta_k - theta_0`` of ``dtype`` checkpoints is exact (differences within a factor
+    2^15 of each other): float32 for bf16/fp16, float64 for fp32/fp64."""
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else torch.float64
+
+
+class _Lazy(Sequence[torch.Tensor]):
+    """``[sd[key] for sd in sds]``, each read when indexed (so only one fine-tuned tensor is held at a time)."""
+
+    def __init__(self, sds: Sequence[Mapping[str, torch.Tensor]], key: str):
+        self.sds, self.key = sds, key
+
+    def __getitem__(self, i):
+        return self.sds[i][self.key]
+
+    def __len__(self):
+        return len(self.sds)
+
+
+def _stack_task_vectors(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor],
                         tv_dtype: torch.dtype | None) -> torch.Tensor:
-    """``[K, *S]`` task vectors of ``key`` in the compute dtype (float32, float64 for float64), each the difference
-    taken in that dtype (rounded through ``tv_dtype`` when given, as stored task vectors would be)."""
-    acc = acc_dtype(base.dtype)
+    """``[K, *S]`` exact task vectors of ``key``: float32 for bf16/fp16 checkpoints, float64 for fp32/fp64 ones
+    (rounded through ``tv_dtype`` when given, as stored task vectors would be)."""
+    acc = exact_tv_dtype(base.dtype)
     b = base.to(acc)
     st = torch.empty((len(fts), *base.shape), dtype=acc)
-    for i, ft in enumerate(fts):
-        st[i].copy_(ft[key])
+    for i in range(len(fts)):
+        st[i].copy_(fts[i])
         st[i].sub_(b)
         if not torch.isfinite(st[i]).all():
             raise CheckpointError(f"task vector {i}: key {key!r} has NaN or inf values")
@@ -163,7 +183,10 @@ class _RadixSelect:
             self._cands.append(bits.clone())
         else:
             digits = ((bits >> (self.width - self.known - 16)) & 0xFFFF).long()
-            self._hist += torch.bincount(digits, minlength=1 << 16)
+            if digits.numel() > 1 << 16:
+                self._hist += torch.bincount(digits, minlength=1 << 16)
+            else:  # cheaper than bincount's full-length pass for few values
+                self._hist.index_put_((digits,), torch.ones_like(digits), accumulate=True)
 
     def end_pass(self) -> None:
         if self.gather:
@@ -212,11 +235,12 @@ def global_thresholds(read: Callable[[], Iterator[torch.Tensor]], n: int, K: int
 
 
 # ----------------------------------------------------------------------------------------- one tensor
-def merge_tensor(key: str, base: torch.Tensor, tau: torch.Tensor, opts: MergeOptions, plan: TiesPlan | None,
-                 gen: torch.Generator | None, backend=None) -> torch.Tensor:
-    """The merged value of one tensor from its task vectors ``tau[K, *S]`` (compute dtype), rounded once to
-    ``base.dtype``; ``gen`` draws the DARE masks, ``plan`` carries TIES's global state."""
-    K = tau.shape[0]
+def merge_tensor(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
+                 plan: TiesPlan | None, gen: torch.Generator | None, backend=None) -> torch.Tensor:
+    """The merged value of one tensor from the pretrained ``base`` and the fine-tuned ``fts`` (one tensor each),
+    rounded once to ``base.dtype``; ``gen`` draws the DARE masks, ``plan`` carries TIES's global state."""
+    tau = _stack_task_vectors(key, base, fts, opts.task_vector_dtype)
+    K = len(fts)
     if opts.method == "dare":
         tau = static.dare_tensor(tau, opts.dare_p, gen, opts.dare_rescale)
     if opts.method == "average":
@@ -229,7 +253,8 @@ def merge_tensor(key: str, base: torch.Tensor, tau: torch.Tensor, opts: MergeOpt
 
 
 def merge_tensor_mergekit(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
-                          gen: torch.Generator | None) -> torch.Tensor:
+                          plan: TiesPlan | None = None, gen: torch.Generator | None = None,
+                          backend=None) -> torch.Tensor:
     """One tensor merged with mergekit 0.1.5's semantics and float32 order of operations (``dtype: float32``):
     the fine-tuned deltas (sparsified per tensor: magnitude for TIES, seeded random for DARE), times their
     weights, sign consensus (TIES), summed, divided by the (masked) weight sum with ``normalize``, times
@@ -239,8 +264,8 @@ def merge_tensor_mergekit(key: str, base: torch.Tensor, fts: Sequence[torch.Tens
     K = len(fts)
     deltas = b.new_empty((K, *b.shape))
     keep = torch.rand((K, *b.shape), generator=gen) >= opts.dare_p if opts.method == "dare" else None
-    for i, f in enumerate(fts):
-        d = f.to(dt) - b
+    for i in range(K):
+        d = fts[i].to(dt) - b
         if not torch.isfinite(d).all():
             raise CheckpointError(f"task vector {i}: key {key!r} has NaN or inf values")
         if opts.method == "ties" and opts.ties_k < 1.0:
@@ -318,8 +343,9 @@ def merge_checkpoints(
 ) -> Path | dict[str, torch.Tensor]:
     """Merge ``finetuned`` checkpoints into ``pretrained`` one tensor at a time; write ``out`` or return the result.
 
-    Every floating tensor of ``pretrained`` is merged (from float32 task vectors ``tau_k = theta_k - theta_0``,
-    rounded once to its dtype); other tensors are copied. Methods (``scale`` defaults to 0.3, ``like="mergekit"``:
+    Every floating tensor of ``pretrained`` is merged from exact task vectors ``tau_k = theta_k - theta_0``
+    (float32 for bf16/fp16 checkpoints, float64 for fp32) accumulated in float64 and rounded once to its dtype;
+    other tensors are copied. Methods (``scale`` defaults to 0.3, ``like="mergekit"``:
     1.0):
 
     - ``"average"``: ``theta_0 + mean_k tau_k``;
@@ -398,12 +424,8 @@ def merge_checkpoints(
             b = base[k]
             if k in merged_keys:
                 with torch.no_grad():
-                    if opts.like == "mergekit":
-                        t = merge_tensor_mergekit(k, b, [f[k] for f in fts], opts, gen)
-                    else:
-                        tau = _stack_task_vectors(k, b, fts, opts.task_vector_dtype)
-                        t = merge_tensor(k, b, tau, opts, plan, gen, backend)
-                        del tau
+                    merge_one = merge_tensor_mergekit if opts.like == "mergekit" else merge_tensor
+                    t = merge_one(k, b, _Lazy(fts, k), opts, plan, gen, backend)
                 if not torch.isfinite(t).all():
                     raise CheckpointError(f"merge: the merged tensor {k!r} has NaN or inf values")
             else:
@@ -432,7 +454,7 @@ def _global_passes(plan: TiesPlan, base, fts, keys, opts: MergeOptions, bar) -> 
         with bar(desc) as pbar:
             for k in keys:
                 b = base[k]
-                tau = _stack_task_vectors(k, b, fts, opts.task_vector_dtype)
+                tau = _stack_task_vectors(k, b, _Lazy(fts, k), opts.task_vector_dtype)
                 if gen is not None:
                     tau = static.dare_tensor(tau, opts.dare_p, gen, opts.dare_rescale)
                 yield tau
@@ -441,7 +463,7 @@ def _global_passes(plan: TiesPlan, base, fts, keys, opts: MergeOptions, bar) -> 
     K = len(fts)
     if plan.scope == "global" and plan.k < 1.0:
         n = sum(int(torch.Size(shape_dtype(base, k)[0]).numel()) for k in keys)
-        dtype = acc_dtype(*(shape_dtype(base, k)[1] for k in keys))
+        dtype = acc_dtype(*(exact_tv_dtype(shape_dtype(base, k)[1]) for k in keys))
         count = iter(range(1, 100))
         global_thresholds(lambda: tensors(f"TIES thresholds (pass {next(count)})"), n, K, plan, dtype)
     if plan.scope == "global" and plan.sign_tie == "majority":

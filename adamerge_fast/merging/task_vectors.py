@@ -51,8 +51,8 @@ def task_vectors(
 
     ``keys``: which tensors (default: every floating-point parameter of ``pretrained`` — for a module, in
     ``named_parameters()`` order). ``dtype``: storage dtype of the task vectors (default: the pretrained
-    tensor's; e.g. ``torch.bfloat16``). The difference is taken in float32 (float64 when a checkpoint is float64)
-    and rounded to the storage dtype once. Keys of the fine-tuned checkpoints that the
+    tensor's; e.g. ``torch.bfloat16``). The difference is taken in float32 (float64 when a checkpoint or ``dtype`` is
+    float64) and rounded to the storage dtype once. Keys of the fine-tuned checkpoints that the
     pretrained lacks (e.g. classification heads) are ignored. Raises :class:`CheckpointError` naming the key on a
     missing key, a shape or dtype mismatch, or a non-finite value.
     """
@@ -68,7 +68,7 @@ def task_vectors(
         b = base[k].detach()
         dev = device if device is not None else b.device
         st = torch.empty((len(fts), *b.shape), dtype=dtype or b.dtype, device=dev)
-        acc = acc_dtype(b.dtype)
+        acc = acc_dtype(b.dtype, st.dtype)
         b_acc = b.to(device=dev, dtype=acc)
         for i, ft in enumerate(fts):
             d = ft[k].detach().to(device=dev, dtype=acc) - b_acc  # exact for bf16/fp16 within 2^15x
