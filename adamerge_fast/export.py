@@ -83,7 +83,8 @@ class SafetensorsStreamWriter:
         off = 0
         for name, shape, dtype in self.entries:
             n = nbytes(shape, dtype)
-            header[name] = {"dtype": _dtype_code(dtype), "shape": [int(s) for s in shape], "data_offsets": [off, off + n]}
+            header[name] = {"dtype": _dtype_code(dtype), "shape": [int(s) for s in shape],
+                            "data_offsets": [off, off + n]}
             off += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as the safetensors library writes it
@@ -162,8 +163,8 @@ class CheckpointWriter:
     result appears at ``out`` only when the block completes (an error removes the temporary output).
     """
 
-    def __init__(self, out: str | os.PathLike, entries: Sequence[Entry], *, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-                 metadata: Mapping[str, str] | None = None, copy_files_from: str | os.PathLike | None = None,
+    def __init__(self, out: str | os.PathLike, entries: Sequence[Entry], *,
+                 max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, metadata: Mapping[str, str] | None = None, copy_files_from: str | os.PathLike | None = None,
                  overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()):
         self.out = Path(out)
         self.single = self.out.suffix == ".safetensors"

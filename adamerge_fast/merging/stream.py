@@ -374,7 +374,8 @@ def merge_checkpoints(
     Returns:
         ``out`` as a ``Path``, or the merged state dict.
     """
-    opts = MergeOptions(method=method, scale=scale, weights=None if weights is None else tuple(float(w) for w in weights),
+    opts = MergeOptions(method=method, scale=scale,
+                        weights=None if weights is None else tuple(float(w) for w in weights),
                         normalize=normalize, ties_k=ties_k, ties_merge=ties_merge, ties_scope=ties_scope,
                         ties_keep=ties_keep, sign_tie=sign_tie, dare_p=dare_p, dare_then=dare_then,
                         dare_rescale=dare_rescale, seed=seed, task_vector_dtype=task_vector_dtype,
