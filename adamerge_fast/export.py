@@ -165,7 +165,8 @@ class CheckpointWriter:
 
     def __init__(self, out: str | os.PathLike, entries: Sequence[Entry], *,
                  max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, metadata: Mapping[str, str] | None = None,
-                 copy_files_from: str | os.PathLike | None = None, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()):
+                 copy_files_from: str | os.PathLike | None = None, overwrite: bool = False,
+                 inputs: Iterable[str | os.PathLike] = ()):
         self.out = Path(out)
         self.single = self.out.suffix == ".safetensors"
         check_output(self.out, inputs, overwrite)
