@@ -236,3 +236,15 @@ def test_cli_merge_directory(llama_dirs, tmp_path, capsys):
     assert main(["merge", "--method", "average", "--pretrained", str(pre), "--finetuned", *map(str, fts), "-o",
                  str(tmp_path / "x"), "--max-shard-size", "lots"]) == 1
     assert "size 'lots'" in capsys.readouterr().err
+
+
+def test_chunked_equals_whole(llama_dirs, monkeypatch):
+    """Task vectors formed and merged in chunks of a tensor (97 elements here) give the same result, including
+    global TIES's tie budget consumed in flat order across chunks."""
+    pre, fts = _paths(llama_dirs)
+    kws = [("task_arithmetic", {}), ("average", {}), ("ties", {"ties_keep": "exact"}), ("ties", {})]
+    whole = [stream.merge_checkpoints(pre, fts, m, **kw) for m, kw in kws]
+    monkeypatch.setattr(stream, "CHUNK", 97)
+    for (m, kw), w in zip(kws, whole):
+        got = stream.merge_checkpoints(pre, fts, m, **kw)
+        assert all(torch.equal(got[k], w[k]) for k in w), (m, kw)

@@ -224,11 +224,9 @@ def disjoint_merge(base: torch.Tensor, sel: torch.Tensor, scale: float, merge: s
     w = _weights(K, None if weights is None else weights.tolist())
     if merge == "sum":
         return combine(base, sel, float(scale) * w, backend)
-    num = torch.zeros(sel.shape[1:], dtype=torch.float64, device=sel.device)
-    den = torch.zeros_like(num)
-    for i in range(K):
-        num.add_(sel[i].to(torch.float64), alpha=float(w[i]))
-        den.add_((sel[i] != 0).to(torch.float64), alpha=float(w[i]))
+    zero = torch.zeros(sel.shape[1:], dtype=torch.float64, device=sel.device)
+    num = ops.merge(zero, sel, w.to(sel.device), backend=backend)
+    den = ops.merge(zero, (sel != 0).to(sel.dtype), w.to(sel.device), backend=backend)
     den[den == 0] = 1.0
     return combine(base, num.div_(den).unsqueeze(0), torch.tensor([float(scale)], dtype=torch.float64), backend)
 

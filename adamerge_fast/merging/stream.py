@@ -21,6 +21,7 @@ order of operations, so that outputs equal mergekit's element by element (DARE's
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 from dataclasses import asdict, dataclass, replace
@@ -136,21 +137,48 @@ class _Lazy(Sequence[torch.Tensor]):
         return len(self.sds)
 
 
-def _stack_task_vectors(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor],
-                        tv_dtype: torch.dtype | None) -> torch.Tensor:
-    """``[K, *S]`` exact task vectors of ``key``: float32 for bf16/fp16 checkpoints, float64 for fp32/fp64 ones
-    (rounded through ``tv_dtype`` when given, as stored task vectors would be)."""
+CHUNK = 1 << 22  # elements per chunk of the task vectors of one tensor (methods that work element by element)
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    """``torch.isfinite(t).all()``, through a sum first (a NaN or inf makes the sum non-finite; the elementwise
+    check runs only then, in case the sum overflowed)."""
+    return math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
+
+
+def _whole_tensor(opts: MergeOptions) -> bool:
+    """Whether a tensor's task vectors are needed at once: DARE's masks (one draw of ``[K, *S]``), per-tensor TIES
+    (thresholds over the tensor). Otherwise they are formed and merged chunk by chunk."""
+    return opts.method == "dare" or (opts.uses_ties and opts.ties_scope == "tensor")
+
+
+def task_vector_chunks(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
+                       gen: torch.Generator | None) -> Iterator[tuple[slice, torch.Tensor]]:
+    """``(flat slice, tau[K, c])`` over one tensor: exact task vectors (float32 for bf16/fp16 checkpoints, float64
+    for fp32/fp64; rounded through ``opts.task_vector_dtype`` when given, as stored task vectors would be), DARE
+    applied (``gen``), in chunks of :data:`CHUNK` elements (one chunk: :func:`_whole_tensor`). Each fine-tuned
+    tensor is read once, in its own dtype: with the base and the output, ``K + 2`` tensors of the checkpoint's
+    size are alive, plus the chunk's float32 task vectors."""
+    K = len(fts)
     acc = exact_tv_dtype(base.dtype)
-    b = base.to(acc)
-    st = torch.empty((len(fts), *base.shape), dtype=acc)
-    for i in range(len(fts)):
-        st[i].copy_(fts[i])
-        st[i].sub_(b)
-        if not torch.isfinite(st[i]).all():
-            raise CheckpointError(f"task vector {i}: key {key!r} has NaN or inf values")
-    if tv_dtype is not None and tv_dtype != acc:
-        st = st.to(tv_dtype).to(acc)
-    return st
+    b = base.reshape(-1)
+    fl = [fts[i].reshape(-1) for i in range(K)]
+    n = b.numel()
+    step = max(n, 1) if _whole_tensor(opts) else CHUNK
+    for a in range(0, max(n, 1), step):
+        e = min(n, a + step)
+        bc = b[a:e].to(acc)
+        st = torch.empty((K, e - a), dtype=acc)
+        for i in range(K):
+            st[i].copy_(fl[i][a:e])
+            st[i].sub_(bc)
+            if not _all_finite(st[i]):
+                raise CheckpointError(f"task vector {i}: key {key!r} has NaN or inf values")
+        if opts.task_vector_dtype is not None and opts.task_vector_dtype != acc:
+            st = st.to(opts.task_vector_dtype).to(acc)
+        if opts.method == "dare":
+            st = static.dare_tensor(st, opts.dare_p, gen, opts.dare_rescale)
+        yield slice(a, e), st
 
 
 # ------------------------------------------------------------------------------------- global thresholds
@@ -239,17 +267,21 @@ def merge_tensor(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts
                  plan: TiesPlan | None, gen: torch.Generator | None, backend=None) -> torch.Tensor:
     """The merged value of one tensor from the pretrained ``base`` and the fine-tuned ``fts`` (one tensor each),
     rounded once to ``base.dtype``; ``gen`` draws the DARE masks, ``plan`` carries TIES's global state."""
-    tau = _stack_task_vectors(key, base, fts, opts.task_vector_dtype)
     K = len(fts)
-    if opts.method == "dare":
-        tau = static.dare_tensor(tau, opts.dare_p, gen, opts.dare_rescale)
     if opts.method == "average":
-        return static.combine(base, tau, static.coefficients(K, 1.0 / K), backend)
-    if not opts.uses_ties:
-        return static.combine(base, tau, static.coefficients(K, opts.scale, opts.weights, opts.normalize), backend)
-    trimmed = static.trim(tau, plan)
-    sel = static.select(trimmed, static.elect(trimmed, plan))
-    return static.disjoint_merge(base, sel, opts.scale, opts.ties_merge, plan.weights, backend)
+        coef = static.coefficients(K, 1.0 / K)
+    elif not opts.uses_ties:
+        coef = static.coefficients(K, opts.scale, opts.weights, opts.normalize)
+    b = base.reshape(-1)
+    out = torch.empty_like(b)
+    for sl, tau in task_vector_chunks(key, base, fts, opts, gen):
+        if not opts.uses_ties:
+            out[sl] = static.combine(b[sl], tau, coef, backend)
+        else:
+            trimmed = static.trim(tau, plan)
+            sel = static.select(trimmed, static.elect(trimmed, plan))
+            out[sl] = static.disjoint_merge(b[sl], sel, opts.scale, opts.ties_merge, plan.weights, backend)
+    return out.reshape(base.shape)
 
 
 def merge_tensor_mergekit(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
@@ -427,7 +459,7 @@ def merge_checkpoints(
                 with torch.no_grad():
                     merge_one = merge_tensor_mergekit if opts.like == "mergekit" else merge_tensor
                     t = merge_one(k, b, _Lazy(fts, k), opts, plan, gen, backend)
-                if not torch.isfinite(t).all():
+                if not _all_finite(t):
                     raise CheckpointError(f"merge: the merged tensor {k!r} has NaN or inf values")
             else:
                 t = b
@@ -455,10 +487,8 @@ def _global_passes(plan: TiesPlan, base, fts, keys, opts: MergeOptions, bar) -> 
         with bar(desc) as pbar:
             for k in keys:
                 b = base[k]
-                tau = _stack_task_vectors(k, b, _Lazy(fts, k), opts.task_vector_dtype)
-                if gen is not None:
-                    tau = static.dare_tensor(tau, opts.dare_p, gen, opts.dare_rescale)
-                yield tau
+                for _, tau in task_vector_chunks(k, b, _Lazy(fts, k), opts, gen):
+                    yield tau
                 pbar.update(b.numel() * b.element_size())
 
     K = len(fts)
