@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test test-triton test-ext bench lint clean
+.PHONY: setup demo test test-triton test-ext test-mergekit bench bench-mergekit setup-mergekit lint clean
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -19,6 +19,17 @@ test-triton: setup
 
 test-ext: setup
 	$(PY) -m pytest -q -m ext tests
+
+# Optional: mergekit 0.1.5 in its own environment (.venv-mergekit, under the same torch pin) for the comparison
+# with mergekit; nothing of it is needed by `make test`.
+setup-mergekit:
+	@bash scripts/setup_mergekit_venv.sh
+
+test-mergekit: setup setup-mergekit
+	ADAMERGE_TEST_MERGEKIT=1 $(PY) -m pytest -q tests/test_mergekit_compat.py
+
+bench-mergekit: setup setup-mergekit
+	$(PY) -m benchmarks.bench_mergekit
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only -q
