@@ -14,7 +14,9 @@ Matched semantics (mergekit configured with ``dtype: float32, out_dtype: bfloat1
   apart) and ``--like mergekit --weights 0.3 0.3 0.3`` (mergekit's float32 order: equal outputs expected);
 - ``ties``: mergekit ``ties`` (density 0.2, weight 1, ``normalize: true``) vs ours ``--method ties --like mergekit
   --ties-k 0.2`` (per-tensor trimming to exactly int(0.2 n) entries, +1 for zero sign sums, the weighted disjoint
-  mean); ties in magnitude at the threshold are broken by ``torch.argsort`` in both;
+  mean); ties in magnitude at the threshold are broken by ``torch.argsort`` in both; also ours with the same
+  flags spelled out (``--ties-scope tensor --ties-keep exact --sign-tie positive --scale 1``): float64, ties at the
+  threshold kept by position (a linear-time selection instead of a sort), so it differs where the tie order does;
 - ``dare_ties``: mergekit ``dare_ties`` (density 0.5, ``rescale: true``: the kept entries rescaled to the task
   vector's L1 norm) vs ours ``--method dare --like mergekit --dare-p 0.5``: the same semantics, but the random
   masks come from different generators, so outputs differ where the masks do (reported, not expected equal).
@@ -70,7 +72,9 @@ METHODS = {
               "float64": ["--method", "task-arithmetic", "--scale", "0.3"]},
         mergekit=("task_arithmetic", {"weight": 0.3}, {"normalize": False})),
     "ties": dict(
-        ours={"mergekit order": ["--method", "ties", "--like", "mergekit", "--ties-k", "0.2"]},
+        ours={"mergekit order": ["--method", "ties", "--like", "mergekit", "--ties-k", "0.2"],
+              "float64, index tie order": ["--method", "ties", "--ties-scope", "tensor", "--ties-keep", "exact",
+                                           "--sign-tie", "positive", "--scale", "1", "--ties-k", "0.2"]},
         mergekit=("ties", {"weight": 1.0, "density": 0.2}, {"normalize": True})),
     "dare_ties": dict(
         ours={"mergekit order": ["--method", "dare", "--like", "mergekit", "--dare-p", "0.5"]},
@@ -194,7 +198,7 @@ def compare(a: Path, b: Path) -> dict:
 
 
 def bench_size(size: str, methods: list[str], cap_gib: float | None, cap_methods: list[str], work: Path,
-               mk_available: bool) -> dict:
+               mk_available: bool, cap_only: bool = False) -> dict:
     t0 = time.perf_counter()
     base, fts, params = make_inputs(size, work / "inputs")
     in_bytes = sum(f.stat().st_size for d in [base, *fts] for f in d.glob("*.safetensors"))
@@ -220,12 +224,13 @@ def bench_size(size: str, methods: list[str], cap_gib: float | None, cap_methods
     for method in methods:
         spec = METHODS[method]
         for limit in caps:
-            if limit is not None and method not in cap_methods:
+            if (limit is not None and method not in cap_methods) or (limit is None and cap_only
+                                                                        and method in cap_methods):
                 continue
             tag = f"{method}{'-cap' if limit else ''}"
             outs = {}
             for variant, flags in spec["ours"].items():
-                if limit is not None and variant == "float64":
+                if limit is not None and variant != next(iter(spec["ours"])):  # capped: the first variant only
                     continue
                 out = out_root / f"ours-{tag}-{variant.replace(' ', '_')}"
                 cmd = [sys.executable, "-m", "adamerge_fast", "merge", "--pretrained", str(base), "--finetuned",
@@ -255,14 +260,16 @@ def report(res: dict) -> str:
     L = ["# Static merges: adamerge_fast vs mergekit 0.1.5", "",
          f"{env['date']}, {env['device']} ({env['nproc']} cores), torch {env['torch']}, git {env['git']}; load "
          f"average at start {env['loadavg_start']}, at end {res.get('loadavg_end')}.",
-         "Command: `" + res["command"] + "`.", "",
+         "Last command: `" + res["command"] + "`.", "",
          "Each merge is its own process (wall time and peak RSS of the whole process, start-up and imports "
          "included). Inputs: a Llama-architecture bf16 base + 3 fine-tunes, sharded safetensors; mergekit with "
          "`dtype: float32, out_dtype: bfloat16`. Semantics and their differences: see the module docstring of "
          "`benchmarks/bench_mergekit.py`.", ""]
     for s in res["sizes"]:
-        L += [f"## {s['size']}: {s['parameters'] / 1e6:.0f}M parameters, inputs {s['input_bytes_total'] / 2**30:.2f} GiB "
-              "in total (4 models)", "",
+        L += [f"## {s['size']}: {s['parameters'] / 1e6:.0f}M parameters, inputs "
+              f"{s['input_bytes_total'] / 2**30:.2f} GiB in total (4 models)", "",
+              f"{s.get('date')}: `{s.get('command')}`; load average at the end {s.get('loadavg_end')}; inputs made "
+              f"in {s['make_inputs_s']} s.", "",
               "| method | tool | variant | memory cap | wall (s) | peak RSS (GiB) | completed | vs ours: max abs diff"
               " / differing elements |",
               "|---|---|---|---|---:|---:|---|---|"]
@@ -284,8 +291,11 @@ def main(argv=None) -> int:
     p.add_argument("--sizes", nargs="+", choices=sorted(SIZES), default=["small", "1b"])
     p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     p.add_argument("--cap-gib", type=float, default=4.0, help="memory cap of the capped runs (default 4 GiB)")
-    p.add_argument("--cap-methods", nargs="+", choices=list(METHODS), default=["ties", "ties_global"],
+    p.add_argument("--cap-methods", nargs="*", choices=list(METHODS), default=["ties", "ties_global"],
                    help="methods also run under the cap")
+    p.add_argument("--cap-only", action="store_true", help="run the --cap-methods only under the cap")
+    p.add_argument("--append", action="store_true",
+                   help="keep the other sizes of an existing result file (a size run again replaces its entry)")
     p.add_argument("--workdir", default=None, help="where the inputs and outputs go (default: a /tmp directory)")
     p.add_argument("--output", default=str(RESULTS / "mergekit"), help="results prefix (.json, .md)")
     args = p.parse_args(argv)
@@ -297,11 +307,18 @@ def main(argv=None) -> int:
     for size in args.sizes:
         work = Path(tempfile.mkdtemp(prefix=f"amf-bench-mergekit-{size}-", dir=args.workdir))
         try:
-            res["sizes"].append(bench_size(size, args.methods, args.cap_gib, args.cap_methods, work, mk))
+            res["sizes"].append(bench_size(size, args.methods, args.cap_gib, args.cap_methods, work, mk,
+                                           args.cap_only))
+            res["sizes"][-1].update(command=res["command"], date=res["env"]["date"], loadavg_end=loadavg())
         finally:
             shutil.rmtree(work, ignore_errors=True)
     res["loadavg_end"] = loadavg()
     out = Path(args.output)
+    if args.append and out.with_suffix(".json").exists():
+        old = json.loads(out.with_suffix(".json").read_text())
+        done = {s["size"] for s in res["sizes"]}
+        res["earlier"] = [{k: old[k] for k in ("command", "env", "loadavg_end") if k in old}] + old.get("earlier", [])
+        res["sizes"] = [s for s in old["sizes"] if s["size"] not in done] + res["sizes"]
     write_text_atomic(out.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
     write_text_atomic(out.with_suffix(".md"), report(res))
     print(report(res))

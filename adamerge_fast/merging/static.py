@@ -154,8 +154,13 @@ def _magnitudes(t: torch.Tensor) -> torch.Tensor:
 
 
 def _first_ties(eq: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
-    """``eq[K, n]`` (bool) with only each row's first ``need[row]`` True entries left True."""
-    return eq & (eq.cumsum(1) <= need.unsqueeze(1))
+    """``eq[K, n]`` (bool) with only each row's first ``need[row]`` True entries left True (in place; memory in
+    proportion to the True entries of the rows that have more than ``need``)."""
+    for i, m in enumerate(need.tolist()):
+        idx = eq[i].nonzero().reshape(-1)
+        if idx.numel() > max(m, 0):
+            eq[i, idx[max(m, 0):]] = False
+    return eq
 
 
 def trim(t: torch.Tensor, plan: TiesPlan) -> torch.Tensor:
