@@ -15,6 +15,7 @@ from .io import CheckpointError, load_state_dict, save_safetensors
 from .merging import (
     AdaMergedModel,
     dare,
+    merge_checkpoints,
     task_arithmetic,
     task_vectors,
     ties_merge,
@@ -37,6 +38,7 @@ __all__ = [
     "History",
     "task_vectors",
     "weight_average",
+    "merge_checkpoints",
     "task_arithmetic",
     "ties_merge",
     "ties_split",

@@ -271,10 +271,12 @@ def _log(msg: str) -> None:
 
 # ------------------------------------------------------------------------------------------------- merge
 def cmd_merge(args) -> int:
+    from ._compat import mmap_large_allocations
     from .export import parse_size
     from .merging.stream import format_summary, merge_checkpoints
 
     t0 = time.perf_counter()
+    mmap_large_allocations()  # this process streams tensor-sized buffers: keep freed ones from staying resident
     out = Path(args.output)
     parse_size(args.max_shard_size)  # a bad size fails before any reading
     _log(f"{PROG} merge: {len(args.finetuned)} task(s), method {args.method}"

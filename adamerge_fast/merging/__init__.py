@@ -2,6 +2,7 @@
 
 from .adamerged import AdaMergedModel, MergedLinear, MergedMultiheadAttention
 from .static import dare, task_arithmetic, ties_merge, ties_split, weight_average
+from .stream import merge_checkpoints
 from .task_vectors import check_task_vectors, task_vectors, unstack
 
 __all__ = [
@@ -16,4 +17,5 @@ __all__ = [
     "ties_merge",
     "ties_split",
     "dare",
+    "merge_checkpoints",
 ]

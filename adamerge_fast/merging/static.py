@@ -153,42 +153,41 @@ def _magnitudes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(K, -1).to(acc_dtype(t.dtype)).abs()
 
 
-def _first_ties(eq: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
-    """``eq[K, n]`` (bool) with only each row's first ``need[row]`` True entries left True (in place; memory in
-    proportion to the True entries of the rows that have more than ``need``)."""
-    for i, m in enumerate(need.tolist()):
-        idx = eq[i].nonzero().reshape(-1)
-        if idx.numel() > max(m, 0):
-            eq[i, idx[max(m, 0):]] = False
+def _first_ties(eq: torch.Tensor, need: int) -> torch.Tensor:
+    """``eq[n]`` (bool) with only its first ``need`` True entries left True (in place; memory in proportion to the
+    True entries when there are more than ``need``)."""
+    idx = eq.nonzero().reshape(-1)
+    if idx.numel() > max(need, 0):
+        eq[idx[max(need, 0):]] = False
     return eq
 
 
 def trim(t: torch.Tensor, plan: TiesPlan) -> torch.Tensor:
-    """``t[K, *S]`` with all but each task's top entries zeroed (see the module docstring)."""
+    """``t[K, *S]`` with all but each task's top entries zeroed (see the module docstring); one task's magnitudes
+    at a time."""
+    out = t.clone()
     if plan.k >= 1.0:
-        return t.clone()
+        return out
     K = t.shape[0]
-    a = _magnitudes(t)
-    n = a.shape[1]
-    if plan.scope == "tensor":
-        r = keep_rank(n, plan.k, plan.keep)
-        th = a.kthvalue(n - r + 1, dim=1, keepdim=True).values
-        if plan.keep == "ties":
-            mask = a >= th
+    flat = out.reshape(K, -1)
+    n = flat.shape[1]
+    for i in range(K):
+        a = _magnitudes(flat[i:i + 1])[0]
+        if plan.scope == "tensor":
+            r = keep_rank(n, plan.k, plan.keep)
+            th = a.kthvalue(n - r + 1).values if n else a.new_zeros(())
+            mask = a >= th if plan.keep == "ties" else (a > th) | _first_ties(a == th, r - int((a > th).sum()))
         else:
-            gt = a > th
-            mask = gt | _first_ties(a == th, r - gt.sum(1))
-    else:
-        th = plan.thresholds.to(device=a.device, dtype=a.dtype).reshape(K, 1)
-        if plan.keep == "ties":
-            mask = a >= th
-        else:
-            eq = a == th
-            need = torch.tensor(plan.budgets, device=a.device)
-            take = _first_ties(eq, need)
-            plan.budgets = [b - int(c) for b, c in zip(plan.budgets, take.sum(1).tolist())]
-            mask = (a > th) | take
-    return t * mask.reshape(t.shape)
+            th = plan.thresholds[i].to(device=a.device, dtype=a.dtype)
+            if plan.keep == "ties":
+                mask = a >= th
+            else:
+                take = _first_ties(a == th, plan.budgets[i])
+                plan.budgets[i] -= int(take.sum())
+                mask = (a > th) | take
+        flat[i].mul_(mask)
+        del a, mask
+    return out
 
 
 def sign_sum(trimmed: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:

@@ -3,7 +3,8 @@
 :func:`merge_checkpoints` reads one tensor name at a time from the pretrained and every fine-tuned checkpoint
 (safetensors files and sharded Hugging Face directories are read per tensor, nothing stays mapped), merges it,
 writes it (:class:`adamerge_fast.export.CheckpointWriter`) and drops it: the peak memory is about ``K + 2``
-times the largest tensor in float32, plus buffers, whatever the model size. The result equals the in-memory
+times the largest tensor (in the checkpoints' dtype) plus float32 task-vector buffers of :data:`CHUNK` elements
+per task, whatever the model size. The result equals the in-memory
 merges of :mod:`adamerge_fast.merging.static` on exact task vectors (``task_vectors(..., dtype=...)`` with
 float32 for bf16/fp16 checkpoints, float64 for fp32 ones: :func:`exact_tv_dtype`).
 
@@ -31,6 +32,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from .._compat import malloc_trim
 from ..export import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, nbytes
 from ..io import CheckpointError, check_fits, existing, load_state_dict, shape_dtype, streaming
 from ..ops._backend import acc_dtype
@@ -125,7 +127,7 @@ def exact_tv_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class _Lazy(Sequence[torch.Tensor]):
-    """``[sd[key] for sd in sds]``, each read when indexed (so only one fine-tuned tensor is held at a time)."""
+    """``[sd[key] for sd in sds]``, each tensor read from its checkpoint when indexed."""
 
     def __init__(self, sds: Sequence[Mapping[str, torch.Tensor]], key: str):
         self.sds, self.key = sds, key
@@ -469,6 +471,7 @@ def merge_checkpoints(
                 result[k] = t
             pbar.update(nbytes(shape, dtype))
             del t, b
+            malloc_trim()
     return Path(out) if out is not None else result
 
 
@@ -489,7 +492,9 @@ def _global_passes(plan: TiesPlan, base, fts, keys, opts: MergeOptions, bar) -> 
                 b = base[k]
                 for _, tau in task_vector_chunks(k, b, _Lazy(fts, k), opts, gen):
                     yield tau
-                pbar.update(b.numel() * b.element_size())
+                del b
+                malloc_trim()
+                pbar.update(nbytes(*shape_dtype(base, k)))
 
     K = len(fts)
     if plan.scope == "global" and plan.k < 1.0:
