@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test test-triton test-ext test-mergekit bench bench-mergekit setup-mergekit lint clean
+.PHONY: setup demo test test-triton test-ext test-compat test-mergekit bench bench-mergekit setup-mergekit lint clean
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -30,6 +30,12 @@ test-mergekit: setup setup-mergekit
 
 bench-mergekit: setup setup-mergekit
 	$(PY) -m benchmarks.bench_mergekit
+
+# The drop-in tests, plus FusionBench's own AdaMerging algorithms driving our wrappers: FusionBench 0.2.33 (with
+# lightning, hydra, datasets, ...) lives in a separate .venv-compat (scripts/setup_compat_venv.sh), never in .venv.
+test-compat: setup
+	@bash scripts/setup_compat_venv.sh
+	PYTHONPATH=. .venv-compat/bin/python -m pytest -q tests/test_compat_*.py
 
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only -q

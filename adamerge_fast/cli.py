@@ -211,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
     a.add_argument("--batch-size", type=_positive_int, default=16, help="examples per task per batch (default 16)")
     a.add_argument("--batches-per-step", type=_positive_int, default=1, help="batches per task per step (default 1)")
+    a.add_argument("--batch-reduction", choices=["mean", "sum"], default="mean",
+                   help="a task's loss over its batches of a step: mean (default) or sum (the official script's step: "
+                   "--batches-per-step 2 --batch-reduction sum)")
     a.add_argument("--task-batching", choices=["concat", "sequential"], default="concat",
                    help="one forward over all tasks' batches, or one per task")
     a.add_argument("--backend", default="auto", help=f"op backend: auto, {', '.join(BACKEND_NAMES)} (default auto)")
@@ -387,9 +390,9 @@ def cmd_adamerge(args) -> int:
     t1 = time.perf_counter()
     try:
         hist = adamerge(merged, spec.heads, data, steps=args.steps, lr=args.lr, batches_per_step=args.batches_per_step,
-                        task_batching=args.task_batching, device=args.device, checkpoint=ckpt,
-                        checkpoint_every=args.checkpoint_every, resume=resume, progress=not args.no_progress,
-                        callback=on_step)
+                        batch_reduction=args.batch_reduction, task_batching=args.task_batching, device=args.device,
+                        checkpoint=ckpt, checkpoint_every=args.checkpoint_every, resume=resume,
+                        progress=not args.no_progress, callback=on_step)
     except KeyboardInterrupt:
         where = (f"; resume from {ckpt} with --resume" if ckpt.exists()
                  else " (no checkpoint yet: use --checkpoint-every N)")

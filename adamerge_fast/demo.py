@@ -267,7 +267,6 @@ def _with_state(template: nn.Module, sd) -> nn.Module:
 class Row:
     name: str
     acc: dict[str, float]
-    note: str = ""
 
     @property
     def avg(self) -> float:

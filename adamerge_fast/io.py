@@ -256,7 +256,9 @@ def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> M
     Accepts: a ``.safetensors`` file or a directory of them (sharded, with or without
     ``*.safetensors.index.json``; this includes Hugging Face model directories) — read lazily; a torch
     file (``.pt``/``.pth``/``.bin``/``.ckpt``) holding a state dict, loaded with ``weights_only=True``;
-    a whole pickled ``nn.Module`` (the original task-vector checkpoints) only with ``trust_pickle=True``.
+    a whole pickled ``nn.Module`` only with ``trust_pickle=True`` — except the official AdaMerging / task_vectors
+    checkpoints (pickled ``src.modeling`` modules), which are read without running code from the file
+    (:func:`adamerge_fast.safe_pickle.load_official`) and need no opt-in.
     """
     p = Path(path)
     if not p.exists():
@@ -287,8 +289,14 @@ def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> M
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
-        if not trust_pickle:
-            raise CheckpointError(f"{p}: cannot be loaded as a plain state dict: {_PICKLE_HINT}") from e
+        from .safe_pickle import RefusedPickle, load_official
+
+        try:
+            return load_official(p).state_dict
+        except RefusedPickle as refused:
+            if not trust_pickle:
+                why = str(refused).removeprefix(f"{p}: ")
+                raise CheckpointError(f"{p}: cannot be loaded as a plain state dict ({why}): {_PICKLE_HINT}") from e
         obj = torch.load(p, map_location="cpu", weights_only=False)
     return _as_state_dict(obj, p)
 

@@ -3,7 +3,9 @@
 Each step, for each task in ``heads`` order: the next batch (or ``batches_per_step`` batches) of that task's
 *unlabeled* data, the merged model's forward, that task's head, the batch-mean softmax entropy. The losses
 are summed over tasks and one Adam step (betas (0.9, 0.999), lr 1e-3 by default) updates the raw
-coefficients — the official algorithm.
+coefficients — the official algorithm. A task's several batches per step are averaged
+(``batch_reduction="mean"``) or summed (``"sum"``); the official script's step is two batches per task, summed
+(``batches_per_step=2, batch_reduction="sum"``, :data:`adamerge_fast.compat.official.OFFICIAL_STEP`).
 
 ``task_batching``:
 - ``"concat"`` (default): the merged backbone is the same for every task within a step, so all tasks' batches
@@ -106,6 +108,7 @@ def adamerge(
     lr: float = 1e-3,
     batches_per_step: int = 1,
     *,
+    batch_reduction: str = "mean",
     betas: tuple[float, float] = (0.9, 0.999),
     task_batching: str = "concat",
     device: torch.device | str | None = None,
@@ -123,8 +126,11 @@ def adamerge(
             the task order.
         data: ``{task: iterable of batches}`` (cycled); a batch is a tensor, a mapping of tensors (keyword
             inputs), or a tuple whose first item is the input (labels ignored).
-        steps, lr, betas: Adam on ``model.raw_coefficients`` (official: 500, 1e-3, (0.9, 0.999)).
-        batches_per_step: batches per task per step; a task's loss is the mean of its batch means.
+        steps, lr, betas: Adam on ``model.raw_coefficients``, whatever its layout (official: 500, 1e-3,
+            (0.9, 0.999)).
+        batches_per_step: batches per task per step.
+        batch_reduction: a task's loss is the mean (``"mean"``) or the sum (``"sum"``, the official script's) of its
+            batches' batch-mean entropies.
         task_batching: ``"concat"`` or ``"sequential"`` (see the module docstring).
         device: where batches are moved (default: where the coefficients live).
         checkpoint, checkpoint_every: write coefficients + Adam state + history every N steps (atomically).
@@ -145,6 +151,9 @@ def adamerge(
         raise ValueError(f"adamerge: task_batching must be 'concat' or 'sequential', got {task_batching!r}")
     if batches_per_step < 1 or steps < 0:
         raise ValueError("adamerge: steps must be >= 0 and batches_per_step >= 1")
+    if batch_reduction not in ("mean", "sum"):
+        raise ValueError(f"adamerge: batch_reduction must be 'mean' or 'sum', got {batch_reduction!r}")
+    divisor = batches_per_step if batch_reduction == "mean" else 1
     device = torch.device(device) if device is not None else model.raw_coefficients.device
     opt = torch.optim.Adam([model.raw_coefficients], lr=lr, betas=betas)
     hist = History()
@@ -169,13 +178,13 @@ def adamerge(
             parts = iter(torch.split(feats, sizes))
             total = 0.0
             for t in tasks:
-                lt = sum(ops.entropy(heads[t](next(parts))).mean() for _ in range(batches_per_step)) / batches_per_step
+                lt = sum(ops.entropy(heads[t](next(parts))).mean() for _ in range(batches_per_step)) / divisor
                 task_loss[t] = lt.detach()
                 total = total + lt
             total.backward()
         else:
             for t in tasks:
-                lt = sum(ops.entropy(heads[t](_call(model, b))).mean() for b in batches[t]) / batches_per_step
+                lt = sum(ops.entropy(heads[t](_call(model, b))).mean() for b in batches[t]) / divisor
                 lt.backward()
                 task_loss[t] = lt.detach()
         opt.step()

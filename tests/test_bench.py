@@ -2,20 +2,15 @@
 on a tiny ViT, and the command writes its JSON. No wall-clock assertions."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # the checkout's benchmarks/ is a plain package, not installed
-    sys.path.insert(0, str(ROOT))
-
-from benchmarks.adamerging_step import main  # noqa: E402
-from benchmarks.adamerging_step.protocol import EquivalenceError, check_equivalence  # noqa: E402
-from benchmarks.adamerging_step.runners import available_methods, make_runner  # noqa: E402
-from benchmarks.adamerging_step.workloads import build_workload  # noqa: E402
+# benchmarks/ is a plain package of the checkout (pytest puts the checkout root on sys.path: pyproject.toml)
+from benchmarks.adamerging_step import main
+from benchmarks.adamerging_step.protocol import EquivalenceError, check_equivalence
+from benchmarks.adamerging_step.runners import available_methods, make_runner
+from benchmarks.adamerging_step.workloads import build_workload
 
 DEVICE = torch.device("cpu")
 
@@ -23,9 +18,9 @@ DEVICE = torch.device("cpu")
 @pytest.fixture(autouse=True)
 def _no_poison(monkeypatch):
     # the timed kernels allocate normally here (the suite's NaN poisoning is for kernel-coverage tests)
-    import adamerge_fast.ops._backend as _backend
+    import adamerge_fast.ops._common as _ops_common
 
-    monkeypatch.setattr(_backend, "POISON_OUTPUTS", False)
+    monkeypatch.setattr(_ops_common, "POISON_OUTPUTS", False)
 
 
 @pytest.mark.parametrize("workload", ["vit-tiny", "llama-tiny"])

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests._tol import assert_close, lowest
+from _tol import assert_close, lowest
 
 pytestmark = pytest.mark.ext
 
@@ -178,7 +178,7 @@ def test_merge_many(K):
     bases, deltas, coefs = _many_case(K=K)
     outs = ops().k_merge_many(bases, deltas, coefs)
     assert len(outs) == len(bases)
-    for i, (o, b, d) in enumerate(zip(outs, bases, deltas)):
+    for i, (o, b, d) in enumerate(zip(outs, bases, deltas, strict=True)):
         assert o.dtype == b.dtype and o.shape == b.shape
         assert_close(o, oracle_merge(b, d, coefs[i]), lowest(b.dtype, d.dtype), f"tensor {i}")
 
@@ -191,7 +191,7 @@ def test_merge_many_outs_poisoned_and_large():
     coefs = torch.cat([coefs, rand((1, 3), F32, 3)])
     outs = [torch.full(b.shape, float("nan"), dtype=b.dtype) for b in bases]
     res = ops().k_merge_many(bases, deltas, coefs, outs)
-    for i, (r, o, b, d) in enumerate(zip(res, outs, bases, deltas)):
+    for i, (r, o, b, d) in enumerate(zip(res, outs, bases, deltas, strict=True)):
         assert r.data_ptr() == o.data_ptr() or o.numel() == 0
         assert_close(o, oracle_merge(b, d, coefs[i]), lowest(b.dtype, d.dtype), f"tensor {i}")
 
@@ -265,7 +265,7 @@ def test_dcoef_many():
     grads = [rand(b.shape, b.dtype, 9000 + i) for i, b in enumerate(bases)]
     res = ops().k_dcoef_many(grads, deltas)
     assert res.shape == (len(grads), 6) and res.dtype == F32
-    for i, (g, d) in enumerate(zip(grads, deltas)):
+    for i, (g, d) in enumerate(zip(grads, deltas, strict=True)):
         assert_close(res[i], oracle_dcoef(g, d), lowest(g.dtype, d.dtype), f"row {i}")
     res64 = ops().k_dcoef_many([grads[0].double(), grads[1]], [deltas[0], deltas[1]])
     assert res64.dtype == F64
@@ -423,9 +423,9 @@ def test_isa_copies_agree(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         runs[isa] = torch.load(out)
     assert runs["base"]["isa"] == "base"
-    for a, b in zip(runs["base"]["merge"], runs["auto"]["merge"]):
+    for a, b in zip(runs["base"]["merge"], runs["auto"]["merge"], strict=True):
         assert torch.equal(a, b)
-    for (g, d), a, b in zip(dcoef_in, runs["base"]["dcoef"], runs["auto"]["dcoef"]):
+    for (g, d), a, b in zip(dcoef_in, runs["base"]["dcoef"], runs["auto"]["dcoef"], strict=True):
         assert_close(a, b.double(), lowest(g.dtype, d.dtype))
         assert_close(a, oracle_dcoef(g, d), lowest(g.dtype, d.dtype))
 
@@ -495,7 +495,7 @@ def test_public_merge_many_and_linear_autograd():
     bases, deltas, coefs = _many_case(n=30, K=4)
     coefs.requires_grad_()
     outs = amf.merge_many(bases, deltas, coefs, backend="cpu")
-    for i, (o, b, d) in enumerate(zip(outs, bases, deltas)):
+    for i, (o, b, d) in enumerate(zip(outs, bases, deltas, strict=True)):
         assert_close(o, oracle_merge(b, d, coefs[i]), lowest(b.dtype, d.dtype), f"tensor {i}")
     sum(o.double().sum() for o in outs).backward()
     exp = torch.stack([d.double().reshape(4, -1).sum(1) for d in deltas])
@@ -520,21 +520,21 @@ def test_missing_extension_reported(monkeypatch):
     raises BackendUnavailableError naming it; auto falls back to the reference quietly."""
     import sys
 
-    from adamerge_fast.ops import _backend
+    from adamerge_fast.ops import _registry
 
     monkeypatch.setitem(sys.modules, "adamerge_fast._C", None)  # import now raises ImportError
-    saved = dict(_backend._INSTANCES)
+    saved = dict(_registry._INSTANCES)
     try:
-        _backend._INSTANCES.pop("cpu", None)
-        assert "not built" in _backend.backend_status("cpu")["cpu"]
-        _backend._INSTANCES.pop("cpu", None)
-        with pytest.raises(_backend.BackendUnavailableError, match="backend 'cpu' is not available: .*not built"):
-            _backend.resolve("cpu", "merge", torch.device("cpu"))
-        _backend._INSTANCES.pop("cpu", None)
-        assert _backend.resolve("auto", "merge", torch.device("cpu")) == "reference"
+        _registry._INSTANCES.pop("cpu", None)
+        assert "not built" in _registry.backend_status("cpu")["cpu"]
+        _registry._INSTANCES.pop("cpu", None)
+        with pytest.raises(_registry.BackendUnavailableError, match="backend 'cpu' is not available: .*not built"):
+            _registry.resolve("cpu", "merge", torch.device("cpu"))
+        _registry._INSTANCES.pop("cpu", None)
+        assert _registry.resolve("auto", "merge", torch.device("cpu")) == "reference"
     finally:
-        _backend._INSTANCES.clear()
-        _backend._INSTANCES.update(saved)
+        _registry._INSTANCES.clear()
+        _registry._INSTANCES.update(saved)
 
 
 # ------------------------------------------------------------------------------------ CUDA compile checks

@@ -4,29 +4,43 @@ Backends: ``reference`` always; ``cpu`` when the C++ extension is built; ``trito
 (marked ``triton``, small shapes); ``cuda`` when a GPU is present.
 """
 
+import ast
 import os
+import re
+from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import adamerge_fast as af
 from _tol import assert_close, lowest
 from adamerge_fast import ops
+from adamerge_fast.ops import _library
+from adamerge_fast.ops.cpp_backend import CppBackend
+from adamerge_fast.ops.triton_backend import TritonBackend
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
 
+def _marks(backend) -> list:
+    if isinstance(backend, TritonBackend):
+        return [pytest.mark.triton]
+    return [pytest.mark.ext] if isinstance(backend, CppBackend) else []
+
+
 def _backends():
+    """Every registered backend available here, on every device present."""
     out = []
     for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for name in ops.BACKEND_NAMES:
+        for name in ops.backend_names():
             try:
-                ok = ops.get_backend(name).available(torch.device(dev))
+                be = ops.get_backend(name)
             except ops.BackendUnavailableError:
-                ok = False
-            if ok:
-                marks = [pytest.mark.triton] if name == "triton" else ([pytest.mark.ext] if name in ("cpu", "cuda") else [])
-                out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=marks))
+                continue
+            if be.available(torch.device(dev)):
+                out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=_marks(be)))
     return out
 
 
@@ -51,8 +65,8 @@ def test_merge_matches_float64(be, shape, K):
     if _small(be) and (K == 8 or len(shape) > 2):
         pytest.skip("interpreter: subset")
     torch.manual_seed(hash((shape, K)) % 2**31)
-    for bdt, ddt in [(torch.float32, torch.float32), (torch.float32, torch.bfloat16), (torch.float16, torch.float16),
-                     (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float16), (torch.float64, torch.float64)]:
+    f32, bf16, f16, f64 = torch.float32, torch.bfloat16, torch.float16, torch.float64
+    for bdt, ddt in [(f32, f32), (f32, bf16), (f16, f16), (bf16, bf16), (f32, f16), (f64, f64)]:
         base, deltas = _rand(shape, bdt, dev), _rand((K, *shape), ddt, dev, 0.1)
         coef = torch.rand(K, device=dev, requires_grad=True)
         out = af.merge(base, deltas, coef, backend=name)
@@ -93,11 +107,14 @@ def test_merge_many_matches_float64(be):
         coefs = torch.rand(len(shapes), K, device=dev, requires_grad=True)
         outs = af.merge_many(bases, deltas, coefs, backend=name)
         grads = [_rand(s, torch.float32, dev) for s in shapes]
-        sum((o * g).sum() for o, g in zip(outs, grads)).backward()
+        sum((o * g).sum() for o, g in zip(outs, grads, strict=True)).backward()
         c64 = coefs.detach().double().requires_grad_()
-        refs = [b.double() + (c64[i].reshape(-1, *[1] * b.dim()) * d.double()).sum(0) for i, (b, d) in enumerate(zip(bases, deltas))]
-        sum((r * g.double()).sum() for r, g in zip(refs, grads)).backward()
-        for o, r in zip(outs, refs):
+        refs = [
+            b.double() + (c64[i].reshape(-1, *[1] * b.dim()) * d.double()).sum(0)
+            for i, (b, d) in enumerate(zip(bases, deltas, strict=True))
+        ]
+        sum((r * g.double()).sum() for r, g in zip(refs, grads, strict=True)).backward()
+        for o, r in zip(outs, refs, strict=True):
             assert_close(o, r, torch.float32, f"merge_many {ddt}")
         assert_close(coefs.grad, c64.grad, torch.float32, f"merge_many dcoef {ddt}")
 
@@ -112,10 +129,17 @@ ML_CASES = [  # (lead shape of x, in, out, K, bias mode)
 ]
 
 
+ML_DTYPES = [  # (x dtype, task-vector dtype)
+    (torch.float32, torch.float32),
+    (torch.float32, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float16),
+]
+
+
 @pytest.mark.parametrize("be", BACKENDS)
 @pytest.mark.parametrize("case", ML_CASES, ids=lambda c: f"x{c[0]}-{c[1]}x{c[2]}-K{c[3]}-{c[4]}")
-@pytest.mark.parametrize("xdt,tdt", [(torch.float32, torch.float32), (torch.float32, torch.bfloat16),
-                                     (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
+@pytest.mark.parametrize("xdt,tdt", ML_DTYPES)
 def test_merged_linear_matches_float64(be, case, xdt, tdt):
     name, dev = be
     lead, fin, fout, K, bias = case
@@ -173,7 +197,10 @@ def test_entropy_matches_float64(be, N, C, dt):
 @pytest.mark.parametrize("be", BACKENDS)
 def test_entropy_stable_large_and_neg_inf(be):
     name, dev = be
-    z = torch.tensor([[1e4, -1e4, 0.0, 5e3], [0.0, float("-inf"), 1.0, float("-inf")], [-float("inf"), 3.0, -float("inf"), -float("inf")]], device=dev, requires_grad=True)
+    inf = float("inf")
+    z = torch.tensor(
+        [[1e4, -1e4, 0.0, 5e3], [0.0, -inf, 1.0, -inf], [-inf, 3.0, -inf, -inf]], device=dev, requires_grad=True
+    )
     h = af.entropy(z, backend=name)
     h.sum().backward()
     assert torch.isfinite(h).all() and torch.isfinite(z.grad).all()
@@ -189,11 +216,13 @@ def _opcheck_cases():
     b, d, c = torch.randn(4, 5), torch.randn(K, 4, 5), torch.rand(K, requires_grad=True)
     x = torch.randn(6, 5, requires_grad=True)
     lib = torch.ops.adamerge_fast
+    cm, cb = torch.rand(2, K, requires_grad=True), torch.rand(K, requires_grad=True)
+    w0, tau_w, b0, tau_b = torch.randn(7, 5), torch.randn(K, 7, 5), torch.randn(7), torch.randn(K, 7)
     return [
         (lib.merge.default, (b, d, c, "reference")),
-        (lib.merge_many.default, ([b, torch.randn(3)], [d, torch.randn(K, 3)], torch.rand(2, K, requires_grad=True), "reference")),
-        (lib.merged_linear.default, (x, torch.randn(7, 5), torch.randn(K, 7, 5), c, torch.randn(7), torch.randn(K, 7), torch.rand(K, requires_grad=True), "reference")),
-        (lib.merged_linear.default, (x, torch.randn(7, 5), torch.randn(K, 7, 5), c, None, None, None, "reference")),
+        (lib.merge_many.default, ([b, torch.randn(3)], [d, torch.randn(K, 3)], cm, "reference")),
+        (lib.merged_linear.default, (x, w0, tau_w, c, b0, tau_b, cb, "reference")),
+        (lib.merged_linear.default, (x, w0, tau_w, c, None, None, None, "reference")),
         (lib.entropy.default, (torch.randn(6, 9, requires_grad=True), "reference")),
         (lib.merge_dcoef.default, (b, d, "reference")),
         (lib.entropy_backward.default, (torch.randn(6), torch.randn(6, 9), "reference")),
@@ -265,23 +294,17 @@ def test_eager_fast_path_equals_custom_ops(be, monkeypatch):
     """Plain eager calls take autograd.Functions over the backend, everything else the custom ops: the same
     backend calls and backward formulas, so outputs and every gradient are bitwise equal."""
     name, dev = be
-    from adamerge_fast.ops import _library
-
     fast, fast_fns = _all_ops_step(name, dev)
     monkeypatch.setattr(_library, "EAGER_FAST_PATH", False)
     slow, slow_fns = _all_ops_step(name, dev)
     assert fast_fns == ["_MergeFnBackward", "_MergeManyFnBackward", "_MergedLinearFnBackward", "_EntropyFnBackward"]
     assert not any("Fn" in f for f in slow_fns), slow_fns
-    for i, (a, b) in enumerate(zip(fast, slow)):
+    for i, (a, b) in enumerate(zip(fast, slow, strict=True)):
         assert a is not None and torch.equal(a, b), f"result {i} differs between the fast path and the custom ops"
 
 
 def test_fast_path_only_in_plain_eager():
-    from torch.overrides import TorchFunctionMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from adamerge_fast.ops._library import use_fast_path
-
+    use_fast_path = _library.use_fast_path
     t = torch.zeros(2)
     assert use_fast_path(t, None, torch.nn.Parameter(torch.zeros(1)))
     assert not use_fast_path(t, torch.zeros(2, device="meta"))
@@ -340,6 +363,177 @@ def test_backend_selection(monkeypatch):
     assert status["reference"] == "available" and set(status) == set(ops.BACKEND_NAMES)
 
 
+def test_builtin_auto_order():
+    """The order ``auto`` tries the built-in backends in, per device type and op (declared in ops/__init__.py)."""
+    for op in ops.OPS:
+        assert ops.auto_order("cuda", op) == ("cuda", "triton", "reference")
+        assert ops.AUTO_ORDER["cuda"][op] == ops.auto_order("cuda", op)
+        assert ops.auto_order("mps", op) == ("reference",)  # a device type no backend names: the fallback only
+    for op in ("merge", "merge_many", "merged_linear"):
+        assert ops.auto_order("cpu", op) == ("cpu", "reference")
+    assert ops.auto_order("cpu", "entropy") == ops.AUTO_ORDER["cpu"]["entropy"] == ("reference",)
+    assert set(ops.AUTO_ORDER) == {"cpu", "cuda"}
+    assert ops.BACKEND_NAMES == ops.backend_names() == ("reference", "cpu", "triton", "cuda")
+    with pytest.raises(ValueError, match="unknown op 'nope'"):
+        ops.auto_order("cpu", "nope")
+
+
+class _MinimalBackend(ops.Backend):
+    """Only the two primitives, in naive torch: every other kernel comes from the Backend base class."""
+
+    name = "minimal"
+
+    def unavailable_reason(self, device):
+        return None if torch.device(device).type == "cpu" else "the minimal test backend runs on cpu tensors only"
+
+    @staticmethod
+    def _acc(*ts):
+        return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+    def merge(self, base, deltas, coef):
+        acc = self._acc(base, deltas, coef)
+        return (base.to(acc) + torch.tensordot(coef.to(acc), deltas.to(acc), dims=1)).to(base.dtype)
+
+    def dcoef(self, grad, deltas):
+        acc = self._acc(grad, deltas)
+        return deltas.to(acc).reshape(deltas.shape[0], -1) @ grad.to(acc).reshape(-1)
+
+
+@pytest.fixture
+def minimal_backend():
+    """``test-minimal`` registered for the duration of one test: auto picks it first for merge and merged_linear
+    on the CPU. Unregistered afterwards, leaving the built-in registry as it was."""
+    name = "test-minimal"
+    before = (ops.backend_names(), {dt: dict(ops.AUTO_ORDER[dt]) for dt in ops.AUTO_ORDER})
+    ops.register_backend(name, _MinimalBackend, auto={"cpu": ("merge", "merged_linear")}, priority=1000)
+    yield name
+    if name in ops.backend_names():
+        ops.unregister_backend(name)
+    assert (ops.backend_names(), {dt: dict(ops.AUTO_ORDER[dt]) for dt in ops.AUTO_ORDER}) == before
+
+
+def test_registered_backend_is_listed_resolved_and_placed(minimal_backend):
+    name, cpu = minimal_backend, torch.device("cpu")
+    assert name in ops.BACKEND_NAMES and ops.BACKEND_NAMES[-1] == name
+    assert ops.BACKEND_NAMES == ops.backend_names() and len(ops.BACKEND_NAMES) == len(ops.backend_names())
+    assert ops.backend_status("cpu")[name] == "available"
+    assert "cpu tensors only" in ops.backend_status("meta")[name]
+    assert ops.resolve(name, "entropy", cpu) == name  # explicitly: every op
+    with pytest.raises(ops.BackendUnavailableError, match="cpu tensors only"):
+        ops.resolve(name, "merge", torch.device("meta"))
+    # auto: first where declared (priority 1000 beats the built-ins), nowhere else
+    for op in ("merge", "merged_linear"):
+        assert ops.auto_order("cpu", op)[0] == name and ops.AUTO_ORDER["cpu"][op][0] == name
+        assert ops.resolve("auto", op, cpu) == name
+    assert name not in ops.auto_order("cpu", "merge_many") and name not in ops.auto_order("cpu", "entropy")
+    assert all(name not in order for order in ops.AUTO_ORDER["cuda"].values())
+    with pytest.raises(ValueError, match=f"unknown backend 'nope'; expected one of .*'{name}'"):
+        ops.resolve("nope", "merge", cpu)
+    ops.unregister_backend(name)
+    assert name not in ops.BACKEND_NAMES and ops.resolve("auto", "merge", cpu) != name
+    with pytest.raises(ValueError, match=f"unknown backend '{name}'"):
+        ops.get_backend(name)
+
+
+def test_registered_backend_meets_the_contract(minimal_backend, monkeypatch):
+    """A backend with only merge/dcoef passes the merge, merge_many and merged_linear contract through the base
+    class composites, on the fast path and through the custom ops."""
+    be = (minimal_backend, "cpu")
+    for shape in [(1,), (47,), (3, 47), (5, 1, 7)]:
+        for K in (1, 5):
+            test_merge_matches_float64(be, shape, K)
+    test_merge_noncontiguous_and_all_grads(be)
+    test_merge_many_matches_float64(be)
+    for case in ML_CASES:
+        for xdt, tdt in ML_DTYPES:
+            test_merged_linear_matches_float64(be, case, xdt, tdt)
+    test_eager_fast_path_equals_custom_ops(be, monkeypatch)
+
+
+def test_register_backend_rejects_bad_declarations():
+    with pytest.raises(ValueError, match="other than 'auto'"):
+        ops.register_backend("auto", _MinimalBackend)
+    with pytest.raises(ValueError, match="auto must map device types to ops from"):
+        ops.register_backend("test-bad", _MinimalBackend, auto={"cpu": ("merge", "matmul")})
+    with pytest.raises(TypeError, match="factory must be callable"):
+        ops.register_backend("test-bad", None)
+    with pytest.raises(ValueError, match="unknown backend 'test-bad'"):
+        ops.unregister_backend("test-bad")
+    assert "test-bad" not in ops.BACKEND_NAMES
+
+
+# Imports of ops/ at module level (edges inside the package), from the docstring of ops/__init__.py
+_GRAPH_LINE = re.compile(r"^ {4}(\S+) +-> (.*)$")
+_OPS_DIR = Path(ops.__file__).parent
+_OPTIONAL = ("triton", "adamerge_fast._C", "adamerge_fast.ops.triton_kernels")
+
+
+def _ops_imports():
+    """``({module: module-level imports inside ops}, {module: function-level imports})`` of every ops/ module,
+    module names relative to ``adamerge_fast.ops`` ("__init__" for the package)."""
+    top, local = {}, {}
+    for path in sorted(_OPS_DIR.rglob("*.py")):
+        rel = path.relative_to(_OPS_DIR).with_suffix("").parts  # e.g. ("triton_kernels", "merge")
+        pkg = ["adamerge_fast", "ops", *rel[:-1]]  # the package that relative imports start from
+        name = ".".join(rel[:-1] if rel[-1] == "__init__" and len(rel) > 1 else rel)
+        tree = ast.parse(path.read_text())
+        body_ids = {id(n) for n in tree.body}
+        top[name], local[name] = set(), set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg[: len(pkg) - node.level + 1] if node.level else []
+                mod = ".".join(base + ([node.module] if node.module else []))
+                targets = [mod] if node.module else [f"{mod}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            for t in targets:
+                if id(node) not in body_ids:
+                    local[name].add(t)
+                elif t.startswith("adamerge_fast.ops."):
+                    top[name].add(t.removeprefix("adamerge_fast.ops."))
+    return top, local
+
+
+def test_ops_import_graph_is_layered():
+    top, local = _ops_imports()
+    # no cycle (depth-first search over module-level imports)
+    state: dict[str, int] = {}
+
+    def visit(mod, path):
+        assert state.get(mod) != 1, f"import cycle: {' -> '.join(path + [mod])}"
+        if state.get(mod) is None:
+            state[mod] = 1
+            for dep in top.get(mod, ()):
+                visit(dep, path + [mod])
+            state[mod] = 2
+
+    for mod in top:
+        visit(mod, [])
+    # kernels and backends never reach the registry or the dispatcher; the shared helpers import nothing from ops
+    assert top["_common"] == set() and top["reference"] == {"_common"}
+    for mod in top:
+        reach, todo = set(), [mod]
+        while todo:
+            for dep in top[todo.pop()] - reach:
+                reach.add(dep)
+                todo.append(dep)
+        if mod not in ("__init__", "_library"):
+            assert not {"_registry", "_library", "__init__"} & reach, (mod, reach)
+    # function-level imports only for optional dependencies
+    for mod, targets in local.items():
+        assert all(t.startswith(_OPTIONAL) for t in targets), (mod, targets)
+    # the documented graph is the real one
+    documented = {}
+    for line in ops.__doc__.splitlines():
+        m = _GRAPH_LINE.match(line)
+        if m:
+            deps = re.sub(r"\(.*?\)", "", m.group(2).split(";")[0]).split(",")  # "(...)": a remark, no module
+            documented[m.group(1)] = {d.strip() for d in deps if d.strip()}
+    assert documented == top
+
+
 def test_triton_unavailable_without_interpreter(monkeypatch):
     pytest.importorskip("triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
@@ -347,23 +541,44 @@ def test_triton_unavailable_without_interpreter(monkeypatch):
         af.merge(torch.zeros(3), torch.zeros(1, 3), torch.zeros(1), backend="triton")
 
 
+_z = torch.zeros
+
+
 @pytest.mark.parametrize(
     "call,match",
     [
-        (lambda: af.merge(torch.zeros(3), torch.zeros(2, 4), torch.zeros(2)), r"deltas must have shape .*\[K, 3\], got \[2, 4\]"),
-        (lambda: af.merge(torch.zeros(3), torch.zeros(0, 3), torch.zeros(0)), "at least one task vector"),
-        (lambda: af.merge(torch.zeros(3), torch.zeros(2, 3), torch.zeros(3)), r"coef must have shape \[K\]=\[2\]"),
-        (lambda: af.merge(torch.zeros(3, dtype=torch.long), torch.zeros(2, 3), torch.zeros(2)), "base: expected a floating dtype"),
-        (lambda: af.merged_linear(torch.zeros(2, 4), torch.zeros(3, 5), torch.zeros(1, 3, 5), torch.zeros(1)), r"x must be \[\*, in=5\]"),
-        (lambda: af.merged_linear(torch.zeros(2, 5), torch.zeros(3, 5), torch.zeros(1, 3, 5), torch.zeros(1), torch.zeros(3), torch.zeros(1, 3), None), "tau_b and coef_b"),
-        (lambda: af.merge_many([torch.zeros(3)], [torch.zeros(1, 3)], torch.zeros(2, 1)), r"coefs must have shape \[n=1, K\]"),
-        (lambda: af.merge_many([torch.zeros(3), torch.zeros(2)], [torch.zeros(1, 3), torch.zeros(1, 3)], torch.zeros(2, 1)), r"merge_many\[1\]: deltas must have shape .*\[K, 2\], got \[1, 3\]"),
-        (lambda: af.merge_many([torch.zeros(3), torch.zeros(3)], [torch.zeros(1, 3), torch.zeros(2, 3)], torch.zeros(2, 1)), r"merge_many\[1\]: coefs\[i\] must have shape \[K\]=\[2\], got \[1\]"),
-        (lambda: af.merge_many([torch.zeros(3), torch.zeros(3, dtype=torch.int32)], [torch.zeros(1, 3)] * 2, torch.zeros(2, 1)), r"merge_many\[1\]: base: expected a floating dtype"),
-        (lambda: af.merge_many([torch.zeros(3), torch.zeros(3)], [torch.zeros(1, 3), [0.0, 1.0]], torch.zeros(2, 1)), r"merge_many\[1\]: deltas: expected a tensor, got list"),
-        (lambda: af.merge_many([torch.zeros(3)], [torch.zeros(1, 3, device="meta")], torch.zeros(1, 1)), r"merge_many\[0\]: deltas is on meta but base is on cpu"),
-        (lambda: af.merge_many([torch.zeros(3)], [torch.zeros(1, 3)], torch.zeros(1, 1, device="meta")), r"merge_many\[0\]: coefs\[i\] is on meta but base is on cpu"),
-        (lambda: af.entropy(torch.zeros(3, 0)), "C >= 1"),
+        (lambda: af.merge(_z(3), _z(2, 4), _z(2)), r"deltas must have shape .*\[K, 3\], got \[2, 4\]"),
+        (lambda: af.merge(_z(3), _z(0, 3), _z(0)), "at least one task vector"),
+        (lambda: af.merge(_z(3), _z(2, 3), _z(3)), r"coef must have shape \[K\]=\[2\]"),
+        (lambda: af.merge(_z(3, dtype=torch.long), _z(2, 3), _z(2)), "base: expected a floating dtype"),
+        (lambda: af.merged_linear(_z(2, 4), _z(3, 5), _z(1, 3, 5), _z(1)), r"x must be \[\*, in=5\]"),
+        (lambda: af.merged_linear(_z(2, 5), _z(3, 5), _z(1, 3, 5), _z(1), _z(3), _z(1, 3), None), "tau_b and coef_b"),
+        (lambda: af.merge_many([_z(3)], [_z(1, 3)], _z(2, 1)), r"coefs must have shape \[n=1, K\]"),
+        (
+            lambda: af.merge_many([_z(3), _z(2)], [_z(1, 3), _z(1, 3)], _z(2, 1)),
+            r"merge_many\[1\]: deltas must have shape .*\[K, 2\], got \[1, 3\]",
+        ),
+        (
+            lambda: af.merge_many([_z(3), _z(3)], [_z(1, 3), _z(2, 3)], _z(2, 1)),
+            r"merge_many\[1\]: coefs\[i\] must have shape \[K\]=\[2\], got \[1\]",
+        ),
+        (
+            lambda: af.merge_many([_z(3), _z(3, dtype=torch.int32)], [_z(1, 3)] * 2, _z(2, 1)),
+            r"merge_many\[1\]: base: expected a floating dtype",
+        ),
+        (
+            lambda: af.merge_many([_z(3), _z(3)], [_z(1, 3), [0.0, 1.0]], _z(2, 1)),
+            r"merge_many\[1\]: deltas: expected a tensor, got list",
+        ),
+        (
+            lambda: af.merge_many([_z(3)], [_z(1, 3, device="meta")], _z(1, 1)),
+            r"merge_many\[0\]: deltas is on meta but base is on cpu",
+        ),
+        (
+            lambda: af.merge_many([_z(3)], [_z(1, 3)], _z(1, 1, device="meta")),
+            r"merge_many\[0\]: coefs\[i\] is on meta but base is on cpu",
+        ),
+        (lambda: af.entropy(_z(3, 0)), "C >= 1"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(call, match):

@@ -1,9 +1,8 @@
 """The entropy optimizer against a step-by-step transcription of the official algorithm."""
 
-import copy
-
 import pytest
 import torch
+from _fixtures import perturbed_copies
 from torch import nn
 
 import adamerge_fast as af
@@ -19,14 +18,7 @@ def backbone(seed):
 
 def setup(K=3, granularity="layer", n_batches=3, bs=4):
     pre = backbone(0)
-    fts = []
-    for s in range(1, K + 1):
-        m = copy.deepcopy(pre)
-        g = torch.Generator().manual_seed(s)
-        with torch.no_grad():
-            for p in m.parameters():
-                p.add_(torch.randn(p.shape, generator=g) * 0.3)
-        fts.append(m)
+    fts = perturbed_copies(pre, K, 0.3)
     torch.manual_seed(100)
     heads = {f"t{k}": nn.Linear(8, 3 + k).requires_grad_(False) for k in range(K)}
     data = {t: [torch.randn(bs, 6) for _ in range(n_batches)] for t in heads}

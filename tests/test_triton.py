@@ -159,9 +159,10 @@ def test_merge_many_one_launch(be, device, kernels, monkeypatch, mixed):
     K, n = 3, len(MANY_SHAPES)
     bdts = [F32, BF16, F32, F16, F32] if mixed else [F32] * n
     ddts = [BF16 if i % 2 else F32 for i in range(n)] if mixed else [F32] * n
-    bases = [_randn(*s, dtype=d, device=device, seed=i) for i, (s, d) in enumerate(zip(MANY_SHAPES, bdts))]
+    bases = [_randn(*s, dtype=d, device=device, seed=i) for i, (s, d) in enumerate(zip(MANY_SHAPES, bdts, strict=True))]
     deltas = [
-        _randn(K, *s, dtype=d, device=device, scale=0.1, seed=10 + i) for i, (s, d) in enumerate(zip(MANY_SHAPES, ddts))
+        _randn(K, *s, dtype=d, device=device, scale=0.1, seed=10 + i)
+        for i, (s, d) in enumerate(zip(MANY_SHAPES, ddts, strict=True))
     ]
     coefs = _randn(n, K, device=device, seed=99)
     count_m = _CountLaunches(kmerge._merge_many_kernel)
@@ -170,7 +171,7 @@ def test_merge_many_one_launch(be, device, kernels, monkeypatch, mixed):
     monkeypatch.setattr(kmerge, "_dcoef_many_partial_kernel", count_d)
     outs = be.merge_many(bases, deltas, coefs)
     dcs = be.dcoef_many(bases, deltas)
-    groups = len({(b.dtype, d.dtype) for b, d in zip(bases, deltas)})
+    groups = len({(b.dtype, d.dtype) for b, d in zip(bases, deltas, strict=True)})
     if kmerge._one_launch_ok(device):
         assert count_m.launches == groups and count_d.launches == groups, (count_m.launches, count_d.launches)
         assert (groups > 1) == mixed
@@ -192,9 +193,9 @@ def test_merge_many_public_autograd(device):
     gs = [_randn(*s, device=device, seed=20 + i) for i, s in enumerate(shapes)]
     torch.autograd.backward(outs, gs)
     c64 = coefs.detach().double().requires_grad_()
-    ref = [merge_oracle(b, d, c64[i]) for i, (b, d) in enumerate(zip(bases, deltas))]
+    ref = [merge_oracle(b, d, c64[i]) for i, (b, d) in enumerate(zip(bases, deltas, strict=True))]
     torch.autograd.backward(ref, [g.double() for g in gs])
-    for o, r in zip(outs, ref):
+    for o, r in zip(outs, ref, strict=True):
         assert_close(o, r, F32, "merge_many fwd")
     assert_close(coefs.grad, c64.grad, F32, "merge_many dcoefs")
 

@@ -15,13 +15,20 @@ The coefficient table matches the official AdaMerging code: one row per paramete
 ``pretrained.named_parameters()`` order (one row in total for task-wise), one column per task.
 ``raw_coefficients`` is the trainable parameter; ``coefficients`` is it clamped to ``clamp``; the
 pretrained model's coefficient is fixed at 1.
+
+Options for drop-in wrappers (:mod:`adamerge_fast.compat`), all off by default: ``coefficient_layout`` stores
+``raw_coefficients`` as ``[rows, K]`` (default), ``[K, rows]`` (FusionBench's layer-wise ``merge_weight``) or
+``[K]`` (task-wise only; FusionBench's task-wise ``merge_weight``); ``normalize="softmax"`` turns each row of the
+clamped table into weights over the tasks that sum to 1 (FusionBench's ``normalized_merging_weights``);
+``parameter_filter`` picks the parameters that get a row (``"requires_grad"``: FusionBench's rule) — the others stay
+at their pretrained values.
 """
 
 from __future__ import annotations
 
 import copy as _copy
 import hashlib
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -193,13 +200,32 @@ def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype
     return {n: t.contiguous() for n, t in tv.items()}
 
 
-def _initial_table(init: float | torch.Tensor, rows: int, K: int) -> torch.Tensor:
-    """The initial raw coefficient table ``[rows, K]``: ``init`` everywhere, or a copy of a given table."""
+#: ``coefficient_layout`` -> what ``raw_coefficients`` holds: ``[rows, K]``, ``[K, rows]``, ``[K]`` (one row)
+COEFFICIENT_LAYOUTS = ("rows_tasks", "tasks_rows", "tasks")
+
+
+def _layout_shape(layout: str, rows: int, K: int) -> tuple[int, ...]:
+    return {"rows_tasks": (rows, K), "tasks_rows": (K, rows), "tasks": (K,)}[layout]
+
+
+def _initial_table(init: float | torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """The initial raw coefficients of ``shape``: ``init`` everywhere, or a float32 copy of a given tensor."""
     if isinstance(init, torch.Tensor):
-        if tuple(init.shape) != (rows, K):
-            raise ValueError(f"init must have shape [{rows}, {K}], got {list(init.shape)}")
+        if tuple(init.shape) != shape:
+            raise ValueError(f"init must have shape {list(shape)}, got {list(init.shape)}")
         return init.detach().float().clone()
-    return torch.full((rows, K), float(init))
+    return torch.full(shape, float(init))
+
+
+def _parameter_rule(parameter_filter) -> Callable[[str, nn.Parameter], bool]:
+    """``parameter_filter`` (None, ``"requires_grad"`` or a callable ``(name, parameter) -> bool``) as a callable."""
+    if parameter_filter is None:
+        return lambda n, p: True
+    if parameter_filter == "requires_grad":
+        return lambda n, p: p.requires_grad
+    if callable(parameter_filter):
+        return parameter_filter
+    raise ValueError(f"parameter_filter must be None, 'requires_grad' or a callable, got {parameter_filter!r}")
 
 
 class AdaMergedModel(nn.Module):
@@ -219,6 +245,14 @@ class AdaMergedModel(nn.Module):
         task_vector_dtype: storage dtype for the task vectors (e.g. ``torch.bfloat16``).
         backend: op backend (``"auto"``, ``"reference"``, ``"cpu"``, ``"triton"``, ``"cuda"``).
         task_names: names of the K tasks (for tables and plots).
+        coefficient_layout: what ``raw_coefficients`` holds: ``"rows_tasks"`` ``[rows, K]`` (default),
+            ``"tasks_rows"`` ``[K, rows]``, or ``"tasks"`` ``[K]`` (``granularity="task"`` only). ``init`` as a tensor
+            has this shape; ``coefficients`` is ``[rows, K]`` whatever the layout.
+        normalize: ``None``, or ``"softmax"``: after the clamp, each row becomes ``softmax`` over the tasks
+            (FusionBench's ``normalized_merging_weights``).
+        parameter_filter: which floating parameters get a coefficient row: ``None`` (all), ``"requires_grad"``
+            (FusionBench's rule), or ``(name, parameter) -> bool``. The others keep their pretrained values; their
+            task vectors are neither built nor stored.
     """
 
     def __init__(
@@ -236,26 +270,38 @@ class AdaMergedModel(nn.Module):
         task_names: Sequence[str] | None = None,
         copy: bool = True,
         trust_pickle: bool = False,
+        coefficient_layout: Literal["rows_tasks", "tasks_rows", "tasks"] = "rows_tasks",
+        normalize: Literal["softmax"] | None = None,
+        parameter_filter: str | Callable[[str, nn.Parameter], bool] | None = None,
     ):
         super().__init__()
         if granularity not in ("task", "layer"):
             raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
+        if coefficient_layout not in COEFFICIENT_LAYOUTS or (coefficient_layout == "tasks" and granularity != "task"):
+            raise ValueError(f"coefficient_layout must be one of {COEFFICIENT_LAYOUTS} ('tasks' only with "
+                             f"granularity='task'), got {coefficient_layout!r} with granularity={granularity!r}")
+        if normalize not in (None, "softmax"):
+            raise ValueError(f"normalize must be None or 'softmax', got {normalize!r}")
         if (finetuned is None) == (task_vectors is None):
             raise ValueError("give exactly one of finetuned=... or task_vectors=...")
-        named = [(n, p) for n, p in pretrained.named_parameters() if torch.is_floating_point(p)]
+        keep = _parameter_rule(parameter_filter)
+        named = [(n, p) for n, p in pretrained.named_parameters() if torch.is_floating_point(p) and keep(n, p)]
         if not named:
-            raise ValueError("pretrained model has no floating-point parameters to merge")
+            raise ValueError("pretrained model has no floating-point parameters to merge"
+                             + ("" if parameter_filter is None else f" (parameter_filter={parameter_filter!r})"))
         names = [n for n, _ in named]
         tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
                                    trust_pickle)
         K = next(iter(tv.values())).shape[0]
         self.num_tasks, self.granularity, self.clamp_range, self.backend = K, granularity, clamp, backend
+        self.coefficient_layout, self.normalize = coefficient_layout, normalize
         self.param_names = names
         self.task_names = list(task_names) if task_names is not None else [f"task{i}" for i in range(K)]
         if len(self.task_names) != K:
             raise ValueError(f"task_names has {len(self.task_names)} names for {K} tasks")
         rows = len(names) if granularity == "layer" else 1
-        self.raw_coefficients = nn.Parameter(_initial_table(init, rows, K).to(named[0][1].device))
+        shape = _layout_shape(coefficient_layout, rows, K)
+        self.raw_coefficients = nn.Parameter(_initial_table(init, shape).to(named[0][1].device))
 
         object.__setattr__(self, "_template", _meta_template(pretrained))
         # every name under which each parameter is reachable (tied weights have several) -> its row in `names`
@@ -298,15 +344,16 @@ class AdaMergedModel(nn.Module):
             if any(path.startswith(h + ".") or h == "" for h in self._rewritten):
                 continue  # inside a module already rewritten
             pre = path + "." if path else ""
-            if _rewritable_mha(m) and pre + "in_proj_weight" in self._row_index:
+            if (_rewritable_mha(m) and pre + "in_proj_weight" in self._row_index
+                    and pre + "out_proj.weight" in self._row_index):
                 inp = self._merged_linear(pre + "in_proj_weight", pre + "in_proj_bias", m.in_proj_weight,
                                           m.in_proj_bias, tv)
                 outp = self._merged_linear(pre + "out_proj.weight", pre + "out_proj.bias", m.out_proj.weight,
                                            m.out_proj.bias, tv)
                 new: nn.Module = MergedMultiheadAttention(m, inp, outp)
             elif type(m) in _LINEARS and pre + "weight" in self._row_index:
-                if m.bias is not None and pre + "bias" not in self._row_index:
-                    continue  # bias tied elsewhere: keep the module generic
+                if m.bias is not None and pre + "bias" in self._aliases and pre + "bias" not in self._row_index:
+                    continue  # bias tied elsewhere: keep the module generic (a filtered-out bias stays fixed)
                 new = self._merged_linear(pre + "weight", pre + "bias", m.weight, m.bias, tv)
             else:
                 continue
@@ -357,13 +404,25 @@ class AdaMergedModel(nn.Module):
             self._generic_cache = [bases, deltas]
         return self._generic_cache
 
+    def _as_table(self, raw: torch.Tensor) -> torch.Tensor:
+        """``raw`` (in ``coefficient_layout``) as a ``[rows, K]`` table (a view)."""
+        if self.coefficient_layout == "tasks_rows":
+            return raw.t()
+        if self.coefficient_layout == "tasks":
+            return raw.unsqueeze(0)
+        return raw
+
     @property
     def coefficients(self) -> torch.Tensor:
-        """The clamped coefficient table ``[rows, K]`` (rows = parameter tensors, or 1 for task-wise)."""
-        if self.clamp_range is None:
-            return self.raw_coefficients
-        lo, hi = self.clamp_range
-        return self.raw_coefficients.clamp(lo, hi)
+        """The coefficient table ``[rows, K]`` (rows = parameter tensors, or 1 for task-wise) whatever the layout:
+        ``raw_coefficients`` clamped to ``clamp``, then (``normalize="softmax"``) a softmax over each row."""
+        c = self._as_table(self.raw_coefficients)
+        if self.clamp_range is not None:
+            lo, hi = self.clamp_range
+            c = c.clamp(lo, hi)
+        if self.normalize == "softmax":
+            c = c.softmax(dim=1)
+        return c if self.coefficient_layout == "rows_tasks" else c.contiguous()
 
     def forward(self, *args, **kwargs):
         coefs = self.coefficients
@@ -385,15 +444,24 @@ class AdaMergedModel(nn.Module):
             i = self._generic_names.index(name)
             bases, deltas = self._generic_tensors()
             return bases[i], deltas[i], self._generic_rows[i]
-        mod_path, _, leaf = name.rpartition(".")
-        if leaf in ("in_proj_weight", "in_proj_bias"):
-            m = self.skeleton.get_submodule(mod_path).in_proj
-            leaf = leaf[len("in_proj_"):]
-        else:
-            m = self.skeleton.get_submodule(mod_path)
+        m, leaf = self._merged_layer_of(name)
         if leaf == "weight":
             return m.w0, m.tau_w, m.w_row
         return m.b0, m.tau_b, m.b_row
+
+    def _merged_layer_of(self, name: str) -> tuple[MergedLinear, str]:
+        """The :class:`MergedLinear` holding parameter ``name`` of a rewritten module, and ``"weight"``/``"bias"``."""
+        mod_path, _, leaf = name.rpartition(".")
+        if leaf in ("in_proj_weight", "in_proj_bias"):
+            return self.skeleton.get_submodule(mod_path).in_proj, leaf[len("in_proj_"):]
+        return self.skeleton.get_submodule(mod_path), leaf
+
+    def _fixed_tensor(self, key: str) -> torch.Tensor:
+        """A state-dict entry without a coefficient row (a buffer, a non-floating or filtered-out parameter)."""
+        if any(key.startswith(path + ".") or path == "" for path in self._rewritten):
+            m, leaf = self._merged_layer_of(key)  # a filtered-out parameter of a rewritten layer
+            return m.w0 if leaf == "weight" else m.b0
+        return self.skeleton.get_buffer(key)
 
     @torch.no_grad()
     def merged_parameter(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -415,7 +483,7 @@ class AdaMergedModel(nn.Module):
             if key in self._aliases:
                 out[key] = merged[self.param_names[self._aliases[key]]]
             else:
-                out[key] = self.skeleton.get_buffer(key)
+                out[key] = self._fixed_tensor(key)
         return out
 
     def to_module(self) -> nn.Module:
@@ -438,6 +506,8 @@ class AdaMergedModel(nn.Module):
         """Identifies the model a coefficient table belongs to: names, shapes, K and granularity."""
         h = hashlib.sha256()
         h.update(f"{self.granularity}|{self.num_tasks}|".encode())
+        if self.coefficient_layout != "rows_tasks" or self.normalize is not None:
+            h.update(f"layout={self.coefficient_layout}|normalize={self.normalize}|".encode())
         for n in self.param_names:
             base, _, _ = self._row_tensors(n)
             h.update(f"{n}:{tuple(base.shape)};".encode())

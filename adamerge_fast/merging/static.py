@@ -39,7 +39,7 @@ from typing import Literal, Mapping, Sequence
 import torch
 
 from .. import ops
-from ..ops._backend import acc_dtype
+from ..ops._common import acc_dtype
 
 TV = Mapping[str, torch.Tensor]
 Keep = Literal["ties", "exact"]

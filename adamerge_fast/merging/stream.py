@@ -35,7 +35,7 @@ from torch import nn
 from .._compat import malloc_trim
 from ..export import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, nbytes
 from ..io import CheckpointError, check_fits, existing, load_state_dict, shape_dtype, streaming
-from ..ops._backend import acc_dtype
+from ..ops._common import acc_dtype
 from . import static
 from .static import TiesPlan
 from .task_vectors import floating_keys

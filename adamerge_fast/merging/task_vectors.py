@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..io import CheckpointError, check_fits, load_state_dict, shape_dtype
-from ..ops._backend import acc_dtype
+from ..ops._common import acc_dtype
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 TaskVectors = dict[str, torch.Tensor]  # name -> [K, *shape]

@@ -67,7 +67,8 @@ class ClassificationHead(nn.Module):
 
 def load_head(path, *, normalize: bool | None = None, trust_pickle: bool = False) -> ClassificationHead:
     """Read a head checkpoint: a state dict with ``weight`` ``[C, D]`` and optional ``bias`` ``[C]`` (safetensors
-    or torch file; a whole pickled head module only with ``trust_pickle``).
+    or torch file; an official pickled ``src.modeling.ClassificationHead``, read without running its code; any other
+    whole pickled head module only with ``trust_pickle``).
 
     ``normalize``: L2-normalize features first; ``None`` reads it from the file (safetensors metadata written by
     :meth:`ClassificationHead.save`, or a pickled module's ``normalize`` attribute), else ``False``.
@@ -89,9 +90,15 @@ def load_head(path, *, normalize: bool | None = None, trust_pickle: bool = False
 
             with safe_open(str(p), framework="pt") as f:
                 normalize = (f.metadata() or {}).get("normalize", "0") == "1"
-        elif trust_pickle:
-            obj = torch.load(p, map_location="cpu", weights_only=False)
-            normalize = bool(getattr(obj, "normalize", False))
+        else:
+            from ..safe_pickle import RefusedPickle, load_official
+
+            try:
+                normalize = bool(load_official(p).attributes.get("normalize", False))
+            except RefusedPickle:  # a plain state dict, or another pickle (read above only with trust_pickle)
+                if trust_pickle:
+                    obj = torch.load(p, map_location="cpu", weights_only=False)
+                    normalize = bool(getattr(obj, "normalize", False))
     w = sd[wkey].float()
     try:
         return ClassificationHead(w, None if bias is None else bias.float(), normalize=normalize)

@@ -8,7 +8,8 @@
   (see :func:`adamerge_fast.models.heads.zero_shot_weights`), cached on disk by :func:`cached_zero_shot_head`.
 - :func:`visual_state_dict`: a fine-tuned checkpoint's visual-tower tensors, whatever the key layout (a full
   CLIP state dict ``visual.*``, the task_vectors ``ImageEncoder`` layout ``model.visual.*``, or the visual
-  tower's own keys).
+  tower's own keys). Official ``ImageEncoder`` / ``ClassificationHead`` pickles are read without running their
+  code (:mod:`adamerge_fast.safe_pickle`).
 - :func:`build`: the :class:`~adamerge_fast.models.spec.TaskSpec` of the paper's setting (image encoder,
   fine-tuned checkpoints, zero-shot heads or head files, open_clip's preprocessing).
 - :func:`small_clip`: a tiny random-init CLIP (2-layer ViT on 32x32 images) for tests.
@@ -63,14 +64,18 @@ def visual_state_dict(src, *, trust_pickle: bool = False) -> Mapping[str, torch.
 
 def create_clip(
     name: str,
-    pretrained: str | Path | None = None,
+    pretrained: str | Path | Mapping[str, torch.Tensor] | None = None,
     *,
     trust_pickle: bool = False,
     device: str | torch.device = "cpu",
     seed: int | None = 0,
 ) -> nn.Module:
     """An open_clip CLIP model; ``pretrained`` is a local checkpoint path (full CLIP state dict, safetensors or
-    torch file) or ``None`` for random init (``seed``). ``name="small"`` gives :data:`SMALL_CONFIG`."""
+    torch file, or an official ``src.modeling.ImageEncoder`` pickle, read without running its code) or ``None`` for
+    random init (``seed``), or such a checkpoint's state dict. ``name="small"`` gives :data:`SMALL_CONFIG`.
+
+    A checkpoint without the text transformer (the official ``ImageEncoder`` deletes it) gives a model whose
+    ``transformer`` is ``None``: the image tower works, zero-shot heads need head files instead."""
     oc = import_open_clip()
     n = canonical_name(name)
     if seed is not None:
@@ -89,13 +94,16 @@ def create_clip(
             logging.disable(prev)
     model.eval()
     if pretrained is not None:
-        sd = load_state_dict(pretrained, trust_pickle=trust_pickle)
+        what = "pretrained state dict" if isinstance(pretrained, Mapping) else str(pretrained)
+        sd = pretrained if isinstance(pretrained, Mapping) else load_state_dict(pretrained, trust_pickle=trust_pickle)
         sd = strip_prefix(sd, ["module."])
         sd = strip_prefix(sd, ["model."]) if any(k.startswith("model.visual.") for k in sd.keys()) else sd
         sd = {k: sd[k] for k in sd.keys()}
         if "logit_scale" in sd and sd["logit_scale"].dim() != model.logit_scale.dim():
             sd["logit_scale"] = sd["logit_scale"].reshape(model.logit_scale.shape)
-        load_into(model, sd, f"{pretrained}")
+        if getattr(model, "transformer", None) is not None and not any(k.startswith("transformer.") for k in sd):
+            model.transformer = None  # an image-encoder checkpoint: no text tower to load
+        load_into(model, sd, what)
     return model.to(device)
 
 
@@ -200,6 +208,10 @@ def build(
         head_map, head_files = load_heads(heads, tasks, normalize=True if head_normalize is None else head_normalize,
                                           trust_pickle=trust_pickle)
     else:
+        if getattr(model, "transformer", None) is None:
+            raise ValueError(f"{pretrained}: an image-encoder checkpoint without the text tower: zero-shot heads "
+                             "cannot be built from class names; give one head file per task (--heads, e.g. the "
+                             "official head_<task>.pt)")
         classes = per_task(classnames, tasks, "classnames (or heads)")
         temps = text_list(templates, "templates file") if templates is not None else list(DEFAULT_TEMPLATES)
         tok = tokenizer_for(name)

@@ -14,8 +14,29 @@ All are differentiable. The fast paths are the coefficient gradients:
 without allocating the ``[out, in]`` weight gradient on fused backends; the merged weight is recomputed in
 backward, never saved. Task vectors may be stored in bf16/fp16 below an fp32 ``w0``.
 
-``backend``: ``"auto"`` (default; or the ``ADAMERGE_BACKEND`` environment variable), ``"reference"``,
-``"cpu"`` (C++ extension), ``"triton"``, ``"cuda"``. See :mod:`adamerge_fast.ops._backend`.
+``backend``: ``"auto"`` (default; or the ``ADAMERGE_BACKEND`` environment variable), or a registered name:
+``"reference"``, ``"cpu"`` (C++ extension), ``"triton"``, ``"cuda"`` (see :func:`backend_names`). The backends and
+the order in which ``auto`` tries them are registered in one block below (:mod:`._registry`).
+
+Import graph of this package (``a -> b``: module ``a`` imports ``b``; no cycle; ``(lazy)``: imported when a backend
+is first constructed, as an optional dependency)::
+
+    _common                       -> (torch only)
+    reference                     -> _common
+    _backend                      -> _common, reference
+    _registry                     -> _backend
+    _library                      -> _common, _registry
+    cpp_backend                   -> _common, _backend; adamerge_fast._C (lazy)
+    triton_backend                -> _common, _backend, reference; triton, triton_kernels (lazy)
+    triton_kernels                -> triton_kernels._common
+    triton_kernels._common        -> (torch, triton only)
+    triton_kernels.merge          -> _common, triton_kernels._common
+    triton_kernels.merged_linear  -> _common, triton_kernels._common, triton_kernels.merge
+    triton_kernels.entropy        -> _common, triton_kernels._common
+    __init__                      -> _backend, _registry, _library, cpp_backend, triton_backend
+
+Kernel modules and backends never import the registry or the dispatcher; only ``_library`` (the custom ops,
+which carry a backend *name*) and this module do.
 """
 
 from __future__ import annotations
@@ -26,17 +47,23 @@ import torch
 from torch import Tensor
 
 from . import _library
-from ._backend import (
+from ._backend import Backend, ReferenceBackend
+from ._registry import (
+    ANY_DEVICE,
     AUTO_ORDER,
     BACKEND_NAMES,
-    Backend,
+    OPS,
     BackendUnavailableError,
+    auto_order,
+    backend_names,
     backend_status,
     get_backend,
     register_backend,
     resolve,
+    unregister_backend,
 )
-from .reference import ReferenceBackend
+from .cpp_backend import CppBackend, CudaBackend
+from .triton_backend import TritonBackend
 
 __all__ = [
     "merge",
@@ -47,32 +74,27 @@ __all__ = [
     "backend_status",
     "get_backend",
     "register_backend",
+    "unregister_backend",
+    "backend_names",
+    "auto_order",
     "Backend",
     "BackendUnavailableError",
     "BACKEND_NAMES",
     "AUTO_ORDER",
+    "OPS",
+    "ANY_DEVICE",
 ]
 
-
-def _load_triton():
-    from .triton_backend import TritonBackend
-
-    return TritonBackend()
-
-
-def _load_ext(name):
-    def factory():
-        from .cpp_backend import make_backend
-
-        return make_backend(name)
-
-    return factory
-
-
-register_backend("reference", ReferenceBackend)
-register_backend("cpu", _load_ext("cpu"))
-register_backend("cuda", _load_ext("cuda"))
-register_backend("triton", _load_triton)
+# -- the backends, and where ``auto`` picks them ------------------------------------------------------------
+# On a device type and op, ``auto`` tries the backends that declare it, highest priority first, and takes the
+# first available one. ``reference`` (plain torch) runs everywhere and comes last. On the CPU the C++ kernels
+# are preferred for the memory-bound merge ops, where benchmarks/results/cpu_merge.md shows them ahead of the
+# K-pass torch reference; ``merged_linear`` there merges with the same kernel and then calls the torch matmul.
+# The extension has no CPU entropy kernel, so CPU entropy stays on ``reference``.
+register_backend("reference", ReferenceBackend, priority=0, auto={ANY_DEVICE: OPS})
+register_backend("cpu", CppBackend, priority=100, auto={"cpu": ("merge", "merge_many", "merged_linear")})
+register_backend("triton", TritonBackend, priority=200, auto={"cuda": OPS})
+register_backend("cuda", CudaBackend, priority=300, auto={"cuda": OPS})
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -123,7 +145,7 @@ def merge_many(
     if coefs.dim() != 2 or coefs.shape[0] != len(bases):
         raise ValueError(f"merge_many: coefs must have shape [n={len(bases)}, K], got {list(coefs.shape)}")
     K, dev = coefs.shape[1], coefs.device
-    for i, (b, d) in enumerate(zip(bases, deltas)):
+    for i, (b, d) in enumerate(zip(bases, deltas, strict=True)):
         # one cheap predicate per item (this runs once per forward over every small tensor of a model); the
         # full check only on failure, for its message
         ok = isinstance(b, Tensor) and isinstance(d, Tensor) and b.dtype in _FLOAT and d.dtype in _FLOAT

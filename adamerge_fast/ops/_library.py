@@ -6,13 +6,15 @@ well-described kernels. What autograd saves: the inputs it already holds (``x``,
 coefficients: references, never copies); the merged weight is recomputed in backward, never saved.
 
 Eager fast path: a custom op costs tens of microseconds more host time per call than a plain
-``torch.autograd.Function`` (dispatcher, schema and alias checks), which adds up over the ~100 calls of a
-ViT forward + backward and can leave a GPU idle. So the entry points :func:`merge`, :func:`merge_many`,
-:func:`merged_linear` and :func:`entropy` take an ``autograd.Function`` over the *same* backend methods and
-the *same* backward formulas in plain eager calls, and the custom ops whenever something needs to see the op
-(``torch.compile``, fake/meta tensors, dispatch or function modes, tensor subclasses). ``torch.func.grad``
-works through the fast path (not through the custom ops: register_autograd does not support it here).
-``EAGER_FAST_PATH = False`` (or ``ADAMERGE_EAGER_CUSTOM_OPS=1``) makes every call a custom op.
+``torch.autograd.Function`` (dispatcher, schema and alias checks; ``benchmarks/results/host_overhead.md``),
+which adds up over the ~100 calls of a ViT forward + backward and can leave a GPU idle. So the entry points
+:func:`merge`, :func:`merge_many`, :func:`merged_linear` and :func:`entropy` take an ``autograd.Function``
+(``_MergeFn``, ...) over the *same* backend methods and the *same* backward formulas in plain eager calls, and
+the custom ops whenever something needs to see the op (``torch.compile``, fake/meta tensors, dispatch or
+function modes, tensor subclasses). The two differ only in the backward kernel that setup stores on ``ctx``
+(``ctx.dcoef`` etc.): the backend's method on the fast path, the backward custom op otherwise.
+``torch.func.grad`` works through the fast path (not through the custom ops: register_autograd does not support
+it in this torch). ``EAGER_FAST_PATH = False`` (or ``ADAMERGE_EAGER_CUSTOM_OPS=1``) makes every call a custom op.
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._backend import acc_dtype, get_backend
+from ._common import acc_dtype
+from ._registry import get_backend
 
 NS = "adamerge_fast"
 
@@ -44,8 +47,15 @@ def use_fast_path(*tensors: Optional[Tensor]) -> bool:
     return True
 
 
-def _empty_acc(like: Tensor, *dtypes: torch.dtype) -> Tensor:
-    return like.new_empty(0, dtype=acc_dtype(*dtypes))
+def _with_backend(op, backend: str):
+    """``op`` with its trailing ``backend`` argument bound: the backward kernel the custom-op path stores on ``ctx``
+    (positional: a keyword argument costs the custom-op call more host time)."""
+    return lambda *args: op(*args, backend)
+
+
+def _scaled(coef: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
+    # d deltas[k] = coef[k] * grad  (only when a caller differentiates the task vectors themselves)
+    return (coef.to(grad.dtype).reshape(-1, *([1] * grad.dim())) * grad.unsqueeze(0)).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- merge
@@ -69,33 +79,48 @@ def _(grad, deltas, backend):
     return grad.new_empty(deltas.shape[0], dtype=acc_dtype(grad.dtype, deltas.dtype))
 
 
-def _merge_setup(ctx, inputs, output):
-    _, deltas, coef, backend = inputs
-    ctx.save_for_backward(deltas, coef)
-    ctx.backend = backend
-
-
-def _scaled(coef: Tensor, grad: Tensor, dtype: torch.dtype) -> Tensor:
-    # d deltas[k] = coef[k] * grad  (only when a caller differentiates the task vectors themselves)
-    return (coef.to(grad.dtype).reshape(-1, *([1] * grad.dim())) * grad.unsqueeze(0)).to(dtype)
+# _FORWARD_SIGNATURE: the eager fast-path Functions below take their inputs as one ``*inputs`` parameter because
+# ``autograd.Function.apply`` binds the arguments to ``inspect.signature(forward)`` on every call when
+# ``setup_context`` is defined, and binding costs host time per named parameter (timeit of that binding on
+# AMD EPYC, 2 cores: about 16 us for merged_linear's 8 named parameters, 6 us for ``*inputs``).
 
 
 def _merge_backward(ctx, grad):
+    """Gradients of ``(base, deltas, coef, backend)``; ``ctx.dcoef(grad, deltas)`` was chosen at setup."""
     deltas, coef = ctx.saved_tensors
-    nb, nd, nc = ctx.needs_input_grad[:3]
-    dbase = grad if nb else None
-    ddeltas = _scaled(coef, grad, deltas.dtype) if nd else None
-    dcoef = None
-    if nc:
-        if getattr(ctx, "fast", False):
-            dcoef = get_backend(ctx.backend).dcoef(grad, deltas)
-        else:
-            dcoef = merge_dcoef_op(grad, deltas, ctx.backend)
-        dcoef = dcoef.to(coef.dtype)
+    need_base, need_deltas, need_coef = ctx.needs_input_grad[:3]
+    dbase = grad if need_base else None
+    ddeltas = _scaled(coef, grad, deltas.dtype) if need_deltas else None
+    dcoef = ctx.dcoef(grad, deltas).to(coef.dtype) if need_coef else None
     return dbase, ddeltas, dcoef, None
 
 
+def _merge_setup(ctx, inputs, output):
+    _, deltas, coef, backend = inputs
+    ctx.save_for_backward(deltas, coef)
+    ctx.dcoef = _with_backend(merge_dcoef_op, backend)
+
+
 merge_op.register_autograd(_merge_backward, setup_context=_merge_setup)
+
+
+class _MergeFn(torch.autograd.Function):
+    """Eager fast path of ``merge_op``: ``apply(base, deltas, coef, backend)`` with a :class:`Backend` object."""
+
+    @staticmethod
+    def forward(*inputs):  # one *args parameter: see _FORWARD_SIGNATURE
+        base, deltas, coef, backend = inputs
+        return backend.merge(base, deltas, coef)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, deltas, coef, backend = inputs
+        ctx.save_for_backward(deltas, coef)
+        ctx.dcoef = backend.dcoef
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _merge_backward(ctx, grad)
 
 
 # ------------------------------------------------------------------------------------------ merge_many
@@ -120,36 +145,62 @@ def _(grads, deltas, backend):
     return grads[0].new_empty(len(grads), deltas[0].shape[0], dtype=acc)
 
 
-def _merge_many_setup(ctx, inputs, output):
-    bases, deltas, coefs, backend = inputs
+def _merge_many_save(ctx, bases, deltas, coefs):
     ctx.save_for_backward(coefs, *deltas)
     ctx.shapes = [(b.shape, b.dtype) for b in bases]
-    ctx.backend = backend
 
 
-def _merge_many_grads(ctx, grads, nb: bool, nd: bool, nc: bool):
-    """(dbases, ddeltas, dcoefs), each None when not needed: shared by the custom op and the fast path."""
+def _merge_many_grads(ctx, grads, need_bases: bool, need_deltas: bool, need_coefs: bool):
+    """``(dbases, ddeltas, dcoefs)``, each None when not needed; ``ctx.dcoef_many`` was chosen at setup."""
     coefs, *deltas = ctx.saved_tensors
     grads = [
-        g if g is not None else torch.zeros(s, dtype=dt, device=coefs.device) for g, (s, dt) in zip(grads, ctx.shapes)
+        g if g is not None else torch.zeros(s, dtype=dt, device=coefs.device)
+        for g, (s, dt) in zip(grads, ctx.shapes, strict=True)
     ]
-    dbases = list(grads) if nb else None
-    ddeltas = [_scaled(coefs[i], g, d.dtype) for i, (g, d) in enumerate(zip(grads, deltas))] if nd else None
-    dcoefs = None
-    if nc:
-        if getattr(ctx, "fast", False):
-            dcoefs = get_backend(ctx.backend).dcoef_many(grads, deltas)
-        else:
-            dcoefs = merge_many_dcoef_op(grads, deltas, ctx.backend)
-        dcoefs = dcoefs.to(coefs.dtype)
+    dbases = list(grads) if need_bases else None
+    ddeltas = None
+    if need_deltas:
+        ddeltas = [_scaled(coefs[i], g, d.dtype) for i, (g, d) in enumerate(zip(grads, deltas, strict=True))]
+    dcoefs = ctx.dcoef_many(grads, deltas).to(coefs.dtype) if need_coefs else None
     return dbases, ddeltas, dcoefs
 
 
+def _merge_many_setup(ctx, inputs, output):
+    bases, deltas, coefs, backend = inputs
+    _merge_many_save(ctx, bases, deltas, coefs)
+    ctx.dcoef_many = _with_backend(merge_many_dcoef_op, backend)
+
+
 def _merge_many_backward(ctx, grads):
-    return (*_merge_many_grads(ctx, grads, *ctx.needs_input_grad[:3]), None)
+    need_bases, need_deltas, need_coefs = ctx.needs_input_grad[:3]
+    return (*_merge_many_grads(ctx, grads, need_bases, need_deltas, need_coefs), None)
 
 
 merge_many_op.register_autograd(_merge_many_backward, setup_context=_merge_many_setup)
+
+
+class _MergeManyFn(torch.autograd.Function):
+    """Eager fast path of ``merge_many_op``. autograd.Function tracks only top-level tensor arguments, so the
+    lists travel flattened: ``apply(backend, n, coefs, *bases, *deltas)`` -> n outputs."""
+
+    @staticmethod
+    def forward(*inputs):  # one *args parameter: see _FORWARD_SIGNATURE
+        backend, n, coefs, *tensors = inputs
+        return tuple(backend.merge_many(tensors[:n], tensors[n:], coefs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        backend, n, coefs, *tensors = inputs
+        _merge_many_save(ctx, tensors[:n], tensors[n:], coefs)
+        ctx.dcoef_many = backend.dcoef_many
+        ctx.n = n
+
+    @staticmethod
+    def backward(ctx, *grads):
+        n, need = ctx.n, ctx.needs_input_grad
+        need_coefs, need_bases, need_deltas = need[2], any(need[3 : 3 + n]), any(need[3 + n :])
+        dbases, ddeltas, dcoefs = _merge_many_grads(ctx, grads, need_bases, need_deltas, need_coefs)
+        return (None, None, dcoefs, *(dbases or [None] * n), *(ddeltas or [None] * n))
 
 
 # --------------------------------------------------------------------------------------- merged_linear
@@ -198,43 +249,60 @@ def _(dy, x, w0, tau_w, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b, back
     return dx, dcw, dcb
 
 
-def _ml_setup(ctx, inputs, output):
-    x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend = inputs
-    ctx.save_for_backward(x, w0, tau_w, coef_w, tau_b, coef_b)
-    ctx.backend = backend
-
-
-def _ml_backward(ctx, dy):
+def _merged_linear_backward(ctx, dy):
+    """Gradients of ``(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend)``; ``ctx.merged_linear_bwd`` (dx and the
+    coefficient gradients) was chosen at setup."""
     x, w0, tau_w, coef_w, tau_b, coef_b = ctx.saved_tensors
-    n = ctx.needs_input_grad
-    need_dcb = bool(n[6]) and tau_b is not None
-    if getattr(ctx, "fast", False):
-        bwd = get_backend(ctx.backend).merged_linear_bwd
-        dx, dcw, dcb = bwd(dy, x, w0, tau_w, coef_w, tau_b, n[0], n[3], need_dcb)
-    else:
-        dx, dcw, dcb = merged_linear_backward_op(dy, x, w0, tau_w, coef_w, tau_b, n[0], n[3], need_dcb, ctx.backend)
+    need_x, need_w0, need_tau_w, need_coef_w, need_b0, need_tau_b, need_coef_b = ctx.needs_input_grad[:7]
+    need_coef_b = need_coef_b and tau_b is not None
+    dx, dcw, dcb = ctx.merged_linear_bwd(dy, x, w0, tau_w, coef_w, tau_b, need_x, need_coef_w, need_coef_b)
     dw0 = dtau_w = db0 = dtau_b = None
-    if n[1] or n[2]:  # gradients of the weights themselves: plain autograd formula (not the fast path)
+    if need_w0 or need_tau_w:  # gradients of the weights themselves: plain autograd formula (not the fast path)
         dw = dy.to(w0.dtype).t() @ x.to(w0.dtype)
-        dw0 = dw if n[1] else None
-        dtau_w = _scaled(coef_w, dw, tau_w.dtype) if n[2] else None
-    if n[4] or n[5]:
+        dw0 = dw if need_w0 else None
+        dtau_w = _scaled(coef_w, dw, tau_w.dtype) if need_tau_w else None
+    if need_b0 or need_tau_b:
         gb = dy.sum(0)
-        db0 = gb if n[4] else None
-        dtau_b = _scaled(coef_b, gb, tau_b.dtype) if n[5] else None
+        db0 = gb if need_b0 else None
+        dtau_b = _scaled(coef_b, gb, tau_b.dtype) if need_tau_b else None
     return (
-        dx if n[0] else None,
+        dx if need_x else None,
         dw0,
         dtau_w,
-        dcw.to(coef_w.dtype) if n[3] else None,
+        dcw.to(coef_w.dtype) if need_coef_w else None,
         db0,
         dtau_b,
-        dcb.to(coef_b.dtype) if need_dcb else None,
+        dcb.to(coef_b.dtype) if need_coef_b else None,
         None,
     )
 
 
-merged_linear_op.register_autograd(_ml_backward, setup_context=_ml_setup)
+def _merged_linear_setup(ctx, inputs, output):
+    x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend = inputs
+    ctx.save_for_backward(x, w0, tau_w, coef_w, tau_b, coef_b)
+    ctx.merged_linear_bwd = _with_backend(merged_linear_backward_op, backend)
+
+
+merged_linear_op.register_autograd(_merged_linear_backward, setup_context=_merged_linear_setup)
+
+
+class _MergedLinearFn(torch.autograd.Function):
+    """Eager fast path of ``merged_linear_op``: same arguments, the last one a :class:`Backend` object."""
+
+    @staticmethod
+    def forward(*inputs):  # one *args parameter: see _FORWARD_SIGNATURE
+        *tensors, backend = inputs  # x, w0, tau_w, coef_w, b0, tau_b, coef_b
+        return backend.merged_linear_fwd(*tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend = inputs
+        ctx.save_for_backward(x, w0, tau_w, coef_w, tau_b, coef_b)
+        ctx.merged_linear_bwd = backend.merged_linear_bwd
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _merged_linear_backward(ctx, dy)
 
 
 # --------------------------------------------------------------------------------------------- entropy
@@ -258,89 +326,60 @@ def _(grad, logits, backend):
     return logits.new_empty(logits.shape)
 
 
-def _ent_setup(ctx, inputs, output):
+def _entropy_backward(ctx, grad):
+    """Gradients of ``(logits, backend)``; ``ctx.entropy_bwd`` was chosen at setup."""
+    (logits,) = ctx.saved_tensors
+    return ctx.entropy_bwd(grad, logits), None
+
+
+def _entropy_setup(ctx, inputs, output):
     logits, backend = inputs
     ctx.save_for_backward(logits)
-    ctx.backend = backend
+    ctx.entropy_bwd = _with_backend(entropy_backward_op, backend)
 
 
-def _ent_backward(ctx, grad):
-    (logits,) = ctx.saved_tensors
-    if getattr(ctx, "fast", False):
-        return get_backend(ctx.backend).entropy_bwd(grad, logits), None
-    return entropy_backward_op(grad, logits, ctx.backend), None
+entropy_op.register_autograd(_entropy_backward, setup_context=_entropy_setup)
 
 
-entropy_op.register_autograd(_ent_backward, setup_context=_ent_setup)
+class _EntropyFn(torch.autograd.Function):
+    """Eager fast path of ``entropy_op``: ``apply(logits, backend)`` with a :class:`Backend` object."""
 
-
-# ------------------------------------------------------------------------------------- eager fast path
-# The same backend methods, setup and backward formulas as the custom ops above, as autograd.Functions
-# (ctx.fast selects direct backend calls in the shared backward code).
-def _fast_function(name: str, method: str, setup, backward):
-    """An autograd.Function whose forward is ``get_backend(backend).<method>(*tensors)`` (the backend name is
-    the last argument, as in the custom op) with the custom op's setup and backward code."""
-
-    def forward(*args):
-        return getattr(get_backend(args[-1]), method)(*args[:-1])
-
-    def setup_context(ctx, inputs, output):
-        setup(ctx, inputs, output)
-        ctx.fast = True
-
-    ns = {
-        "forward": staticmethod(forward),
-        "setup_context": staticmethod(setup_context),
-        "backward": staticmethod(backward),
-    }
-    return type(name, (torch.autograd.Function,), ns)
-
-
-_MergeFn = _fast_function("_MergeFn", "merge", _merge_setup, _merge_backward)
-_MergedLinearFn = _fast_function("_MergedLinearFn", "merged_linear_fwd", _ml_setup, _ml_backward)
-_EntropyFn = _fast_function("_EntropyFn", "entropy_fwd", _ent_setup, _ent_backward)
-
-
-class _MergeManyFn(torch.autograd.Function):
-    # autograd.Function tracks only top-level tensor arguments: the lists travel flattened,
-    # apply(backend, n, coefs, *bases, *deltas) -> n outputs
     @staticmethod
-    def forward(backend, n, coefs, *tensors):
-        return tuple(get_backend(backend).merge_many(list(tensors[:n]), list(tensors[n:]), coefs))
+    def forward(*inputs):  # one *args parameter: see _FORWARD_SIGNATURE
+        logits, backend = inputs
+        return backend.entropy_fwd(logits)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        backend, n, coefs, *tensors = inputs
-        _merge_many_setup(ctx, (tensors[:n], tensors[n:], coefs, backend), output)
-        ctx.n = n
-        ctx.fast = True
+        logits, backend = inputs
+        ctx.save_for_backward(logits)
+        ctx.entropy_bwd = backend.entropy_bwd
 
     @staticmethod
-    def backward(ctx, *grads):
-        n, need = ctx.n, ctx.needs_input_grad
-        dbases, ddeltas, dcoefs = _merge_many_grads(ctx, grads, any(need[3 : 3 + n]), any(need[3 + n :]), need[2])
-        return (None, None, dcoefs, *(dbases or [None] * n), *(ddeltas or [None] * n))
+    def backward(ctx, grad):
+        return _entropy_backward(ctx, grad)
 
 
+# ------------------------------------------------------------------------------------------ entry points
 def merge(base: Tensor, deltas: Tensor, coef: Tensor, backend: str) -> Tensor:
     if use_fast_path(base, deltas, coef):
-        return _MergeFn.apply(base, deltas, coef, backend)
+        return _MergeFn.apply(base, deltas, coef, get_backend(backend))
     return merge_op(base, deltas, coef, backend)
 
 
 def merge_many(bases: list[Tensor], deltas: list[Tensor], coefs: Tensor, backend: str) -> list[Tensor]:
     if use_fast_path(coefs, *bases, *deltas):
-        return list(_MergeManyFn.apply(backend, len(bases), coefs, *bases, *deltas))
+        return list(_MergeManyFn.apply(get_backend(backend), len(bases), coefs, *bases, *deltas))
     return merge_many_op(bases, deltas, coefs, backend)
 
 
 def merged_linear(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend: str) -> Tensor:
     if use_fast_path(x, w0, tau_w, coef_w, b0, tau_b, coef_b):
-        return _MergedLinearFn.apply(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend)
+        return _MergedLinearFn.apply(x, w0, tau_w, coef_w, b0, tau_b, coef_b, get_backend(backend))
     return merged_linear_op(x, w0, tau_w, coef_w, b0, tau_b, coef_b, backend)
 
 
 def entropy(logits: Tensor, backend: str) -> Tensor:
     if use_fast_path(logits):
-        return _EntropyFn.apply(logits, backend)
+        return _EntropyFn.apply(logits, get_backend(backend))
     return entropy_op(logits, backend)

@@ -3,40 +3,41 @@
 ``cpu`` runs the OpenMP kernels on CPU tensors: merge and the coefficient gradients in one pass over memory;
 ``merged_linear`` is the composite of :class:`~adamerge_fast.ops._backend.Backend` (merge the layer's weight,
 then ``F.linear``; backward forms ``dy^T x``, then one pass over the task vectors gives both the merged weight
-for ``dx`` and the coefficient gradient). ``cuda`` runs the CUDA
-kernels, including the fused small-batch ``merged_linear`` and the softmax entropy; it exists only when the
-extension was built with CUDA.
+for ``dx`` and the coefficient gradient). ``cuda`` runs the CUDA kernels, including the fused small-batch
+``merged_linear`` and the softmax entropy; it exists only when the extension was built with CUDA.
 
-When the extension is not built, :func:`make_backend` raises ``ImportError`` (the registry then reports the
-backend unavailable with that reason; ``auto`` moves on quietly). An explicit request for it also gets a
-one-time ``RuntimeWarning`` saying how to build it.
+When the extension is not built, constructing either backend raises ``ImportError`` (the registry then reports
+the backend unavailable with that reason; ``auto`` moves on quietly, an explicit request raises
+``BackendUnavailableError`` carrying the message and how to build the extension).
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _backend
+from . import _common
 from ._backend import Backend
 
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` (needs a C++ compiler; set ADAMERGE_REQUIRE_EXT=1 "
     "to see why the build failed)"
 )
-def _load_ext(name: str):
+
+
+def _load_extension():
+    """The extension module; loading it registers ``torch.ops.adamerge_fast.k_*``. ``ImportError`` when absent."""
     try:
-        import adamerge_fast._C as ext  # noqa: F401  (loading it registers torch.ops.adamerge_fast.k_*)
+        import adamerge_fast._C as ext
     except ImportError as e:
-        # the registry remembers this: `auto` skips the backend quietly (debug log); an explicit request raises
-        # BackendUnavailableError carrying this message
-        raise ImportError(f"the C++ extension adamerge_fast._C is not built or failed to load ({e}); {_BUILD_HINT}") from e
+        msg = f"the C++ extension adamerge_fast._C is not built or failed to load ({e}); {_BUILD_HINT}"
+        raise ImportError(msg) from e
     return ext
 
 
 def _poisoned(shape, like: torch.Tensor):
-    """Under test (``POISON_OUTPUTS``): a NaN-filled output for the kernel to write, else None (C++ allocates)."""
-    if _backend.POISON_OUTPUTS:
-        return _backend.new_output(shape, like.dtype, like.device)
+    """While ``_common.POISON_OUTPUTS``: a NaN-filled output for the kernel to write, else None (C++ allocates)."""
+    if _common.POISON_OUTPUTS:
+        return _common.new_output(shape, like.dtype, like.device)
     return None
 
 
@@ -46,8 +47,8 @@ class CppBackend(Backend):
     name = "cpu"
     device_type = "cpu"
 
-    def __init__(self, ext):
-        self._ext = ext
+    def __init__(self):
+        _load_extension()  # ImportError when the extension is not built
         self._ops = torch.ops.adamerge_fast
 
     def unavailable_reason(self, device):
@@ -64,7 +65,7 @@ class CppBackend(Backend):
 
     def merge_many(self, bases, deltas, coefs):
         bases, deltas = list(bases), list(deltas)
-        outs = [_poisoned(b.shape, b) for b in bases] if _backend.POISON_OUTPUTS else None
+        outs = [_poisoned(b.shape, b) for b in bases] if _common.POISON_OUTPUTS else None
         return list(self._ops.k_merge_many(bases, deltas, coefs, outs))
 
     def dcoef_many(self, grads, deltas):
@@ -74,7 +75,7 @@ class CppBackend(Backend):
         """The composite backward of :class:`Backend`, except that when both ``dx`` and ``dcoef_w`` are needed the
         merged weight (for ``dx``) and ``dcoef_w`` (from ``dW = dy^T x``) come from one pass over the task
         vectors (``k_merge_dcoef``) instead of two."""
-        acc = _backend.acc_dtype(w0.dtype, x.dtype)
+        acc = _common.acc_dtype(w0.dtype, x.dtype)
         if not (need_dx and need_dcoef_w) or acc != torch.float32:
             return super().merged_linear_bwd(dy, x, w0, tau_w, coef_w, tau_b, need_dx, need_dcoef_w, need_dcoef_b)
         dw = dy.to(acc).t() @ x.to(acc)  # [out, in]: the weight gradient this composite does allocate
@@ -116,17 +117,9 @@ class CudaBackend(CppBackend):
         return self._ops.k_entropy_bwd(grad, logits)
 
 
-def make_backend(name: str) -> Backend:
-    """The backend object for ``name`` (``"cpu"`` or ``"cuda"``); ``ImportError`` when the extension is missing."""
-    if name not in ("cpu", "cuda"):
-        raise ValueError(f"cpp_backend: unknown backend {name!r} (expected 'cpu' or 'cuda')")
-    ext = _load_ext(name)
-    return CppBackend(ext) if name == "cpu" else CudaBackend(ext)
-
-
 def extension_info() -> dict:
     """What the loaded extension was built with (for diagnostics and benchmark reports)."""
-    ext = _load_ext("info")
+    ext = _load_extension()
     return {
         "with_cuda": bool(getattr(ext, "WITH_CUDA", 0)),
         "with_openmp": bool(getattr(ext, "WITH_OPENMP", 0)),

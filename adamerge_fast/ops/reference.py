@@ -1,14 +1,14 @@
-"""The reference backend: plain torch. It is the test oracle's twin and the fallback on every device.
+"""Plain-torch implementations of the kernel primitives: the ``reference`` backend's kernels, the default
+``entropy`` of every backend, and the fp64 path of the Triton backend.
 
-Semantics of every kernel are in :class:`adamerge_fast.ops._backend.Backend`. Accumulation is fp32 (fp64
-when any input is fp64); task vectors may be stored in bf16/fp16 below an fp32 base.
+Accumulation is fp32 (fp64 when any input is fp64); task vectors may be stored in bf16/fp16 below an fp32 base.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._backend import Backend, acc_dtype
+from ._common import acc_dtype
 
 
 def _flat(t: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -16,7 +16,7 @@ def _flat(t: torch.Tensor, k: int | None = None) -> torch.Tensor:
 
 
 def merge(base: torch.Tensor, deltas: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    # base [*S], deltas [K, *S], coef [K] -> [*S] in base.dtype
+    """``base[*S] + sum_k coef[k] * deltas[k]`` with ``deltas[K, *S]``, ``coef[K]`` -> ``[*S]`` in base.dtype."""
     K = deltas.shape[0]
     acc = acc_dtype(base.dtype, deltas.dtype, coef.dtype)
     c = coef.to(acc)
@@ -31,7 +31,7 @@ def merge(base: torch.Tensor, deltas: torch.Tensor, coef: torch.Tensor) -> torch
 
 
 def dcoef(grad: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
-    # grad [*S], deltas [K, *S] -> [K]: <grad, deltas[k]>
+    """``[(grad * deltas[k]).sum() for k]`` with ``grad[*S]``, ``deltas[K, *S]`` -> ``[K]`` in the acc dtype."""
     K = deltas.shape[0]
     acc = acc_dtype(grad.dtype, deltas.dtype)
     g = _flat(grad).to(acc)
@@ -41,7 +41,8 @@ def dcoef(grad: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_fwd(logits: torch.Tensor) -> torch.Tensor:
-    # logits [N, C] -> H [N] in fp32 (fp64 for fp64 input); -inf entries contribute 0 (p log p -> 0)
+    """``-(softmax(z) * log_softmax(z)).sum(-1)``: ``logits[N, C]`` -> ``H[N]`` in fp32 (fp64 for fp64 input);
+    ``-inf`` entries contribute 0 (``p log p -> 0``)."""
     acc = acc_dtype(logits.dtype)
     logp = torch.log_softmax(logits.to(acc), dim=-1)
     p = logp.exp()
@@ -50,20 +51,10 @@ def entropy_fwd(logits: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_bwd(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    # dH/dz = -p * (log p + H), scaled per row by grad [N]; returned in logits.dtype
+    """``dH/dz = -p * (log p + H)`` scaled per row by ``grad[N]``: -> ``[N, C]`` in logits.dtype."""
     acc = acc_dtype(logits.dtype)
     logp = torch.log_softmax(logits.to(acc), dim=-1)
     p = logp.exp()
     h = -torch.where(p > 0, p * logp, torch.zeros((), dtype=acc, device=logits.device)).sum(-1, keepdim=True)
     d = torch.where(p > 0, -p * (logp + h), torch.zeros((), dtype=acc, device=logits.device))
     return (d * grad.to(acc).unsqueeze(-1)).to(logits.dtype)
-
-
-class ReferenceBackend(Backend):
-    name = "reference"
-
-    def unavailable_reason(self, device):
-        return None
-
-    merge = staticmethod(merge)
-    dcoef = staticmethod(dcoef)

@@ -19,7 +19,8 @@ import os
 import torch
 
 from . import reference as _ref
-from ._backend import Backend, acc_dtype
+from ._backend import Backend, ReferenceBackend
+from ._common import acc_dtype
 
 _F64 = torch.float64
 
@@ -32,6 +33,7 @@ class TritonBackend(Backend):
     name = "triton"
 
     def __init__(self):
+        # triton is an optional dependency: imported here, when the registry first constructs this backend
         try:
             import triton  # noqa: F401
         except ImportError as e:  # the registry remembers this and reports it
@@ -72,12 +74,12 @@ class TritonBackend(Backend):
 
     def merge_many(self, bases, deltas, coefs):
         if _any_f64(coefs, *bases, *deltas):
-            return [_ref.merge(b, d, coefs[i]) for i, (b, d) in enumerate(zip(bases, deltas))]
+            return [_ref.merge(b, d, coefs[i]) for i, (b, d) in enumerate(zip(bases, deltas, strict=True))]
         return self._merge.merge_many(list(bases), list(deltas), coefs)
 
     def dcoef_many(self, grads, deltas):
         if _any_f64(*grads, *deltas):
-            return torch.stack([_ref.dcoef(g, d).to(_F64) for g, d in zip(grads, deltas)])
+            return torch.stack([_ref.dcoef(g, d).to(_F64) for g, d in zip(grads, deltas, strict=True)])
         return self._merge.dcoef_many(list(grads), list(deltas))
 
     # -- merged_linear -----------------------------------------------------------------------------------
@@ -113,4 +115,4 @@ class TritonBackend(Backend):
         return self._entropy.entropy_bwd(grad, logits)
 
 
-_REFERENCE = _ref.ReferenceBackend()
+_REFERENCE = ReferenceBackend()  # fp64 merged_linear: the composite over the plain-torch merge

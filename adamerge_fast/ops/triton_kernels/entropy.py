@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import new_output
+from .._common import new_output
 from ._common import INTERPRET, clamp_pow2
 
 # Largest chunk of a row held in registers at once.

@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import new_output
+from .._common import new_output
 from ._common import INTERPRET, TL_DTYPE, clamp_pow2, int64_table
 
 # Elements per program. Under the interpreter bigger blocks mean fewer (slow, Python-level) programs.
@@ -201,7 +201,7 @@ def dcoef(grad: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
 def _groups(firsts, seconds):
     """Indices of the non-empty tensors, grouped by (first dtype, second dtype): one launch per group."""
     groups: dict[tuple, list[int]] = {}
-    for i, (a, b) in enumerate(zip(firsts, seconds)):
+    for i, (a, b) in enumerate(zip(firsts, seconds, strict=True)):
         if a.numel():
             groups.setdefault((a.dtype, b.dtype), []).append(i)
     return groups
@@ -275,7 +275,7 @@ def dcoef_many(grads, deltas) -> torch.Tensor:
     launches, seg, block_base = [], [[0, 0] for _ in range(n)], 0
     for (gdt, ddt), idx in groups.items():
         table, block_tensor, counts = _table(idx, grads, deltas, None, DCOEF_BLOCK, device)
-        for i, c in zip(idx, counts):
+        for i, c in zip(idx, counts, strict=True):
             seg[i] = [block_base, block_base + c]
             block_base += c
         launches.append((table, block_tensor, block_base - sum(counts), sum(counts), gdt, ddt))

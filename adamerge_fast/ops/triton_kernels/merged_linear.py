@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._backend import new_output
+from .._common import new_output
 from ._common import INTERPRET, clamp_pow2, dot_dtype, fp32_dot_precision
 from .merge import merge, segment_sum
 
@@ -44,9 +44,10 @@ from .merge import merge, segment_sum
 #    and GPU, so the crossover comes from measurement on the device that runs it, as Triton's autotuner does
 #    for block sizes;
 # 3. FUSED_MAX_M otherwise: under the interpreter, during CUDA-graph capture, or with ADAMERGE_TRITON_TUNE=0.
-#    Its value (256) is the expected crossover (one to a few 64-row tiles: the fused kernel re-reads the K+1
-#    weight tiles and redoes the K-term combine once per row tile, the jit path pays one extra write and read
-#    of the merged weight); it has not been measured on a GPU yet.
+#    Its value (256) is an estimate from the cost model, not a measurement: the fused kernel re-reads the K+1
+#    weight tiles and redoes the K-term combine once per row tile (one to a few 64-row tiles up to 256 rows),
+#    the jit path pays one extra write and read of the merged weight. benchmarks/bench_triton_ops.py measures
+#    the crossover on a GPU.
 FUSED_MAX_M = 256
 
 # Force a strategy for every call ("fused" or "jit"); None chooses (see above). Tests set this.
@@ -247,23 +248,24 @@ def _prec(dot_ty) -> str:
 
 
 def _matmul_config(M: int, N: int, R: int, dot_ty) -> dict:
-    """Block sizes of the fused kernel: size-chosen guesses for the memory-bound small-M regime, to be tuned on a
-    GPU (none was available). The GPU configs were cross-compiled for sm_90 and checked with ptxas resource
-    usage (tests/triton_aot_check.py): no spills beyond a few bytes of stack. Exactly one config under the interpreter. tl.dot needs every tile dim >= 16."""
+    """Block sizes of the fused kernel for the memory-bound small-M regime, chosen from the tile sizes (not
+    timed). The GPU configs were cross-compiled for sm_90 and checked with ptxas resource usage
+    (tools/triton_aot_check.py): no spills beyond a few bytes of stack. Exactly one config under the interpreter.
+    tl.dot needs every tile dim >= 16."""
     if INTERPRET:
         return dict(BLOCK_M=clamp_pow2(M, 16, 64), BLOCK_N=clamp_pow2(N, 16, 64), BLOCK_R=clamp_pow2(R, 16, 64),
                     num_warps=4, num_stages=1)  # fmt: skip
     block_m = clamp_pow2(M, 16, 64 if dot_ty == tl.float32 else 128)  # one M tile: weights read once
     block_n = 64 if triton.cdiv(N, 64) >= 64 else 32  # narrow layers: more programs in flight
     # 8 warps from 64x64 tiles up: with 4 warps, the fp32 "ieee" dot over 16-bit task vectors needs 255 registers
-    # and spills ~700 B (tests/triton_aot_check.py found it on sm_80 and sm_90)
+    # and spills ~700 B (tools/triton_aot_check.py found it on sm_80 and sm_90)
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_R=32, num_warps=8 if block_m * block_n >= 64 * 64 else 4,
                 num_stages=3)  # fmt: skip
 
 
 def _dcoef_config(M: int, OUT: int, IN: int, dot_ty) -> dict:
-    """Tiles of dy^T x: 64x64 by default, 128x64 when M is long and there are enough tiles (GPU guesses, spill-free
-    on sm_90); one config under the interpreter."""
+    """Tiles of dy^T x: 64x64 by default, 128x64 when M is long and there are enough tiles (chosen from the tile
+    sizes, not timed; spill-free on sm_90 per tools/triton_aot_check.py); one config under the interpreter."""
     if INTERPRET:
         return dict(BLOCK_O=clamp_pow2(OUT, 16, 64), BLOCK_I=clamp_pow2(IN, 16, 64), BLOCK_M=clamp_pow2(M, 16, 64),
                     GROUP_O=8, num_warps=4, num_stages=1)  # fmt: skip
