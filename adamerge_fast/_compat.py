@@ -96,8 +96,8 @@ def mmap_large_allocations(threshold: int = 1 << 20) -> bool:
     """glibc's ``mallopt(M_MMAP_THRESHOLD, threshold)`` for this process: every allocation of at least ``threshold``
     bytes is its own mapping, returned to the OS when freed (glibc otherwise raises the threshold to 32 MB after
     such frees, and a long run of tensor-sized buffers fragments the heap: measured on a streamed TIES merge of a
-    307M-parameter model with a 1B Llama's tensor shapes, peak RSS 2.1 GB against 1.2 GB). Fixes the threshold for the rest of the process; returns whether
-    it was set (False without glibc)."""
+    307M-parameter model with a 1B Llama's tensor shapes, peak RSS 2.1 GB against 1.2 GB). Fixes the threshold
+    for the rest of the process; returns whether it was set (False without glibc)."""
     try:
         import ctypes
 
