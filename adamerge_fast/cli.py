@@ -223,8 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="data shuffling seed (default 0)")
     a.add_argument("--workers", type=_nonneg_int, default=0, help="DataLoader worker processes (default 0)")
     a.add_argument("-o", "--output-dir", required=True, metavar="DIR",
-                   help="where the merged model (merged.safetensors, or merged/ for Hugging Face models), "
-                   "coefficients.safetensors, history.json, checkpoint.pt go")
+                   help="where the merged model (merged.safetensors; merged/ for Hugging Face models; also "
+                   "merged_clip.safetensors for open_clip), coefficients.safetensors, history.json, checkpoint.pt go")
     a.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
                    help="Hugging Face output: largest weight shard of merged/ (default 5GB)")
     a.add_argument("--checkpoint-every", type=_nonneg_int, default=0, metavar="N",
@@ -415,16 +415,20 @@ def cmd_adamerge(args) -> int:
 
 def _write_merged(args, spec, merged, out: Path) -> list[str]:
     """The merged model as the user's library loads it: a Hugging Face directory ``merged/`` for HF models (with
-    ``mergekit_config.yml`` re-applying the coefficients for causal LMs without TIES), the full open_clip state
-    dict ``merged.safetensors`` for open_clip, else the backbone's state dict ``merged.safetensors``."""
+    ``mergekit_config.yml`` re-applying the coefficients for causal LMs without TIES); for open_clip the merged
+    image encoder's state dict ``merged.safetensors`` and the full CLIP state dict ``merged_clip.safetensors``;
+    else the backbone's state dict ``merged.safetensors``."""
     from .export import export_merged, mergekit_config, write_mergekit_config
 
-    if spec.export is None:
+    written = []
+    if spec.export is None or spec.export.files_from is None:
         merged.save_merged(out / "merged.safetensors")
-        return [str(out / "merged.safetensors")]
+        written.append(str(out / "merged.safetensors"))
+    if spec.export is None:
+        return written
     path = export_merged(merged, spec.export, out / spec.export.name, max_shard_size=args.max_shard_size,
                          overwrite=True)
-    written = [str(path)]
+    written.append(str(path))
     if args.hf_causal_lm:
         if args.ties:
             _log(f"{PROG} adamerge: no mergekit_config.yml: mergekit's task arithmetic cannot re-apply coefficients "

@@ -203,11 +203,12 @@ def test_adamerge_open_clip(tmp_path, capsys):
             "--data", str(tmp_path / "t0"), str(tmp_path / "t1"), "--steps", "2", "--batch-size", "3",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress", "-o", str(out)]
     assert main(args) == 0
+    assert load_file(str(out / "merged.safetensors")).keys() == vis.keys()
     # the full CLIP model (merged image encoder, pretrained text tower), read back by open_clip's own loader
-    merged = load_file(str(out / "merged.safetensors"))
+    merged = load_file(str(out / "merged_clip.safetensors"))
     assert merged.keys() == clip.state_dict().keys()
     back = oc.small_clip(seed=1)
-    oc.import_open_clip().load_checkpoint(back, str(out / "merged.safetensors"))
+    oc.import_open_clip().load_checkpoint(back, str(out / "merged_clip.safetensors"))
     assert all(torch.equal(back.state_dict()[k], merged[k]) for k in merged)
     assert not torch.equal(merged["visual.proj"], clip.state_dict()["visual.proj"])
     assert torch.equal(merged["text_projection"], clip.state_dict()["text_projection"])

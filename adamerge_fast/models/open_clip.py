@@ -223,7 +223,7 @@ def build(
         }
     model.transformer = None  # the text tower is not needed after the zero-shot heads
     export = ExportSpec(source=lambda: full_state_dict(pretrained, full_keys, trust_pickle=trust_pickle),
-                        key=lambda n: f"visual.{n}")
+                        key=lambda n: f"visual.{n}", name="merged_clip.safetensors")
     return TaskSpec(backbone, fts, head_map, transform=transform, head_files=head_files,
                     metadata={"model": f"open_clip:{canonical_name(name)}", "component": "visual"}, export=export)
 
