@@ -198,7 +198,7 @@ def compare(a: Path, b: Path) -> dict:
 
 
 def bench_size(size: str, methods: list[str], cap_gib: float | None, cap_methods: list[str], work: Path,
-               mk_available: bool, cap_only: bool = False) -> dict:
+               mk_available: bool, cap_only: bool = False, variants: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     base, fts, params = make_inputs(size, work / "inputs")
     in_bytes = sum(f.stat().st_size for d in [base, *fts] for f in d.glob("*.safetensors"))
@@ -230,12 +230,14 @@ def bench_size(size: str, methods: list[str], cap_gib: float | None, cap_methods
             tag = f"{method}{'-cap' if limit else ''}"
             outs = {}
             for variant, flags in spec["ours"].items():
+                if variants is not None and variant not in variants:
+                    continue
                 out = out_root / f"ours-{tag}-{variant.replace(' ', '_')}"
                 cmd = [sys.executable, "-m", "adamerge_fast", "merge", "--pretrained", str(base), "--finetuned",
                        *map(str, fts), "-o", str(out), "--no-progress", "--max-shard-size", "1GB", *flags]
                 r = one(cmd, out.name, limit, tool="adamerge_fast", method=method, variant=variant)
                 outs[variant] = out if r["completed"] else None
-            if spec["mergekit"] is not None and mk_available:
+            if spec["mergekit"] is not None and mk_available and (variants is None or "mergekit" in variants):
                 cfg = out_root / f"mergekit-{tag}.yml"
                 cfg.write_text(json.dumps(mergekit_config(method, base, fts), indent=2))
                 out = out_root / f"mergekit-{tag}"
@@ -292,6 +294,8 @@ def main(argv=None) -> int:
     p.add_argument("--cap-methods", nargs="*", choices=list(METHODS), default=["ties", "ties_global"],
                    help="methods also run under the cap")
     p.add_argument("--cap-only", action="store_true", help="run the --cap-methods only under the cap")
+    p.add_argument("--variants", nargs="+", default=None,
+                   help="only these of our variants (names as in the report; 'mergekit' for mergekit's run)")
     p.add_argument("--append", action="store_true",
                    help="keep the other sizes of an existing result file (a size run again replaces its entry)")
     p.add_argument("--workdir", default=None, help="where the inputs and outputs go (default: a /tmp directory)")
@@ -306,7 +310,7 @@ def main(argv=None) -> int:
         work = Path(tempfile.mkdtemp(prefix=f"amf-bench-mergekit-{size}-", dir=args.workdir))
         try:
             res["sizes"].append(bench_size(size, args.methods, args.cap_gib, args.cap_methods, work, mk,
-                                           args.cap_only))
+                                           args.cap_only, args.variants))
             res["sizes"][-1].update(command=res["command"], date=res["env"]["date"], loadavg_end=loadavg())
         finally:
             shutil.rmtree(work, ignore_errors=True)

@@ -240,9 +240,10 @@ def test_cli_merge_directory(llama_dirs, tmp_path, capsys):
 
 def test_chunked_equals_whole(llama_dirs, monkeypatch):
     """Task vectors formed and merged in chunks of a tensor (97 elements here) give the same result, including
-    global TIES's tie budget consumed in flat order across chunks."""
+    TIES's tie budgets consumed in flat order across chunks and per-tensor TIES's majority sign."""
     pre, fts = _paths(llama_dirs)
-    kws = [("task_arithmetic", {}), ("average", {}), ("ties", {"ties_keep": "exact"}), ("ties", {})]
+    kws = [("task_arithmetic", {}), ("average", {}), ("ties", {"ties_keep": "exact"}), ("ties", {}),
+           ("ties", {"ties_scope": "tensor"}), ("ties", {"ties_scope": "tensor", "ties_keep": "exact"})]
     whole = [stream.merge_checkpoints(pre, fts, m, **kw) for m, kw in kws]
     monkeypatch.setattr(stream, "CHUNK", 97)
     for (m, kw), w in zip(kws, whole):

@@ -149,9 +149,37 @@ def _all_finite(t: torch.Tensor) -> bool:
 
 
 def _whole_tensor(opts: MergeOptions) -> bool:
-    """Whether a tensor's task vectors are needed at once: DARE's masks (one draw of ``[K, *S]``), per-tensor TIES
-    (thresholds over the tensor). Otherwise they are formed and merged chunk by chunk."""
-    return opts.method == "dare" or (opts.uses_ties and opts.ties_scope == "tensor")
+    """Whether a tensor's task vectors are needed at once: DARE's masks (one draw of ``[K, *S]``; with per-tensor
+    TIES after it, its thresholds over the tensor). Otherwise they are formed and merged chunk by chunk."""
+    return opts.method == "dare"
+
+
+def _tensor_plan(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
+                 plan: TiesPlan, backend=None) -> TiesPlan:
+    """Per-tensor TIES as a plan over this tensor alone (its thresholds and tie budgets from one task's magnitudes
+    at a time, and its majority sign in a pass over the chunks), so that trimming, election and merging run chunk
+    by chunk: the same result as :func:`~adamerge_fast.merging.static.trim` on the whole tensor."""
+    acc = exact_tv_dtype(base.dtype)
+    b = base.reshape(-1).to(acc)
+    n = b.numel()
+    r = static.keep_rank(n, plan.k, plan.keep)
+    th, budgets = [], []
+    for i in range(len(fts)):
+        a = (fts[i].reshape(-1).to(acc) - b).abs_()
+        v = a.kthvalue(n - r + 1).values if n else a.new_zeros(())
+        th.append(v)
+        budgets.append(r - int((a > v).sum()))
+        del a
+    del b
+    tp = TiesPlan(k=plan.k, scope="global", keep=plan.keep, sign_tie=plan.sign_tie, weights=plan.weights,
+                  thresholds=torch.stack(th), budgets=list(budgets), _budgets0=list(budgets))
+    if plan.sign_tie == "majority":
+        total = 0.0
+        for _, tau in task_vector_chunks(key, base, fts, opts, None):
+            total += float(static.sign_sum(static.trim(tau, tp), tp.weights).sum())
+        tp.restart()
+        tp.majority = float(torch.sign(torch.tensor(total)))
+    return tp
 
 
 def task_vector_chunks(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
@@ -274,6 +302,8 @@ def merge_tensor(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts
         coef = static.coefficients(K, 1.0 / K)
     elif not opts.uses_ties:
         coef = static.coefficients(K, opts.scale, opts.weights, opts.normalize)
+    if opts.uses_ties and opts.ties_scope == "tensor" and not _whole_tensor(opts) and plan.k < 1.0:
+        plan = _tensor_plan(key, base, fts, opts, plan, backend)
     b = base.reshape(-1)
     out = torch.empty_like(b)
     for sl, tau in task_vector_chunks(key, base, fts, opts, gen):
