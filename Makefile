@@ -3,7 +3,8 @@
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test test-triton test-ext test-compat test-mergekit bench bench-mergekit setup-mergekit lint clean
+.PHONY: setup demo test test-triton test-ext test-props test-compat test-mergekit bench bench-mergekit setup-mergekit \
+	lint clean
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -30,6 +31,13 @@ test-mergekit: setup setup-mergekit
 
 bench-mergekit: setup setup-mergekit
 	$(PY) -m benchmarks.bench_mergekit
+
+# The hypothesis property tests of the ops at full size (>= 1000 drawn cases per backend; make test runs a small
+# derandomized profile of the same tests). Cases run per backend: runs/props_cases.json.
+test-props: setup
+	@mkdir -p runs
+	ADAMERGE_PROPS=full ADAMERGE_PROPS_REPORT=runs/props_cases.json $(PY) -m pytest -q -m props tests
+	@cat runs/props_cases.json
 
 # The drop-in tests, plus FusionBench's own AdaMerging algorithms driving our wrappers: FusionBench 0.2.33 (with
 # lightning, hydra, datasets, ...) lives in a separate .venv-compat (scripts/setup_compat_venv.sh), never in .venv.

@@ -12,17 +12,21 @@ Subcommands:
 - ``demo``: the offline digits demo (:mod:`adamerge_fast.demo`).
 - ``bench``: the AdaMerging step benchmark of a source checkout (``benchmarks.adamerging_step``).
 
-User errors (a missing file, a checkpoint of another architecture, a task without data, a bad option value)
-print one line to stderr and exit with status 1 (2 for command-line usage errors); ``--debug`` shows the
-traceback instead.
+User errors (a missing or unreadable file, a checkpoint of another architecture, a task without data, a bad option
+value, a full disk, a NaN in a result) print one line to stderr and exit with status 1 (2 for command-line usage
+errors, 130 for Ctrl-C, also during the start-up imports); ``--debug`` shows the traceback instead. Output locations,
+``--device`` and ``--backend`` are checked before any model or data is loaded; an output that would replace an input,
+or an earlier run's checkpoint (without ``--resume``/``--overwrite``), is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import math
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -65,7 +69,15 @@ def _nonneg_int(s: str) -> int:
 
 
 def _positive_float(s: str) -> float:
-    return _number(float, s, lambda v: v > 0, "> 0")
+    return _number(float, s, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+
+
+def _finite_float(s: str) -> float:
+    return _number(float, s, math.isfinite, "a finite number")
+
+
+def _not_nan_float(s: str) -> float:
+    return _number(float, s, lambda v: not math.isnan(v), "a number (not NaN)")
 
 
 def _fraction(s: str) -> float:
@@ -119,10 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mergekit 0.1.5's semantics and float32 arithmetic (scale = its lambda, default 1; "
                    "per-tensor TIES keeping exactly int(k*n) entries; +1 for zero sign sums; L1 DARE rescaling; "
                    "see docs/cli.md)")
-    m.add_argument("--scale", type=float, default=None,
+    m.add_argument("--scale", type=_finite_float, default=None,
                    help="task-arithmetic / TIES / DARE scaling coefficient (mergekit's lambda; default 0.3, "
                    "--like mergekit: 1)")
-    m.add_argument("--weights", type=float, nargs="+", default=None, metavar="W",
+    m.add_argument("--weights", type=_finite_float, nargs="+", default=None, metavar="W",
                    help="one weight per fine-tuned checkpoint (task arithmetic, TIES, DARE; default 1 each)")
     m.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
                    help="divide by the sum of the weights (TIES: the weighted disjoint mean, same as --ties-merge "
@@ -204,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="AdaMerging++: learn the coefficients over TIES-trimmed task vectors")
     a.add_argument("--ties-k", type=_fraction, default=0.2,
                    help="AdaMerging++: fraction of each task vector kept (default 0.2)")
-    a.add_argument("--init", type=float, default=0.3, help="initial coefficient (default 0.3, the paper's)")
-    a.add_argument("--clamp", type=float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
+    a.add_argument("--init", type=_finite_float, default=0.3, help="initial coefficient (default 0.3, the paper's)")
+    a.add_argument("--clamp", type=_not_nan_float, nargs=2, default=[0.0, 1.0], metavar=("LO", "HI"),
                    help="coefficient range (default 0 1)")
     a.add_argument("--steps", type=_nonneg_int, default=500, help="optimizer steps (default 500)")
     a.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam learning rate (default 1e-3)")
@@ -230,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--checkpoint-every", type=_nonneg_int, default=0, metavar="N",
                    help="write a resumable checkpoint every N steps (0: only at the end)")
     a.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
-                   help="continue from a checkpoint (default: OUTPUT_DIR/checkpoint.pt)")
+                   help="continue from a checkpoint (default: OUTPUT_DIR/checkpoint.pt); the run's algorithm settings "
+                   "must be those stored in it")
+    a.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an OUTPUT_DIR that holds an earlier run's checkpoint, replacing it")
     a.add_argument("--cache-dir", metavar="DIR",
                    help="zero-shot head cache (default $ADAMERGE_CACHE or ~/.cache/adamerge_fast)")
     a.add_argument("--trust-pickle", action="store_true",
@@ -272,16 +287,72 @@ def _log(msg: str) -> None:
     print(msg, flush=True)
 
 
+def _check_writable_dir(d: Path, what: str) -> None:
+    """``d`` (or, when it does not exist yet, the nearest existing directory above it) takes new files; else a
+    one-line error naming ``what`` (the flag) and the reason (read-only file system, permission denied)."""
+    p = d
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        _die(f"{what} {d}: {p} is not a directory")
+    try:
+        with tempfile.TemporaryFile(dir=p):
+            pass
+    except OSError as e:
+        _die(f"{what} {d}: cannot write in {p} ({e.strerror or e})")
+
+
+def _check_device(name: str):
+    """The ``torch.device`` of ``--device``, checked to exist here (before any model or data is loaded)."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        _die(f"--device {name!r} is not a torch device (expected cpu, cuda, cuda:N, ...)")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is a CPU-only build" if torch.version.cuda is None else "no CUDA device is visible"
+            _die(f"--device {name}: CUDA is not available here ({why})")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            _die(f"--device {name}: there are {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except Exception as e:  # torch raises RuntimeError/AssertionError for an unusable device type
+            _die(f"--device {name}: not usable here ({str(e).strip().splitlines()[0] if str(e).strip() else e})")
+    return dev
+
+
+def _check_backend(name: str, device) -> None:
+    """``--backend`` names a registered backend that runs on ``device`` (``auto`` always does)."""
+    from .ops import BACKEND_NAMES, BackendUnavailableError, get_backend
+
+    if name == "auto":
+        return
+    if name not in BACKEND_NAMES:
+        _die(f"--backend {name!r}: unknown backend; expected one of auto, {', '.join(BACKEND_NAMES)}")
+    try:
+        reason = get_backend(name).unavailable_reason(device)
+    except BackendUnavailableError as e:
+        _die(f"--backend {name}: {e}")
+    if reason is not None:
+        _die(f"--backend {name} cannot run on {device}: {reason}")
+
+
 # ------------------------------------------------------------------------------------------------- merge
 def cmd_merge(args) -> int:
     from ._compat import mmap_large_allocations
     from .export import parse_size
+    from .io import check_not_input
     from .merging.stream import format_summary, merge_checkpoints
 
     t0 = time.perf_counter()
     mmap_large_allocations()  # this process streams tensor-sized buffers: keep freed ones from staying resident
     out = Path(args.output)
     parse_size(args.max_shard_size)  # a bad size fails before any reading
+    check_not_input(out, [args.pretrained, *args.finetuned], "merged checkpoint (-o)")
+    _check_writable_dir(out.parent if out.parent != Path("") else Path("."), "-o")
     _log(f"{PROG} merge: {len(args.finetuned)} task(s), method {args.method}"
          f"{' (like mergekit)' if args.like else ''} -> {out}")
     merge_checkpoints(
@@ -347,11 +418,34 @@ def _build_spec(args, tasks: list[str]):
     raise AssertionError("argparse requires one model flag")
 
 
-def cmd_adamerge(args) -> int:
-    from .data import load_task_data
-    from .merging import AdaMergedModel
-    from .optim import adamerge, save_history
+_ADAMERGE_OUTPUTS = ("merged.safetensors", "coefficients.safetensors", "history.json", "checkpoint.pt")
 
+
+def _check_adamerge_outputs(args, out: Path, ckpt: Path, resume: Path | None) -> None:
+    """``-o``: a directory (or a path to create one) that takes new files, whose outputs replace no input, and whose
+    checkpoint of an earlier run is replaced only when that run is resumed or ``--overwrite`` is given."""
+    from .io import check_not_input
+
+    if out.exists() and not out.is_dir():
+        _die(f"-o {out}: exists and is not a directory")
+    if ckpt.exists() and not args.overwrite and not (resume is not None and resume.resolve() == ckpt.resolve()):
+        _die(f"-o {out}: holds the checkpoint of an earlier run ({ckpt}); continue that run with --resume, replace "
+             "it with --overwrite, or choose another output directory")
+    inputs = [args.pretrained, *args.finetuned, *args.data, *(args.heads or []), *(args.classnames or []),
+              *(p for p in (args.templates, args.tokenizer) if p)]
+    for name in _ADAMERGE_OUTPUTS:
+        check_not_input(out / name, inputs, f"output {name}")
+    _check_writable_dir(out, "-o")
+
+
+def _run_settings(args) -> dict:
+    """The command-line options besides the optimizer's and the model's that decide a run's result (the data order
+    and what a batch holds), stored in its checkpoints so that ``--resume`` refuses to change them."""
+    return {"seed": args.seed, "batch_size": args.batch_size, "max_length": args.max_length,
+            "positions": args.positions, "image_size": args.image_size, "head_normalize": args.head_normalize}
+
+
+def cmd_adamerge(args) -> int:
     t0 = time.perf_counter()
     n = len(args.finetuned)
     if len(args.data) != n:
@@ -366,6 +460,15 @@ def cmd_adamerge(args) -> int:
         resume = ckpt if args.resume == "auto" else Path(args.resume)
         if not resume.is_file():
             _die(f"{resume}: no checkpoint to resume from")
+    # everything the options alone decide, before any model or data is loaded
+    _check_adamerge_outputs(args, out, ckpt, resume)
+    device = _check_device(args.device)
+    _check_backend(args.backend, device)
+
+    from .data import load_task_data
+    from .merging import AdaMergedModel
+    from .optim import adamerge, save_history
+
     names = _task_names(args, n)
     spec = _build_spec(args, names)
     if not spec.rows_per_example and args.task_batching == "concat":
@@ -391,8 +494,8 @@ def cmd_adamerge(args) -> int:
     try:
         hist = adamerge(merged, spec.heads, data, steps=args.steps, lr=args.lr, batches_per_step=args.batches_per_step,
                         batch_reduction=args.batch_reduction, task_batching=args.task_batching, device=args.device,
-                        checkpoint=ckpt, checkpoint_every=args.checkpoint_every, resume=resume,
-                        progress=not args.no_progress, callback=on_step)
+                        checkpoint=ckpt, checkpoint_every=args.checkpoint_every or None, resume=resume,
+                        progress=not args.no_progress, callback=on_step, settings=_run_settings(args))
     except KeyboardInterrupt:
         where = (f"; resume from {ckpt} with --resume" if ckpt.exists()
                  else " (no checkpoint yet: use --checkpoint-every N)")
@@ -493,14 +596,15 @@ def _user_error_types():
     from .io import CheckpointError
     from .ops import BackendUnavailableError
 
-    return (UserError, CheckpointError, BackendUnavailableError, ValueError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError, ImportError, KeyError)
+    return (UserError, CheckpointError, BackendUnavailableError, ValueError, OSError, ImportError, KeyError)
 
 
 def _one_line(e: BaseException) -> str:
     msg = str(e).strip()
     if isinstance(e, KeyError) and e.args:
         msg = f"missing key {e.args[0]!r}"
+    if isinstance(e, OSError) and e.filename and e.strerror:  # a full disk, a read-only location: name the file
+        msg = f"{e.filename}: {e.strerror}"
     if isinstance(e, ImportError) and not msg:
         msg = "import failed"
     first = msg.splitlines()[0] if msg else type(e).__name__
@@ -511,19 +615,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status (0 ok, 1 error, 2 usage error, 130 interrupted)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv[:1] or os.environ.get("ADAMERGE_DEBUG") == "1"
-    parser = build_parser()
     rest = argv[1:] if argv[:1] == ["--debug"] else argv
     try:
         if rest[:1] == ["bench"]:  # everything after "bench" belongs to the benchmarks' own parser
             args = argparse.Namespace(command="bench", bench_args=rest[1:], func=cmd_bench, debug=debug)
         else:
-            args = parser.parse_args(argv)
+            args = build_parser().parse_args(argv)  # imports torch (the backend names): Ctrl-C lands here first
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        sys.stderr.write(f"{PROG}: interrupted\n")
+        return 130
     debug = debug or args.debug
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
+        if debug:
+            raise
         sys.stderr.write(f"{PROG}: interrupted\n")
         return 130
     except _user_error_types() as e:

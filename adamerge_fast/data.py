@@ -12,7 +12,9 @@ into a deterministic, cycled-by-the-optimizer ``DataLoader``:
 - a ``.txt`` file for language models: one example per line, tokenized with ``tokenizer`` and padded to a
   fixed ``max_length`` (so every task's batch has the same shape and ``task_batching="concat"`` works).
 
-Shuffling uses a seeded generator, so a run (and a resumed run) sees the same batches in the same order.
+Shuffling uses a seeded generator, so a run (and a resumed run) sees the same batches in the same order. The
+loaders can skip batches without reading them (``skip_batches``): a resumed run fast-forwards by drawing the skipped
+batches' indices only, never decoding their images.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, Sampler, SequentialSampler, TensorDataset
+
+from .io import check_readable
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -143,14 +147,60 @@ class TextLines(Dataset):
         return {"input_ids": self.input_ids[i], "attention_mask": self.attention_mask[i]}
 
 
+class _SkippingBatchSampler(Sampler[list[int]]):
+    """A batch sampler whose next epoch first drops ``skip`` batches: their indices are drawn (so the shuffling stays
+    that of an uninterrupted run) but not yielded, so the DataLoader reads none of their examples."""
+
+    def __init__(self, batch_sampler: BatchSampler):
+        self.batch_sampler = batch_sampler
+        self.skip = 0
+
+    def __iter__(self):
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self.batch_sampler):
+            if i >= skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader over an indexable dataset (seeded shuffling, last incomplete batch kept) that can skip batches
+    without reading them: :meth:`skip_batches`."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, workers: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        sampler = RandomSampler(dataset, generator=g) if shuffle else SequentialSampler(dataset)
+        super().__init__(dataset, batch_sampler=_SkippingBatchSampler(BatchSampler(sampler, batch_size, False)),
+                         generator=g, num_workers=workers)
+
+    def skip_batches(self, n: int) -> None:
+        """Make the next iterations continue ``n`` batches later than they would, drawing exactly the random numbers
+        an iteration over those batches would (the base seed of each epoch's iterator, each epoch's permutation) but
+        reading no example. Whole epochs are drawn in this process (no worker is started for them)."""
+        per_epoch = len(self)
+        if n <= 0 or per_epoch == 0:
+            return
+        epochs, rest = divmod(n, per_epoch)
+        workers = self.num_workers
+        try:
+            self.num_workers = 0  # a skipped epoch starts no worker process
+            for _ in range(epochs):
+                self.batch_sampler.skip = per_epoch
+                for _ in self:
+                    raise AssertionError("a skipped epoch yielded a batch")
+        finally:
+            self.num_workers = workers
+        self.batch_sampler.skip = rest
+
+
 def loader(dataset: Dataset, batch_size: int, *, shuffle: bool = True, seed: int = 0, workers: int = 0) -> DataLoader:
-    """A deterministic DataLoader (seeded shuffling; the last incomplete batch is kept)."""
+    """A deterministic DataLoader (seeded shuffling; the last incomplete batch is kept) that can skip batches
+    without reading them (:class:`ResumableLoader`)."""
     if batch_size < 1:
         raise ValueError(f"batch size must be >= 1, got {batch_size}")
-    g = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=g, num_workers=workers, drop_last=False
-    )
+    return ResumableLoader(dataset, batch_size, shuffle=shuffle, seed=seed, workers=workers)
 
 
 def load_task_data(
@@ -167,10 +217,8 @@ def load_task_data(
 ) -> DataLoader:
     """One task's unlabeled data as a DataLoader: an image folder, a tensor file, or a text file (see the
     module docstring). Missing paths raise FileNotFoundError; a task with no examples raises ValueError."""
-    p = Path(path)
     what = f"task {task!r}"
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: data for {what} not found")
+    p = check_readable(path, f"data for {what}")  # FileNotFoundError, or PermissionError (never "not found")
     if p.is_dir():
         ds: Dataset = ImageFolder(p, transform, what=what)
     elif p.suffix.lower() == ".txt":
@@ -199,6 +247,9 @@ class _unwrap:
     def __len__(self):
         return len(self.dl)
 
+    def skip_batches(self, n: int) -> None:
+        self.dl.skip_batches(n)
+
 
 __all__ = [
     "ImageTransform",
@@ -206,6 +257,7 @@ __all__ = [
     "TextLines",
     "load_tensor",
     "loader",
+    "ResumableLoader",
     "load_task_data",
     "CLIP_MEAN",
     "CLIP_STD",

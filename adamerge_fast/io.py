@@ -2,7 +2,10 @@
 torch state-dict files (``weights_only=True``), and whole pickled modules only with an explicit opt-in.
 
 Everything written goes to a temporary file in the target directory first and is renamed into place, so
-an interrupted write never leaves a half-written file behind.
+an interrupted write (or a full disk) never leaves a half-written file behind, and the renamed file gets the mode a
+plain ``open()`` would give it. Finiteness checks that name the tensor (:func:`check_finite`,
+:func:`check_stored_finite`) and the output-versus-input check (:func:`check_not_input`) live here so that every
+writer calls the same ones.
 """
 
 from __future__ import annotations
@@ -10,7 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import stat
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -21,17 +27,91 @@ class CheckpointError(ValueError):
     """A checkpoint could not be read or does not fit: the message names the file or key and what was expected."""
 
 
+class NonFiniteError(ValueError):
+    """A tensor that must be finite holds NaN or inf: the message names it (file, key, dtype, task or step)."""
+
+
+class NonFiniteCheckpointError(NonFiniteError, CheckpointError):
+    """A NaN or inf read from a checkpoint (or made by casting its values to a storage dtype)."""
+
+
+def check_finite(t: torch.Tensor, what: str, hint: str = "", *, error: type[NonFiniteError] = NonFiniteError) -> None:
+    """Raise ``error`` ``"<what> has NaN or inf values (N NaN, M inf of T)<hint>"`` unless every element of the
+    floating tensor ``t`` is finite (other dtypes always are)."""
+    if not (t.is_floating_point() or t.is_complex()) or bool(torch.isfinite(t).all()):
+        return
+    n_nan = int(torch.isnan(t).sum())
+    n_inf = int(torch.isinf(t).sum())
+    raise error(f"{what} has NaN or inf values ({n_nan} NaN, {n_inf} inf of {t.numel()}){hint}")
+
+
+def check_stored_finite(stored: torch.Tensor, what: str, source: torch.Tensor | None = None, *,
+                        error: type[NonFiniteError] = NonFiniteError) -> None:
+    """After finite values were cast to a storage dtype (``stored``): raise ``error`` naming ``what`` and
+    ``stored.dtype`` when the cast overflowed to inf, with the largest magnitude of ``source`` (the values before
+    the cast) and the fix (bfloat16 or float32 storage)."""
+    if bool(torch.isfinite(stored).all()):
+        return
+    dt = stored.dtype
+    big = f"largest magnitude {float(source.detach().abs().max()):.4g}, " if source is not None else ""
+    raise error(
+        f"{what} overflows {str(dt).replace('torch.', '')} ({big}which holds at most {torch.finfo(dt).max:.4g}): "
+        "store it as bfloat16 or float32 (command line: --task-vector-dtype bf16 or fp32)"
+    )
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows (Linux), else by setting and restoring it."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _plain_open_mode(path: Path) -> int:
+    """The mode ``open(path, "w")`` leaves ``path`` with: an existing file keeps its mode, a new one gets
+    ``0o666`` less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """``e`` as an ``OSError`` of the same errno (and subclass) whose filename is ``path``, the file being written."""
+    if e.errno is None:
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
+
+    The renamed file gets the mode a plain ``open()`` would give it (an existing file's mode, else ``0o666`` less the
+    umask), not the temporary file's ``0o600``. An ``OSError`` while creating, writing or renaming (disk full, a
+    read-only or unwritable location) is re-raised with ``path`` as its filename; ``path`` is then left as it was.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-    os.close(fd)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+        os.close(fd)
+    except OSError as e:
+        raise _naming(e, path) from e
     tmp = Path(tmp)
     try:
         yield tmp
+        os.chmod(tmp, _plain_open_mode(path))
         os.replace(tmp, path)
+    except OSError as e:
+        raise _naming(e, path) from e
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -58,14 +138,44 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path, metadata: Mappin
         seen.add(ptr)
         out[k] = t
     with atomic_path(path, ".safetensors") as tmp:
-        save_file(out, str(tmp), metadata=dict(metadata or {}))
+        try:
+            save_file(out, str(tmp), metadata=dict(metadata or {}))
+        except Exception as e:  # safetensors reports I/O errors (a full disk) as its own error type
+            code = re.search(r"\(os error (\d+)\)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(tmp)) from e
     return Path(path)
 
 
+class _RecordingWriter:
+    """A file wrapper for ``torch.save`` that keeps the ``OSError`` of a failed write: torch reports it as an
+    unrelated ``RuntimeError`` ("enforce fail ... unexpected pos")."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, b) -> int:
+        try:
+            return self.f.write(b)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def save_torch(obj: Any, path) -> Path:
-    """``torch.save`` atomically."""
-    with atomic_path(path, ".pt") as tmp:
-        torch.save(obj, tmp)
+    """``torch.save`` atomically; a failed write (a full disk) raises its ``OSError`` naming ``path``."""
+    with atomic_path(path, ".pt") as tmp, open(tmp, "wb") as f:
+        w = _RecordingWriter(f)
+        try:
+            torch.save(obj, w)
+        except RuntimeError:
+            if w.error is not None:
+                raise w.error from None
+            raise
     return Path(path)
 
 
@@ -78,7 +188,11 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         self._handles = []
         self._where: dict[str, int] = {}
         for f in files:
-            h = safe_open(str(f), framework="pt", device="cpu")
+            check_readable(f, "safetensors file")
+            try:
+                h = safe_open(str(f), framework="pt", device="cpu")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(f"{f}: not a readable safetensors file ({_first_line(e)})") from e
             for k in h.keys():
                 if k in self._where:
                     raise CheckpointError(f"{f}: key {k!r} appears in more than one shard")
@@ -236,12 +350,58 @@ def load_into(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], what: str
     return module
 
 
-def existing(path: str | os.PathLike, what: str) -> Path:
-    """``Path(path)``, or ``FileNotFoundError("<path>: <what> not found")`` when nothing is there."""
+def check_readable(path: str | os.PathLike, what: str) -> Path:
+    """``Path(path)`` if it exists and can be read; else ``FileNotFoundError("<path>: <what> not found")`` or
+    ``PermissionError("<path>: <what>: permission denied ...")`` — never a permission problem reported as a missing
+    file (``os.path.exists`` and, from Python 3.13, ``Path.exists`` return False for both)."""
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: {what} not found")
+    try:
+        st = os.stat(p)
+    except (FileNotFoundError, NotADirectoryError):
+        raise FileNotFoundError(f"{p}: {what} not found") from None
+    except PermissionError:
+        raise PermissionError(f"{p}: {what}: permission denied (a directory on the path cannot be searched)") from None
+    try:
+        if stat.S_ISDIR(st.st_mode):
+            os.scandir(p).close()
+        else:
+            with open(p, "rb"):
+                pass
+    except PermissionError:
+        raise PermissionError(f"{p}: {what}: permission denied (cannot be read)") from None
     return p
+
+
+def existing(path: str | os.PathLike, what: str) -> Path:
+    """``Path(path)``, or ``FileNotFoundError("<path>: <what> not found")`` when nothing is there
+    (``PermissionError`` naming it when it cannot be read: :func:`check_readable`)."""
+    return check_readable(path, what)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and b.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+def check_not_input(output: str | os.PathLike, inputs: Iterable[str | os.PathLike], what: str = "output") -> None:
+    """Raise ``ValueError`` when ``output`` would replace one of ``inputs``: the same path once resolved (symlinks,
+    ``..``), the same inode (a hard link), or a file inside an input directory (a sharded checkpoint)."""
+    out = Path(output)
+    for inp in inputs:
+        src = Path(inp)
+        if _same_file(out, src):
+            raise ValueError(f"{out}: the {what} is the input {src}; writing it would destroy that input (choose "
+                             "another output path)")
+        if src.is_dir():
+            try:
+                inside = out.resolve().is_relative_to(src.resolve())
+            except OSError:
+                inside = False
+            if inside:
+                raise ValueError(f"{out}: the {what} is inside the input directory {src}; writing it would change "
+                                 "that input (choose another output path)")
 
 
 _PICKLE_HINT = (
@@ -261,13 +421,14 @@ def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> M
     (:func:`adamerge_fast.safe_pickle.load_official`) and need no opt-in.
     """
     p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"{p}: no such file or directory")
+    try:
+        check_readable(p, "checkpoint")  # a permission problem is a PermissionError, not "no such file"
+    except FileNotFoundError:
+        raise CheckpointError(f"{p}: no such file or directory") from None
     if p.is_dir():
         index = sorted(p.glob("*.safetensors.index.json"))
         if index:
-            wm = json.loads(index[0].read_text())["weight_map"]
-            files = sorted({p / f for f in wm.values()})
+            files = _index_shards(index[0])
         else:
             files = sorted(p.glob("*.safetensors"))
         if files:
@@ -282,13 +443,12 @@ def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> M
             return out
         raise CheckpointError(f"{p}: directory holds no *.safetensors or pytorch_model*.bin files")
     if p.suffix == ".safetensors":
-        try:
-            return LazyStateDict([p])
-        except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from e
+        return LazyStateDict([p])
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:
+        if not _holds_pickled_objects(p, e):  # an empty, truncated or corrupt file
+            raise CheckpointError(f"{p}: not a readable torch checkpoint ({_load_error_reason(e)})") from e
         from .safe_pickle import RefusedPickle, load_official
 
         try:
@@ -297,8 +457,66 @@ def load_state_dict(path: str | os.PathLike, *, trust_pickle: bool = False) -> M
             if not trust_pickle:
                 why = str(refused).removeprefix(f"{p}: ")
                 raise CheckpointError(f"{p}: cannot be loaded as a plain state dict ({why}): {_PICKLE_HINT}") from e
-        obj = torch.load(p, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e2:
+            raise CheckpointError(f"{p}: the pickled object cannot be loaded ({_load_error_reason(e2)})") from e2
     return _as_state_dict(obj, p)
+
+
+def _index_shards(index: Path) -> list[Path]:
+    """The shard files a ``*.safetensors.index.json`` names (each checked to exist), or a ``CheckpointError`` naming
+    the index file or the missing shard."""
+    try:
+        wm = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        names = set(wm.values())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index file ({e})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index}: not a safetensors index file (expected a 'weight_map' of key -> shard "
+                              "file)") from None
+    if not all(isinstance(n, str) for n in names):
+        raise CheckpointError(f"{index}: the 'weight_map' must map keys to shard file names")
+    files = sorted(index.parent / n for n in names)
+    for f in files:
+        try:
+            check_readable(f, f"shard named by {index.name}")
+        except FileNotFoundError:
+            raise CheckpointError(f"{index}: names the shard {f.name}, which is not in {index.parent}") from None
+    return files
+
+
+def _first_line(e: BaseException) -> str:
+    msg = str(e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
+def _holds_pickled_objects(p: Path, e: BaseException) -> bool:
+    """Whether ``torch.load(weights_only=True)`` failed on ``p`` because the pickle names globals (classes,
+    functions: a whole pickled object), not because the file is empty or corrupt. Read from the archive's pickle
+    opcodes, executing nothing (``get_unsafe_globals_in_checkpoint``); for a file that is no zip archive, from torch's
+    message."""
+    get = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if get is not None and zipfile.is_zipfile(p):
+        try:
+            return bool(get(p))
+        except Exception:  # a damaged archive or pickle stream
+            return False
+    msg = str(e)
+    return "Unsupported global" in msg or "GLOBAL " in msg
+
+
+def _load_error_reason(e: BaseException) -> str:
+    """A short reason for a failed ``torch.load``: what the file's bytes are, not torch's advice text."""
+    if isinstance(e, EOFError):
+        return "the file is empty or truncated"
+    msg = str(e)
+    if "WeightsUnpickler error:" in msg:
+        detail = msg.split("WeightsUnpickler error:", 1)[1].strip().splitlines()
+        return f"corrupt pickle data: {detail[0]}" if detail else "corrupt pickle data"
+    if "PytorchStreamReader" in msg:
+        return f"corrupt or truncated zip archive: {_first_line(e).split(': ', 1)[-1].split('.')[0]}"
+    return f"{type(e).__name__}: {_first_line(e)[:160]}"
 
 
 def _as_state_dict(obj: Any, p: Path) -> Mapping[str, torch.Tensor]:

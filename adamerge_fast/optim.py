@@ -17,7 +17,9 @@ coefficients — the official algorithm. A task's several batches per step are a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +28,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import torch
 
 from . import ops
-from .io import CheckpointError, save_torch, write_text_atomic
+from .io import CheckpointError, NonFiniteError, save_torch, write_text_atomic
 from .merging.adamerged import AdaMergedModel
 
 
@@ -42,12 +44,22 @@ class History:
         return {"loss": self.loss, "task_loss": self.task_loss, "coefficients": self.coefficients}
 
 
-def _inputs(batch: Any) -> Any:
+def _inputs(batch: Any, task: str) -> Any:
     """Model input of a batch: a tensor, a mapping of tensors (keyword inputs), or the first item of a
-    ``(inputs, labels, ...)`` tuple — labels are never used."""
+    ``(inputs, labels, ...)`` tuple — labels are never used. Anything else: ``TypeError`` naming the task."""
+    inp = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+    if isinstance(inp, torch.Tensor):
+        return inp
+    if isinstance(inp, Mapping) and inp and all(isinstance(v, torch.Tensor) for v in inp.values()):
+        return inp
     if isinstance(batch, (tuple, list)):
-        return batch[0]
-    return batch
+        got = f"a {type(batch).__name__} whose first item is {type(inp).__name__}" if batch else "an empty tuple"
+    elif isinstance(batch, Mapping):
+        got = "a mapping with non-tensor values" if batch else "an empty mapping"
+    else:
+        got = type(batch).__name__
+    raise TypeError(f"task {task!r}: a batch must be a tensor, a mapping of tensors (keyword inputs), or a tuple/list "
+                    f"whose first item is one; got {got}")
 
 
 def _batch_size(inp: Any) -> int:
@@ -88,16 +100,74 @@ class _Cycle:
     def __init__(self, name: str, iterable: Iterable):
         self.name, self.iterable = name, iterable
         self.it: Iterator | None = None
+        self.drawn = 0  # batches drawn so far
 
     def next(self):
         for _ in range(2):
             if self.it is None:
                 self.it = iter(self.iterable)
             try:
-                return next(self.it)
+                batch = next(self.it)
+                self.drawn += 1
+                return batch
             except StopIteration:
                 self.it = None
+        if self.drawn:
+            raise ValueError(
+                f"task {self.name!r}: its data ran out after {self.drawn} batches and iterating it again yielded "
+                "nothing (a one-shot iterator or generator?): pass a re-iterable (a list, a DataLoader) or an endless "
+                "iterator"
+            )
         raise ValueError(f"task {self.name!r} has no data (its iterable yielded nothing)")
+
+    def skip(self, n: int) -> None:
+        """Move past ``n`` batches: without reading them where the iterable can (``skip_batches(n)``, as the loaders of
+        :mod:`adamerge_fast.data` over indexable datasets), else by drawing them."""
+        fast = getattr(self.iterable, "skip_batches", None)
+        if callable(fast) and self.it is None:
+            fast(n)
+            self.drawn += n
+            return
+        for _ in range(n):
+            self.next()
+
+
+def _head_logits(head: Callable, task: str, feats: torch.Tensor, rows: int, step: int) -> torch.Tensor:
+    """``head(feats)``, checked to be logits with at least one row per example (``[B, C]``, or ``[B, ..., C]``)."""
+    z = head(feats)
+    if not isinstance(z, torch.Tensor) or z.dim() < 2:
+        got = f"a tensor of shape {list(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
+        raise ValueError(f"task {task!r}: its head returned {got} at step {step}; expected logits [B, C] (B = {rows} "
+                         "examples, C classes)")
+    n = math.prod(z.shape[:-1])
+    if n < rows:
+        raise ValueError(f"task {task!r}: its head returned {n} rows for a batch of {rows} examples at step {step} "
+                         f"(shape {list(z.shape)}); expected logits [B, C] with one row per example")
+    return z
+
+
+def _check_number(name: str, v: Any, ok: Callable[[float], bool], expected: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"adamerge: {name} must be a number, got {type(v).__name__}")
+    if not (math.isfinite(v) and ok(v)):
+        raise ValueError(f"adamerge: {name} must be a finite number {expected}, got {v}")
+    return float(v)
+
+
+def _check_int(name: str, v: Any, lo: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"adamerge: {name} must be an integer, got {v!r}")
+    if v < lo:
+        raise ValueError(f"adamerge: {name} must be >= {lo}, got {v}")
+    return v
+
+
+def _json_settings(settings: Mapping[str, Any], what: str) -> dict[str, Any]:
+    """``settings`` as plain JSON values (tuples become lists), so that a stored and a new copy compare equal."""
+    try:
+        return json.loads(json.dumps(dict(settings)))
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"adamerge: {what} must hold JSON values (numbers, strings, lists, dicts): {e}") from None
 
 
 def adamerge(
@@ -113,10 +183,11 @@ def adamerge(
     task_batching: str = "concat",
     device: torch.device | str | None = None,
     checkpoint: str | os.PathLike | None = None,
-    checkpoint_every: int = 0,
+    checkpoint_every: int | None = None,
     resume: str | os.PathLike | None = None,
     progress: bool = True,
     callback: Callable[[int, float, AdaMergedModel], None] | None = None,
+    settings: Mapping[str, Any] | None = None,
 ) -> History:
     """Learn ``model``'s coefficients by minimising the summed per-task batch-mean prediction entropy.
 
@@ -133,11 +204,22 @@ def adamerge(
             batches' batch-mean entropies.
         task_batching: ``"concat"`` or ``"sequential"`` (see the module docstring).
         device: where batches are moved (default: where the coefficients live).
-        checkpoint, checkpoint_every: write coefficients + Adam state + history every N steps (atomically).
+        checkpoint, checkpoint_every: write coefficients + Adam state + history atomically at the end and, with
+            ``checkpoint_every=N`` (N >= 1), every N steps.
         resume: a checkpoint to continue from; the data iterables are fast-forwarded past the batches it
-            already used, so a resumed run equals an uninterrupted one for deterministic data.
+            already used (without reading them where the iterable can skip, see :mod:`adamerge_fast.data`), so a
+            resumed run equals an uninterrupted one for deterministic data. ``steps`` must not be below the
+            checkpoint's step.
+        settings: more settings of the run that define its result (JSON values, e.g. the data seed and batch
+            size), stored in the checkpoints with ``lr``, ``betas``, ``batches_per_step``, the task order and
+            ``model.algorithm_settings()``; resuming with any of them changed raises :class:`CheckpointError`
+            naming the setting and both values.
     Returns:
         :class:`History` (loss, per-task losses and coefficient table per step).
+    Raises:
+        :class:`~adamerge_fast.io.NonFiniteError` when a task's loss or the coefficient gradient is NaN/inf (naming
+        the task and step; raised before that step's update, so ``model`` keeps the last good coefficients and the
+        last checkpoint written stays as it is), or when an update makes the coefficients NaN/inf.
     """
     from tqdm.auto import tqdm
 
@@ -147,92 +229,185 @@ def adamerge(
     missing = [t for t in tasks if t not in data]
     if missing:
         raise ValueError(f"adamerge: task {missing[0]!r} has a head but no data")
+    not_callable = [t for t in tasks if not callable(heads[t])]
+    if not_callable:
+        raise TypeError(f"adamerge: the head of task {not_callable[0]!r} is not callable")
     if task_batching not in ("concat", "sequential"):
         raise ValueError(f"adamerge: task_batching must be 'concat' or 'sequential', got {task_batching!r}")
-    if batches_per_step < 1 or steps < 0:
-        raise ValueError("adamerge: steps must be >= 0 and batches_per_step >= 1")
+    _check_int("steps", steps, 0)
+    _check_int("batches_per_step", batches_per_step, 1)
+    lr = _check_number("lr", lr, lambda v: v > 0, "> 0")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"adamerge: betas must be two numbers in [0, 1), got {betas!r}")
+    betas = tuple(_check_number("betas", b, lambda v: 0 <= v < 1, "in [0, 1)") for b in betas)
+    if checkpoint_every is not None:
+        _check_int("checkpoint_every", checkpoint_every, 1)
+        if checkpoint is None:
+            raise ValueError("adamerge: checkpoint_every given without checkpoint (the file to write)")
     if batch_reduction not in ("mean", "sum"):
         raise ValueError(f"adamerge: batch_reduction must be 'mean' or 'sum', got {batch_reduction!r}")
     divisor = batches_per_step if batch_reduction == "mean" else 1
+    run_settings = _json_settings(
+        {"lr": lr, "betas": list(betas), "batches_per_step": batches_per_step, "batch_reduction": batch_reduction,
+         "tasks": tasks,
+         **model.algorithm_settings(), **dict(settings or {})}, "settings")  # fmt: skip
     device = torch.device(device) if device is not None else model.raw_coefficients.device
     opt = torch.optim.Adam([model.raw_coefficients], lr=lr, betas=betas)
     hist = History()
     cycles = {t: _Cycle(t, data[t]) for t in tasks}
     start = 0
+    last_checkpoint: tuple[Any, int] | None = None  # (file, step) of the newest checkpoint on disk
     if resume is not None:
-        start = _load_checkpoint(resume, model, opt, hist)
+        start = _load_checkpoint(resume, model, opt, hist, run_settings)
+        if steps < start:
+            raise ValueError(f"adamerge: steps={steps} is below the checkpoint's step {start} ({resume}); a resumed "
+                             f"run continues to steps >= {start}")
+        last_checkpoint = (resume, start)
         for t in tasks:  # fast-forward the data to where the interrupted run stopped
-            for _ in range(start * batches_per_step):
-                cycles[t].next()
+            cycles[t].skip(start * batches_per_step)
+
+    def stop(what: str, step: int) -> NonFiniteError:
+        kept = (f"; the last checkpoint ({last_checkpoint[0]}, step {last_checkpoint[1]}) is kept as it was"
+                if last_checkpoint else "; no checkpoint was written")
+        return NonFiniteError(f"adamerge: {what} at step {step}{kept}")
 
     bar = tqdm(range(start, steps), initial=start, total=steps, disable=not progress, desc="adamerge",
                dynamic_ncols=True)
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        batches = {t: [_to(_inputs(cycles[t].next()), device) for _ in range(batches_per_step)] for t in tasks}
+        batches = {t: [_to(_inputs(cycles[t].next(), t), device) for _ in range(batches_per_step)] for t in tasks}
         task_loss: dict[str, torch.Tensor] = {}  # detached; read back once per step (one host sync)
         if task_batching == "concat":
             flat = [b for t in tasks for b in batches[t]]
             sizes = [_batch_size(b) for b in flat]
             feats = _call(model, _concat(flat))
             parts = iter(torch.split(feats, sizes))
+            rows = iter(sizes)
             total = 0.0
             for t in tasks:
-                lt = sum(ops.entropy(heads[t](next(parts))).mean() for _ in range(batches_per_step)) / divisor
+                lt = sum(ops.entropy(_head_logits(heads[t], t, next(parts), next(rows), step)).mean()
+                         for _ in range(batches_per_step)) / divisor
                 task_loss[t] = lt.detach()
                 total = total + lt
             total.backward()
         else:
             for t in tasks:
-                lt = sum(ops.entropy(heads[t](_call(model, b))).mean() for b in batches[t]) / divisor
+                lt = sum(ops.entropy(_head_logits(heads[t], t, _call(model, b), _batch_size(b), step)).mean()
+                         for b in batches[t]) / divisor
                 lt.backward()
                 task_loss[t] = lt.detach()
+        # the losses and whether the gradient is finite, read back in one host sync before the update
+        grad = model.raw_coefficients.grad
+        grad_ok = torch.isfinite(grad).all() if grad is not None else torch.ones((), dtype=torch.bool)
+        losses = torch.stack(list(task_loss.values())).float()
+        read = torch.cat([losses, grad_ok.to(losses.device, torch.float32).reshape(1)])
+        *values, grad_finite = read.cpu().tolist()
+        for t, v in zip(tasks, values, strict=True):
+            if not math.isfinite(v):
+                raise stop(f"the entropy loss of task {t!r} is {v} (a NaN or inf in its data, its head's logits or the "
+                           "merged model's output); stopped before the update", step)
+        if grad_finite != 1.0:
+            raise stop("the coefficient gradient is NaN or inf although every loss is finite; stopped before the "
+                       "update", step)
         opt.step()
-        values = torch.stack(list(task_loss.values())).float().cpu().tolist()
         task_loss_f = dict(zip(task_loss, values, strict=True))
         loss = sum(values)
         hist.loss.append(loss)
         hist.task_loss.append(task_loss_f)
         hist.coefficients.append(model.coefficients.detach().float().cpu().clone())
+        if not bool(torch.isfinite(model.raw_coefficients.detach()).all()):
+            raise stop(f"the update made the coefficients NaN or inf (lr {lr} too large?)", step)
         bar.set_postfix(loss=f"{loss:.4f}")
         if callback is not None:
             callback(step, loss, model)
         if checkpoint is not None and checkpoint_every and (step + 1) % checkpoint_every == 0:
-            save_checkpoint(checkpoint, model, opt, hist, step + 1)
+            save_checkpoint(checkpoint, model, opt, hist, step + 1, run_settings)
+            last_checkpoint = (checkpoint, step + 1)
     if checkpoint is not None:
-        save_checkpoint(checkpoint, model, opt, hist, max(steps, start))
+        save_checkpoint(checkpoint, model, opt, hist, max(steps, start), run_settings)
     return hist
 
 
-def save_checkpoint(path, model: AdaMergedModel, opt: torch.optim.Optimizer, hist: History, step: int) -> None:
-    """Coefficients, Adam state, history and the step reached, written atomically."""
-    save_torch(
-        {
-            "format": "adamerge_fast.checkpoint/1",
-            "fingerprint": model.fingerprint(),
-            "step": step,
-            "raw_coefficients": model.raw_coefficients.detach().cpu(),
-            "optimizer": opt.state_dict(),
-            "history": hist.state(),
-        },
-        path,
-    )
+CHECKPOINT_FORMAT = "adamerge_fast.checkpoint/2"
 
 
-def _load_checkpoint(path, model: AdaMergedModel, opt: torch.optim.Optimizer, hist: History) -> int:
+def _feed(h, obj: Any) -> None:
+    """Feed ``obj`` (tensors, mappings, sequences, plain values) to the hash ``h`` in a canonical order."""
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"T{t.dtype}{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    elif isinstance(obj, Mapping):
+        h.update(b"{")
+        for k in sorted(obj, key=repr):
+            _feed(h, k)
+            _feed(h, obj[k])
+        h.update(b"}")
+    elif isinstance(obj, (list, tuple)):
+        h.update(b"[")
+        for v in obj:
+            _feed(h, v)
+        h.update(b"]")
+    else:
+        h.update(f"{type(obj).__name__}:{obj!r};".encode())
+
+
+def payload_digest(payload: Mapping[str, Any]) -> str:
+    """SHA-256 (hex) of a checkpoint's payload: every entry but ``digest``, tensors by dtype, shape and bytes."""
+    h = hashlib.sha256()
+    _feed(h, {k: v for k, v in payload.items() if k != "digest"})
+    return h.hexdigest()
+
+
+def save_checkpoint(path, model: AdaMergedModel, opt: torch.optim.Optimizer, hist: History, step: int,
+                    settings: Mapping[str, Any] | None = None) -> None:
+    """Coefficients, Adam state, history, the step reached, the run's ``settings`` and a digest of all of it, written
+    atomically; :class:`~adamerge_fast.io.NonFiniteError` (nothing written) when the coefficients are NaN/inf."""
+    raw = model.raw_coefficients.detach().cpu()
+    if not bool(torch.isfinite(raw).all()):
+        raise NonFiniteError(f"{path}: not written: raw_coefficients hold NaN or inf values at step {step}")
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "fingerprint": model.fingerprint(),
+        "step": step,
+        "settings": dict(settings or {}),
+        "raw_coefficients": raw,
+        "optimizer": opt.state_dict(),
+        "history": hist.state(),
+    }
+    payload["digest"] = payload_digest(payload)
+    save_torch(payload, path)
+
+
+def _load_checkpoint(path, model: AdaMergedModel, opt: torch.optim.Optimizer, hist: History,
+                     settings: Mapping[str, Any]) -> int:
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: resume file not found") from None
     except Exception as e:
         raise CheckpointError(f"{path}: not an adamerge_fast checkpoint ({e})") from e
-    if not isinstance(ck, dict) or ck.get("format") != "adamerge_fast.checkpoint/1":
+    fmt = ck.get("format") if isinstance(ck, dict) else None
+    if fmt == "adamerge_fast.checkpoint/1":
+        raise CheckpointError(f"{path}: written by an older adamerge_fast (format {fmt}, without the run's settings "
+                              "and a digest): it cannot be resumed safely; start a new run")
+    if fmt != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an adamerge_fast checkpoint")
+    if ck.get("digest") != payload_digest(ck):
+        raise CheckpointError(f"{path}: the checkpoint does not match its digest (altered or damaged after it was "
+                              "written); resume from another checkpoint or start a new run")
     if ck["fingerprint"] != model.fingerprint():
         raise CheckpointError(
             f"{path}: checkpoint is from another model (fingerprint {ck['fingerprint']}, this model "
             f"{model.fingerprint()}: granularity, task count or parameter shapes differ)"
         )
+    old = ck["settings"]
+    for key in sorted(set(old) | set(settings)):
+        if old.get(key) != settings.get(key):
+            raise CheckpointError(
+                f"{path}: resuming would change the setting {key!r} from {old.get(key)!r} (the checkpoint's) to "
+                f"{settings.get(key)!r}; resume with the checkpoint's settings, or start a new run"
+            )
     with torch.no_grad():
         model.raw_coefficients.copy_(ck["raw_coefficients"])
     opt.load_state_dict(ck["optimizer"])
@@ -290,4 +465,5 @@ def load_history(path) -> dict[str, Any]:
     return obj
 
 
-__all__ = ["adamerge", "History", "save_checkpoint", "save_history", "load_history", "HISTORY_FORMAT"]
+__all__ = ["adamerge", "History", "save_checkpoint", "save_history", "load_history", "payload_digest",
+           "HISTORY_FORMAT", "CHECKPOINT_FORMAT"]

@@ -220,6 +220,7 @@ def test_adamerge_open_clip(tmp_path, capsys):
     (tmp_path / "t_empty").mkdir()
     capsys.readouterr()
     args[args.index(str(tmp_path / "t1"))] = str(tmp_path / "t_empty")
+    args[args.index(str(out))] = str(tmp_path / "out_empty")  # `out` holds the first run's checkpoint
     assert main(args) == 1
     _one_error_line(capsys, "no images", "t_empty")
 
@@ -303,7 +304,7 @@ def test_adamerge_hf_causal_lm(tmp_path, capsys):
     # every token's logits are a row: the tasks' batches cannot be concatenated (the error follows the progress bar
     # transformers prints while it loads the model)
     capsys.readouterr()
-    assert main(args + ["--positions", "all"]) == 1
+    assert main(args + ["--positions", "all", "-o", str(tmp_path / "all_concat")]) == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]

@@ -186,6 +186,7 @@ def test_cli_open_clip_with_official_checkpoints(official, tmp_path, capsys):
     (tmp_path / "c.txt").write_text("cat\ndog\n")
     i = args.index("--heads")
     no_heads = args[:i] + ["--classnames", str(tmp_path / "c.txt"), str(tmp_path / "c.txt")] + args[i + 3:]
+    no_heads += ["-o", str(tmp_path / "out_no_heads")]  # `out` holds the first run's checkpoint
     assert main(no_heads) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "without the text tower" in err and "--heads" in err, err

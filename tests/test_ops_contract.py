@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from _fixtures import backend_params
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -18,33 +19,11 @@ import adamerge_fast as af
 from _tol import assert_close, lowest
 from adamerge_fast import ops
 from adamerge_fast.ops import _library
-from adamerge_fast.ops.cpp_backend import CppBackend
-from adamerge_fast.ops.triton_backend import TritonBackend
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def _marks(backend) -> list:
-    if isinstance(backend, TritonBackend):
-        return [pytest.mark.triton]
-    return [pytest.mark.ext] if isinstance(backend, CppBackend) else []
-
-
-def _backends():
-    """Every registered backend available here, on every device present."""
-    out = []
-    for dev in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-        for name in ops.backend_names():
-            try:
-                be = ops.get_backend(name)
-            except ops.BackendUnavailableError:
-                continue
-            if be.available(torch.device(dev)):
-                out.append(pytest.param((name, dev), id=f"{name}-{dev}", marks=_marks(be)))
-    return out
-
-
-BACKENDS = _backends()
+BACKENDS = backend_params()
 
 
 def _rand(shape, dtype, device, scale=1.0):

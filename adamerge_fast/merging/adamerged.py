@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy as _copy
 import hashlib
+import math
 from typing import Any, Callable, Literal, Mapping, Sequence
 
 import torch
@@ -35,8 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..io import CheckpointError, save_safetensors
-from .static import ties_split
+from ..io import CheckpointError, check_finite, save_safetensors
+from .static import check_ties_k, ties_split
 from .task_vectors import Source, check_task_vectors
 from .task_vectors import task_vectors as make_task_vectors
 
@@ -196,8 +197,84 @@ def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype
         tv = {n: task_vectors[n].detach().to(device=base[n].device, dtype=dtype or task_vectors[n].dtype)
               for n in names}
     if ties:
-        tv = ties_split(tv, **({} if ties is True else dict(ties)))
+        tv = ties_split(tv, **ties)
     return {n: t.contiguous() for n, t in tv.items()}
+
+
+# ------------------------------------------------------------------------------ argument checks (issue #11)
+#: ``task_vector_dtype`` strings for quantized task vectors (handled where the task vectors are built)
+QUANTIZED_TASK_VECTOR_DTYPES = ("int8", "int4")
+
+
+def _check_clamp(clamp) -> tuple[float, float] | None:
+    """``clamp`` as ``(lo, hi)`` floats, or None; ``ValueError`` unless two numbers, neither NaN, with lo <= hi."""
+    if clamp is None:
+        return None
+    try:
+        lo, hi = (float(v) for v in clamp)
+    except (TypeError, ValueError):
+        raise ValueError(f"clamp must be None or (lo, hi), two numbers, got {clamp!r}") from None
+    if math.isnan(lo) or math.isnan(hi):
+        raise ValueError(f"clamp must be two numbers, not NaN, got ({lo}, {hi})")
+    if lo > hi:
+        raise ValueError(f"clamp must have lo <= hi, got ({lo}, {hi}): every coefficient would be clamped to {hi}")
+    return lo, hi
+
+
+def _check_init(init) -> None:
+    """``ValueError`` unless ``init`` (a number or a table) is finite."""
+    if isinstance(init, torch.Tensor):
+        if not init.is_floating_point() or not bool(torch.isfinite(init).all()):
+            raise ValueError(f"init must be a finite floating table, got a {init.dtype} tensor with non-finite values"
+                             if init.is_floating_point() else f"init must be a finite floating table, got {init.dtype}")
+        return
+    try:
+        v = float(init)
+    except (TypeError, ValueError):
+        raise TypeError(f"init must be a number or a [rows, K] tensor, got {type(init).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"init must be a finite number, got {v}")
+
+
+def _ties_options(ties) -> dict[str, Any] | None:
+    """``ties`` as the :func:`ties_split` options ``{"k", "scope"}`` (defaults filled in), or None when off."""
+    if ties is None or ties is False:
+        return None
+    opts: dict[str, Any] = {"k": 0.2, "scope": "global"}
+    if ties is not True:
+        if not isinstance(ties, Mapping):
+            raise TypeError(f"ties must be None, True or a dict of ties_split options (k, scope), got "
+                            f"{type(ties).__name__}")
+        unknown = [k for k in ties if k not in opts]
+        if unknown:
+            raise ValueError(f"ties: unknown option {unknown[0]!r}; expected k (fraction kept) and scope")
+        opts.update(ties)
+    opts["k"] = check_ties_k(opts["k"], "ties: k")
+    if opts["scope"] not in ("global", "tensor"):
+        raise ValueError(f"ties: scope must be 'global' or 'tensor', got {opts['scope']!r}")
+    return opts
+
+
+def _check_task_vector_dtype(dtype) -> None:
+    if dtype is None or dtype in QUANTIZED_TASK_VECTOR_DTYPES:
+        return
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"task_vector_dtype must be None, a floating torch.dtype or one of "
+                        f"{QUANTIZED_TASK_VECTOR_DTYPES}, got {dtype!r}")
+
+
+def _check_backend(backend) -> None:
+    names = ("auto", *ops.backend_names())
+    if backend not in names:
+        raise ValueError(f"backend must be one of {names}, got {backend!r}")
+
+
+def _init_setting(init) -> float | str:
+    """``init`` as a JSON value for :meth:`AdaMergedModel.algorithm_settings`: the number, or a digest of a table."""
+    if isinstance(init, torch.Tensor):
+        t = init.detach().float().cpu().contiguous()
+        return "table:" + hashlib.sha256(t.numpy().tobytes()).hexdigest()[:16]
+    return float(init)
 
 
 #: ``coefficient_layout`` -> what ``raw_coefficients`` holds: ``[rows, K]``, ``[K, rows]``, ``[K]`` (one row)
@@ -277,6 +354,11 @@ class AdaMergedModel(nn.Module):
         super().__init__()
         if granularity not in ("task", "layer"):
             raise ValueError(f"granularity must be 'task' or 'layer', got {granularity!r}")
+        clamp = _check_clamp(clamp)
+        _check_init(init)
+        ties = _ties_options(ties)
+        _check_task_vector_dtype(task_vector_dtype)
+        _check_backend(backend)
         if coefficient_layout not in COEFFICIENT_LAYOUTS or (coefficient_layout == "tasks" and granularity != "task"):
             raise ValueError(f"coefficient_layout must be one of {COEFFICIENT_LAYOUTS} ('tasks' only with "
                              f"granularity='task'), got {coefficient_layout!r} with granularity={granularity!r}")
@@ -302,6 +384,12 @@ class AdaMergedModel(nn.Module):
         rows = len(names) if granularity == "layer" else 1
         shape = _layout_shape(coefficient_layout, rows, K)
         self.raw_coefficients = nn.Parameter(_initial_table(init, shape).to(named[0][1].device))
+        self._settings = {
+            "granularity": granularity, "num_tasks": K, "init": _init_setting(init),
+            "clamp": None if clamp is None else list(clamp), "ties": ties,
+            "task_vector_dtype": None if task_vector_dtype is None else str(task_vector_dtype).replace("torch.", ""),
+            "normalize": normalize, "coefficient_layout": coefficient_layout,
+        }  # fmt: skip
 
         object.__setattr__(self, "_template", _meta_template(pretrained))
         # every name under which each parameter is reachable (tied weights have several) -> its row in `names`
@@ -498,8 +586,12 @@ class AdaMergedModel(nn.Module):
         return m
 
     def save_merged(self, path) -> None:
-        """Write the merged state dict as safetensors (atomically)."""
-        save_safetensors(self.merged_state_dict(), path, {"format": "pt", "producer": "adamerge_fast"})
+        """Write the merged state dict as safetensors (atomically); :class:`~adamerge_fast.io.NonFiniteError` naming
+        the first tensor with a NaN/inf, before anything is written."""
+        sd = self.merged_state_dict()
+        for k, t in sd.items():
+            check_finite(t, f"merged tensor {k!r}")
+        save_safetensors(sd, path, {"format": "pt", "producer": "adamerge_fast"})
 
     # -------------------------------------------------------------------------------------------------
     def fingerprint(self) -> str:
@@ -512,6 +604,13 @@ class AdaMergedModel(nn.Module):
             base, _, _ = self._row_tensors(n)
             h.update(f"{n}:{tuple(base.shape)};".encode())
         return h.hexdigest()[:16]
+
+    def algorithm_settings(self) -> dict[str, Any]:
+        """The settings that define this model's optimization problem, as JSON values: ``granularity``,
+        ``num_tasks``, ``init`` (a number, or a digest of the initial table), ``clamp``, ``ties`` (the TIES options
+        or None) and ``task_vector_dtype``. :func:`~adamerge_fast.optim.adamerge` stores them in its checkpoints and
+        refuses to resume with different ones."""
+        return dict(self._settings)
 
     def save_coefficients(self, path) -> None:
         save_safetensors(

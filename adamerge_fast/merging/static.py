@@ -33,6 +33,7 @@ with 29 bits of float64 slack instead of 45 (about 1 in 100 elements lie that cl
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
@@ -94,12 +95,38 @@ def weight_average(base: Mapping[str, torch.Tensor], tv: TV, *, backend=None) ->
     return _combine(base, tv, coefficients(K, 1.0 / K), backend)
 
 
+def check_scale(scale: float, what: str = "scale") -> float:
+    """``float(scale)``, or ``ValueError`` naming ``what`` unless it is a finite number that float32 (the dtype of
+    the merge coefficients) holds."""
+    try:
+        v = float(scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a number, got {type(scale).__name__}") from None
+    if not math.isfinite(v):
+        raise ValueError(f"{what} must be a finite number, got {v}")
+    if abs(v) > torch.finfo(torch.float32).max:
+        raise ValueError(f"{what} must be a finite number that float32 holds (|scale| <= 3.4e38), got {v}")
+    return v
+
+
+def check_ties_k(k: float, what: str = "TIES: k") -> float:
+    """``float(k)``, or ``ValueError`` naming ``what`` unless ``0 < k <= 1`` (the fraction of entries kept)."""
+    try:
+        v = float(k)
+    except (TypeError, ValueError):
+        raise TypeError(f"{what} must be a number, got {type(k).__name__}") from None
+    if not 0.0 < v <= 1.0:  # NaN fails too
+        raise ValueError(f"{what} is the fraction of entries kept, expected 0 < k <= 1 (in (0, 1]), got {v}")
+    return v
+
+
 def task_arithmetic(
     base: Mapping[str, torch.Tensor], tv: TV, scale: float = 0.3, *, weights: Sequence[float] | None = None,
     normalize: bool = False, backend=None,
 ) -> dict[str, torch.Tensor]:
     """``theta_0 + scale * sum_k w_k tau_k`` (divided by ``sum_k w_k`` with ``normalize``); ``w_k = 1`` without
     ``weights`` (``[K]``). 0.3: the AdaMerging paper's task-arithmetic setting."""
+    scale = check_scale(scale, "task_arithmetic: scale")
     return _combine(base, tv, coefficients(_K(tv), scale, weights, normalize), backend)
 
 
@@ -107,8 +134,7 @@ def task_arithmetic(
 def check_ties_options(k: float, scope: str = "global", keep: str = "ties", sign_tie: str = "majority",
                        merge: str = "mean") -> None:
     """ValueError naming the first bad TIES option."""
-    if not 0.0 < k <= 1.0:
-        raise ValueError(f"TIES: k is the fraction of entries kept, expected 0 < k <= 1, got {k}")
+    check_ties_k(k)
     for name, value, allowed in (("scope", scope, ("global", "tensor")), ("keep", keep, ("ties", "exact")),
                                  ("sign_tie", sign_tie, ("majority", "positive")), ("merge", merge, ("mean", "sum"))):
         if value not in allowed:
@@ -305,6 +331,7 @@ def ties_merge(
     kept each entry (weighted by ``weights`` when given: mergekit's ``normalize: true``), ``"sum"`` adds them
     (weighted: mergekit's ``normalize: false``). ``scale`` is mergekit's ``lambda``."""
     check_ties_options(k, scope, keep, sign_tie, merge)
+    scale = check_scale(scale, "ties_merge: scale")
     plan = ties_plan(tv, k, scope, keep, sign_tie, weights)
     out = {}
     with torch.no_grad():

@@ -14,7 +14,15 @@ from typing import Iterable, Mapping, Sequence, Union
 import torch
 from torch import nn
 
-from ..io import CheckpointError, check_fits, load_state_dict, shape_dtype
+from ..io import (
+    CheckpointError,
+    NonFiniteCheckpointError,
+    check_finite,
+    check_fits,
+    check_stored_finite,
+    load_state_dict,
+    shape_dtype,
+)
 from ..ops._common import acc_dtype
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
@@ -32,6 +40,17 @@ def as_state_dict(src: Source, *, trust_pickle: bool = False, params_only: bool 
     raise TypeError(f"expected an nn.Module, a state dict or a checkpoint path, got {type(src).__name__}")
 
 
+def source_name(src: Source, default: str) -> str:
+    """How error messages name a checkpoint: its path (a path, or a lazily read safetensors file or directory), else
+    ``default``."""
+    if isinstance(src, (str, os.PathLike)):
+        return str(src)
+    files = getattr(src, "files", None)
+    if files:
+        return str(files[0]) if len(files) == 1 else str(files[0].parent)
+    return default
+
+
 def floating_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
     """The keys of ``sd`` holding floating-point tensors (dtypes read lazily: no tensor of a lazy checkpoint
     is loaded)."""
@@ -46,18 +65,30 @@ def task_vectors(
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
     trust_pickle: bool = False,
+    names: Sequence[str] | None = None,
 ) -> TaskVectors:
     """Stacked task vectors ``{name: [K, *shape]}`` of ``finetuned`` against ``pretrained``.
 
     ``keys``: which tensors (default: every floating-point parameter of ``pretrained`` — for a module, in
     ``named_parameters()`` order). ``dtype``: storage dtype of the task vectors (default: the pretrained
-    tensor's; e.g. ``torch.bfloat16``). The difference is taken in float32 (float64 when a checkpoint or ``dtype`` is
-    float64) and rounded to the storage dtype once. Keys of the fine-tuned checkpoints that the
-    pretrained lacks (e.g. classification heads) are ignored. Raises :class:`CheckpointError` naming the key on a
-    missing key, a shape or dtype mismatch, or a non-finite value.
+    tensor's; e.g. ``torch.bfloat16``). The difference is taken in float32 (float64 when a checkpoint or ``dtype``
+    is float64) and rounded to the storage dtype once. Keys of the fine-tuned checkpoints that the
+    pretrained lacks (e.g. classification heads) are ignored. ``names``: how messages name the pretrained and each
+    fine-tuned checkpoint (default: their paths where known). Raises :class:`CheckpointError` naming the key on a
+    missing key or a shape or dtype mismatch, and :class:`~adamerge_fast.io.NonFiniteCheckpointError` (a
+    ``CheckpointError``) naming the checkpoint and key on a NaN/inf in the pretrained or a fine-tuned tensor, or the
+    key and ``dtype`` when the cast to ``dtype`` overflows.
     """
     if len(finetuned) == 0:
         raise ValueError("task_vectors: need at least one fine-tuned model (got zero tasks)")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(f"task_vectors: dtype must be a floating torch.dtype, got {dtype!r}")
+    if names is None:
+        names = [source_name(pretrained, "the pretrained model")]
+        names += [source_name(f, f"fine-tuned model {i}") for i, f in enumerate(finetuned)]
+    elif len(names) != len(finetuned) + 1:
+        raise ValueError(f"task_vectors: names must name the pretrained and the {len(finetuned)} fine-tuned "
+                         f"checkpoints ({len(finetuned) + 1} names), got {len(names)}")
     base = as_state_dict(pretrained, trust_pickle=trust_pickle)
     keys = list(keys) if keys is not None else floating_keys(base)
     fts = [as_state_dict(f, trust_pickle=trust_pickle) for f in finetuned]
@@ -66,15 +97,21 @@ def task_vectors(
     out: TaskVectors = {}
     for k in keys:
         b = base[k].detach()
+        check_finite(b, f"{names[0]}: key {k!r}", error=NonFiniteCheckpointError)
         dev = device if device is not None else b.device
         st = torch.empty((len(fts), *b.shape), dtype=dtype or b.dtype, device=dev)
         acc = acc_dtype(b.dtype, st.dtype)
         b_acc = b.to(device=dev, dtype=acc)
         for i, ft in enumerate(fts):
-            d = ft[k].detach().to(device=dev, dtype=acc) - b_acc  # exact for bf16/fp16 within 2^15x
-            if not torch.isfinite(d).all():
-                raise CheckpointError(f"task vector {i}: key {k!r} has NaN or inf values")
+            t = ft[k].detach()
+            d = t.to(device=dev, dtype=acc) - b_acc  # exact for bf16/fp16 within 2^15x
+            if not bool(torch.isfinite(d).all()):  # b is finite: t has the NaN/inf, or the difference overflows
+                check_finite(t, f"{names[i + 1]}: key {k!r}", error=NonFiniteCheckpointError)
+                check_finite(d, f"task vector {i}: key {k!r} (fine-tuned minus pretrained, in {d.dtype})",
+                             error=NonFiniteCheckpointError)
             st[i].copy_(d)
+            if st.dtype != d.dtype:
+                check_stored_finite(st[i], f"task vector {i}: key {k!r}", d, error=NonFiniteCheckpointError)
         out[k] = st
     return out
 
@@ -97,8 +134,7 @@ def check_task_vectors(tv: Mapping[str, torch.Tensor], base: Mapping[str, torch.
             raise CheckpointError(f"task vectors: key {k!r} has {t.shape[0]} tasks, earlier keys have {K}")
         if not torch.is_floating_point(t):
             raise CheckpointError(f"task vectors: key {k!r} has non-floating dtype {t.dtype}")
-        if not torch.isfinite(t).all():
-            raise CheckpointError(f"task vectors: key {k!r} has NaN or inf values")
+        check_finite(t, f"task vectors: key {k!r}", error=NonFiniteCheckpointError)
     if not K:
         raise ValueError("task vectors: zero tasks")
     return K

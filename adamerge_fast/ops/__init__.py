@@ -207,7 +207,9 @@ def merged_linear(
 def entropy(logits: Tensor, *, backend: str | None = None) -> Tensor:
     """Softmax entropy per row: ``logits[N, C]`` -> ``[N]`` (fp32; fp64 for fp64 logits).
 
-    Stable for large logits; ``-inf`` entries contribute 0. Leading dims are flattened: ``[*, C] -> [*]``.
+    Stable for large logits; ``-inf`` entries of a row with a finite entry contribute 0 (and get a zero gradient);
+    a row with a NaN or a ``+inf``, or of only ``-inf``, gives NaN and a NaN gradient, as the plain formula does.
+    Leading dims are flattened: ``[*, C] -> [*]``.
     """
     _check_float("entropy: logits", logits)
     if logits.dim() < 1 or logits.shape[-1] < 1:

@@ -41,20 +41,24 @@ def dcoef(grad: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
 
 
 def entropy_fwd(logits: torch.Tensor) -> torch.Tensor:
-    """``-(softmax(z) * log_softmax(z)).sum(-1)``: ``logits[N, C]`` -> ``H[N]`` in fp32 (fp64 for fp64 input);
-    ``-inf`` entries contribute 0 (``p log p -> 0``)."""
+    """``-(softmax(z) * log_softmax(z)).sum(-1)``: ``logits[N, C]`` -> ``H[N]`` in fp32 (fp64 for fp64 input).
+
+    ``-inf`` entries of a row with a finite entry contribute 0 (``p log p -> 0``); a row with a NaN or a ``+inf``,
+    or of only ``-inf``, gives NaN, as the plain formula does (its ``log_softmax`` is NaN in every entry, and
+    ``p != 0`` keeps those NaN in the sum)."""
     acc = acc_dtype(logits.dtype)
     logp = torch.log_softmax(logits.to(acc), dim=-1)
     p = logp.exp()
-    plogp = torch.where(p > 0, p * logp, torch.zeros((), dtype=acc, device=logits.device))
+    plogp = torch.where(p != 0, p * logp, torch.zeros((), dtype=acc, device=logits.device))
     return -plogp.sum(-1)
 
 
 def entropy_bwd(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """``dH/dz = -p * (log p + H)`` scaled per row by ``grad[N]``: -> ``[N, C]`` in logits.dtype."""
+    """``dH/dz = -p * (log p + H)`` scaled per row by ``grad[N]``: -> ``[N, C]`` in logits.dtype; 0 at the ``-inf``
+    entries of a row with a finite entry, NaN in every entry of a row whose ``H`` is NaN."""
     acc = acc_dtype(logits.dtype)
     logp = torch.log_softmax(logits.to(acc), dim=-1)
     p = logp.exp()
-    h = -torch.where(p > 0, p * logp, torch.zeros((), dtype=acc, device=logits.device)).sum(-1, keepdim=True)
-    d = torch.where(p > 0, -p * (logp + h), torch.zeros((), dtype=acc, device=logits.device))
+    h = -torch.where(p != 0, p * logp, torch.zeros((), dtype=acc, device=logits.device)).sum(-1, keepdim=True)
+    d = torch.where(p != 0, -p * (logp + h), h * 0)  # h * 0: 0 for a finite row, NaN for a NaN row
     return (d * grad.to(acc).unsqueeze(-1)).to(logits.dtype)

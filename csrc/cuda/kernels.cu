@@ -539,7 +539,8 @@ __device__ __forceinline__ double neg_inf<double>() {
   return -static_cast<double>(INFINITY);
 }
 
-// Row statistics: max z, s = sum exp(z - max), t = sum exp(z - max) * (z - max); -inf entries skipped.
+// Row statistics: max z, s = sum exp(z - max), t = sum exp(z - max) * (z - max); -inf entries skipped. fmax ignores
+// a NaN entry, but its exp(z - max) makes s NaN (and a +inf max makes inf - inf = NaN).
 template <class A>
 __device__ void row_stats(const void* logits, int dt, int64_t row, int64_t C, A* sh, A& mx, A& s, A& t) {
   const int64_t b = row * C;
@@ -566,7 +567,9 @@ __global__ void __launch_bounds__(kThreads) entropy_fwd_kernel(const void* logit
   __shared__ A sh[kWarps];
   A mx, s, t;
   row_stats<A>(logits, dt, blockIdx.x, C, sh, mx, s, t);
-  if (threadIdx.x == 0) out[blockIdx.x] = s > A(0) ? log(s) - t / s : A(0);  // H = log s - E[z - max]
+  // H = log s - E[z - max]. s > 0 fails for a row of only -inf (s = 0) and for a row with a NaN or a +inf (the NaN,
+  // or inf - inf, makes s NaN): H = NaN there, as softmax of such a row is NaN.
+  if (threadIdx.x == 0) out[blockIdx.x] = s > A(0) ? log(s) - t / s : static_cast<A>(NAN);
 }
 
 template <class A>
@@ -577,8 +580,8 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t row = blockIdx.x;
   row_stats<A>(logits, dt, row, C, sh, mx, s, t);
   const int64_t b = row * C;
-  if (!(s > A(0))) {  // every entry -inf: p = 0 everywhere, as the reference's where(p > 0, ...)
-    for (int64_t j = threadIdx.x; j < C; j += kThreads) st_dt<A>(dlogits, b + j, dt, A(0));
+  if (!(s > A(0))) {  // H is NaN (every entry -inf, or a NaN or +inf in the row): a NaN gradient in every entry
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) st_dt<A>(dlogits, b + j, dt, static_cast<A>(NAN));
     return;
   }
   const A logs = log(s);

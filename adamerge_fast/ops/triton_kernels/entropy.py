@@ -5,7 +5,8 @@ Plain-torch semantics (fp32 accumulation)::
     fwd: H[N]         = -(softmax(z) * log_softmax(z)).sum(-1)     for logits z[N, C]     (fp32)
     bwd: dz[N, C]     = -p * (log p + H[:, None]) * grad[:, None]  with p = softmax(z)   (z dtype)
 
-``-inf`` logits contribute 0 (``p log p -> 0``) and never produce NaN; a row of only ``-inf`` has H = 0.
+``-inf`` logits of a row with a finite entry contribute 0 (``p log p -> 0``) and get a zero gradient; a row with
+a NaN or a ``+inf``, or of only ``-inf``, has H = NaN and a NaN gradient in every entry, as the plain formula.
 
 One program per row walks the row in ``BLOCK_C`` chunks with an online update, so a 128k vocabulary never
 materializes probabilities: with a running max ``m``, ``S = sum exp(z - m)`` and
@@ -46,11 +47,13 @@ def _row_stats(z_row, C, stride_c, BLOCK_C: tl.constexpr):
         t = a * (t + shift * s) + tl.sum(e * zr, axis=0)
         s = a * s + tl.sum(e, axis=0)
         m = m_new
-    ok = s > 0  # False only for a row of -inf: then m = log S = 0 and H = 0, and the backward writes 0
+    # s > 0 fails for a row of only -inf (s = 0) and for a row with a NaN or a +inf (z - m' is NaN there, so s is
+    # NaN): H = NaN, and the backward's -p * (log p + H) is NaN in every entry of the row
+    ok = s > 0
     m = tl.where(ok, m, 0.0)
     s = tl.where(ok, s, 1.0)
     log_s = tl.log(s)
-    h = tl.where(ok, log_s - t / s, 0.0)
+    h = tl.where(ok, log_s - t / s, float("nan"))
     return m, log_s, h
 
 
