@@ -361,7 +361,8 @@ def cmd_merge(args) -> int:
         ties_keep=args.ties_keep, sign_tie=args.sign_tie, dare_p=args.dare_p,
         dare_then=args.dare_then, dare_rescale=args.dare_rescale, seed=args.seed,
         task_vector_dtype=_dtype(args.task_vector_dtype), like=args.like, max_shard_size=args.max_shard_size,
-        overwrite=args.overwrite, progress=not args.no_progress, trust_pickle=args.trust_pickle,
+        overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
+        trust_pickle=args.trust_pickle,
     )
     _log(f"{PROG} merge: wrote {out} in {format_summary(time.perf_counter() - t0)}")
     return 0

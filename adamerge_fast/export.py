@@ -26,7 +26,7 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from .io import CheckpointError
+from .io import CheckpointError, _naming, _plain_open_mode, _umask
 
 Entry = tuple[str, tuple[int, ...], torch.dtype]  # name, shape, dtype of one output tensor
 
@@ -233,6 +233,12 @@ class CheckpointWriter:
             if exc_type is None:
                 self._finish()
                 self._replace()
+            elif issubclass(exc_type, OSError):  # disk full, a read-only location: name the output
+                raise _naming(exc, self.out) from exc
+        except OSError as e:
+            if e.filename == str(self.out):
+                raise
+            raise _naming(e, self.out) from e
         finally:
             if self._writer is not None:
                 self._writer.abort()
@@ -242,6 +248,13 @@ class CheckpointWriter:
     def _replace(self) -> None:
         """Rename the temporary output onto ``out`` (an existing one, allowed by ``overwrite``, is moved aside
         first and deleted after)."""
+        mode = _plain_open_mode(self.out) if self.single else 0o666 & ~_umask()
+        if self.single:
+            os.chmod(self._tmp, mode)
+        else:  # what mkdir and open() would have given them, not the temporary directory's 0o700
+            for f in self._tmp.iterdir():
+                os.chmod(f, mode)
+            os.chmod(self._tmp, 0o777 & ~_umask())
         old = None
         if self.out.exists() or self.out.is_symlink():
             old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".old", dir=self.out.parent))

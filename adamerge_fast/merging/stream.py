@@ -34,11 +34,21 @@ from torch import nn
 
 from .._compat import malloc_trim
 from ..export import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, nbytes
-from ..io import CheckpointError, check_fits, existing, load_state_dict, shape_dtype, streaming
+from ..io import (
+    CheckpointError,
+    NonFiniteCheckpointError,
+    check_finite,
+    check_fits,
+    check_stored_finite,
+    existing,
+    load_state_dict,
+    shape_dtype,
+    streaming,
+)
 from ..ops._common import acc_dtype
 from . import static
 from .static import TiesPlan
-from .task_vectors import floating_keys
+from .task_vectors import floating_keys, source_name
 
 METHODS = ("average", "task_arithmetic", "ties", "dare")
 Source = Any  # a checkpoint path, a state dict or an nn.Module
@@ -94,6 +104,7 @@ class MergeOptions:
         r = replace(r, dare_then=r.dare_then.replace("-", "_"))
         if r.dare_then not in ("task_arithmetic", "ties"):
             raise ValueError(f"dare_then must be 'task_arithmetic' or 'ties', got {self.dare_then!r}")
+        static.check_scale(r.scale, "merge: scale")
         static.check_ties_options(r.ties_k, r.ties_scope, r.ties_keep, r.sign_tie, r.ties_merge)
         static.check_dare_options(r.dare_p, r.dare_rescale)
         if mk and method in ("ties", "dare") and r.ties_scope != "tensor":
@@ -183,7 +194,8 @@ def _tensor_plan(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts
 
 
 def task_vector_chunks(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
-                       gen: torch.Generator | None) -> Iterator[tuple[slice, torch.Tensor]]:
+                       gen: torch.Generator | None, names: Sequence[str] | None = None
+                       ) -> Iterator[tuple[slice, torch.Tensor]]:
     """``(flat slice, tau[K, c])`` over one tensor: exact task vectors (float32 for bf16/fp16 checkpoints, float64
     for fp32/fp64; rounded through ``opts.task_vector_dtype`` when given, as stored task vectors would be), DARE
     applied (``gen``), in chunks of :data:`CHUNK` elements (one chunk: :func:`_whole_tensor`). Each fine-tuned
@@ -199,13 +211,21 @@ def task_vector_chunks(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor]
         e = min(n, a + step)
         bc = b[a:e].to(acc)
         st = torch.empty((K, e - a), dtype=acc)
+        if not _all_finite(bc):
+            check_finite(bc, f"{names[0] if names else 'the pretrained checkpoint'}: key {key!r}",
+                         error=NonFiniteCheckpointError)
         for i in range(K):
             st[i].copy_(fl[i][a:e])
             st[i].sub_(bc)
             if not _all_finite(st[i]):
-                raise CheckpointError(f"task vector {i}: key {key!r} has NaN or inf values")
+                check_finite(fl[i][a:e], f"{names[i + 1] if names else f'fine-tuned checkpoint {i}'}: key {key!r}",
+                             error=NonFiniteCheckpointError)
+                check_finite(st[i], f"task vector {i}: key {key!r}", error=NonFiniteCheckpointError)
         if opts.task_vector_dtype is not None and opts.task_vector_dtype != acc:
-            st = st.to(opts.task_vector_dtype).to(acc)
+            low = st.to(opts.task_vector_dtype)
+            for i in range(K):
+                check_stored_finite(low[i], f"task vector {i}: key {key!r}", st[i], error=NonFiniteCheckpointError)
+            st = low.to(acc)
         if opts.method == "dare":
             st = static.dare_tensor(st, opts.dare_p, gen, opts.dare_rescale)
         yield slice(a, e), st
@@ -294,7 +314,8 @@ def global_thresholds(read: Callable[[], Iterator[torch.Tensor]], n: int, K: int
 
 # ----------------------------------------------------------------------------------------- one tensor
 def merge_tensor(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
-                 plan: TiesPlan | None, gen: torch.Generator | None, backend=None) -> torch.Tensor:
+                 plan: TiesPlan | None, gen: torch.Generator | None, backend=None,
+                 names: Sequence[str] | None = None) -> torch.Tensor:
     """The merged value of one tensor from the pretrained ``base`` and the fine-tuned ``fts`` (one tensor each),
     rounded once to ``base.dtype``; ``gen`` draws the DARE masks, ``plan`` carries TIES's global state."""
     K = len(fts)
@@ -306,7 +327,7 @@ def merge_tensor(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts
         plan = _tensor_plan(key, base, fts, opts, plan, backend)
     b = base.reshape(-1)
     out = torch.empty_like(b)
-    for sl, tau in task_vector_chunks(key, base, fts, opts, gen):
+    for sl, tau in task_vector_chunks(key, base, fts, opts, gen, names):
         if not opts.uses_ties:
             out[sl] = static.combine(b[sl], tau, coef, backend)
         else:
@@ -318,7 +339,7 @@ def merge_tensor(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts
 
 def merge_tensor_mergekit(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
                           plan: TiesPlan | None = None, gen: torch.Generator | None = None,
-                          backend=None) -> torch.Tensor:
+                          backend=None, names: Sequence[str] | None = None) -> torch.Tensor:
     """One tensor merged with mergekit 0.1.5's semantics and float32 order of operations (``dtype: float32``):
     the fine-tuned deltas (sparsified per tensor: magnitude for TIES, seeded random for DARE), times their
     weights, sign consensus (TIES), summed, divided by the (masked) weight sum with ``normalize``, times
@@ -328,10 +349,14 @@ def merge_tensor_mergekit(key: str, base: torch.Tensor, fts: Sequence[torch.Tens
     K = len(fts)
     deltas = b.new_empty((K, *b.shape))
     keep = torch.rand((K, *b.shape), generator=gen) >= opts.dare_p if opts.method == "dare" else None
+    check_finite(b, f"{names[0] if names else 'the pretrained checkpoint'}: key {key!r}",
+                 error=NonFiniteCheckpointError)
     for i in range(K):
         d = fts[i].to(dt) - b
-        if not torch.isfinite(d).all():
-            raise CheckpointError(f"task vector {i}: key {key!r} has NaN or inf values")
+        if not _all_finite(d):
+            check_finite(fts[i], f"{names[i + 1] if names else f'fine-tuned checkpoint {i}'}: key {key!r}",
+                         error=NonFiniteCheckpointError)
+            check_finite(d, f"task vector {i}: key {key!r}", error=NonFiniteCheckpointError)
         if opts.method == "ties" and opts.ties_k < 1.0:
             m = max(1, int(opts.ties_k * d.numel()))
             mask = torch.zeros(d.numel(), dtype=dt)
@@ -459,6 +484,8 @@ def merge_checkpoints(
         what = str(f) if isinstance(f, (str, os.PathLike)) else f"fine-tuned state dict {i}"
         check_fits(base, sd, what, keys=keys, check_dtype=True, ref_name="the pretrained checkpoint")
         fts.append(sd)
+    names = [source_name(pretrained, "the pretrained checkpoint")]
+    names += [source_name(f, f"fine-tuned checkpoint {i}") for i, f in enumerate(finetuned)]
     merged_keys = set(keys)
     entries = [(k, *shape_dtype(base, k)) for k in base.keys()]
     total = sum(nbytes(s, d) for _, s, d in entries)
@@ -490,9 +517,10 @@ def merge_checkpoints(
             if k in merged_keys:
                 with torch.no_grad():
                     merge_one = merge_tensor_mergekit if opts.like == "mergekit" else merge_tensor
-                    t = merge_one(k, b, _Lazy(fts, k), opts, plan, gen, backend)
+                    t = merge_one(k, b, _Lazy(fts, k), opts, plan, gen, backend, names)
                 if not _all_finite(t):
-                    raise CheckpointError(f"merge: the merged tensor {k!r} has NaN or inf values")
+                    check_finite(t, f"merged tensor {k!r} ({str(t.dtype).replace('torch.', '')})",
+                                 " (scale too large for the checkpoint's dtype?)", error=NonFiniteCheckpointError)
             else:
                 t = b
             if sink is not None:
