@@ -150,9 +150,9 @@ def test_failure_leaves_nothing(llama_dirs, tmp_path, monkeypatch):
     sd = {k: sd[k].clone() for k in sd}
     key = "model.layers.1.mlp.up_proj.weight"
     sd[key][0, 0] = float("nan")
-    with pytest.raises(CheckpointError, match=f"task vector 0: key '{key}'.*NaN"):
+    with pytest.raises(CheckpointError, match=f"fine-tuned checkpoint 0: key '{key}'.*NaN"):
         stream.merge_checkpoints(pre, [sd, *fts[1:]], "ties", bad)
-    with pytest.raises(CheckpointError, match=f"task vector 0: key '{key}'.*NaN"):
+    with pytest.raises(CheckpointError, match=f"fine-tuned checkpoint 0: key '{key}'.*NaN"):
         stream.merge_checkpoints(pre, [sd, *fts[1:]], "task_arithmetic", bad)
     calls = []
 
