@@ -25,6 +25,7 @@ _EXPORTS: dict[str, str | None] = {
     "merge": "ops",
     "merge_many": "ops",
     "merged_linear": "ops",
+    "merged_lora_linear": "ops",
     "entropy": "ops",
     "AdaMergedModel": "merging",
     "adamerge": "optim",
@@ -46,6 +47,7 @@ __all__ = [
     "merge",
     "merge_many",
     "merged_linear",
+    "merged_lora_linear",
     "entropy",
     "AdaMergedModel",
     "adamerge",
@@ -90,5 +92,5 @@ if TYPE_CHECKING:  # the same names for type checkers and readers
         ties_split,
         weight_average,
     )
-    from .ops import entropy, merge, merge_many, merged_linear
+    from .ops import entropy, merge, merge_many, merged_linear, merged_lora_linear
     from .optim import History, adamerge

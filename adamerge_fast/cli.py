@@ -102,6 +102,7 @@ def _dtype(name: str | None):
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
     from .demo import add_arguments as add_demo_arguments
+    from .demo_lora import add_arguments as add_demo_lora_arguments
     from .ops import BACKEND_NAMES
 
     p = _Parser(prog=PROG, description="Fast AdaMerging (adaptive model merging, Yang et al. ICLR 2024) and "
@@ -267,6 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Create a pretrained backbone and fine-tuned task models on scikit-learn's "
                        "digits (cached), merge them with every method, print one table of held-out accuracy.")
     add_demo_arguments(d)
+    add_demo_lora_arguments(d)
     d.set_defaults(func=cmd_demo)
 
     # ---- bench
@@ -570,6 +572,11 @@ def cmd_plot(args) -> int:
 
 # --------------------------------------------------------------------------------------------- demo/bench
 def cmd_demo(args) -> int:
+    if args.lora:  # the second mode: full fine-tunes vs LoRA adapters
+        from .demo_lora import run as run_lora
+
+        run_lora(args)
+        return 0
     from .demo import run
 
     run(args)

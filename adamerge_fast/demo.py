@@ -379,6 +379,16 @@ def _static_rows(cfg: DemoConfig, pre: nn.Module, fts, heads, data: DigitsTasks)
     return rows
 
 
+def _test_loaders(cfg: DemoConfig, data: DigitsTasks) -> dict:
+    """Per task, the shuffled (seeded) batches of unlabeled test inputs that AdaMerging sees."""
+    loaders = {}
+    for t in cfg.tasks:
+        g = torch.Generator().manual_seed(cfg.seed)
+        loaders[t] = torch.utils.data.DataLoader(data.inputs(t, "test"), batch_size=cfg.batch_size, shuffle=True,
+                                                 generator=g, drop_last=True)
+    return loaders
+
+
 def evaluate_methods(cfg: DemoConfig, *, cache_dir: Path | None = None, backend: str = "auto", progress: bool = True,
                      log: Callable[[str], None] = print) -> DemoResult:
     """Create (or load from ``cache_dir``) the models of ``cfg``, merge them with every method and score each
@@ -398,11 +408,7 @@ def evaluate_methods(cfg: DemoConfig, *, cache_dir: Path | None = None, backend:
     rows += _static_rows(cfg, pre, fts, heads, data)
     timings["static merges"] = round(time.perf_counter() - t0, 2)
 
-    test_loaders = {}
-    for t in tasks:
-        g = torch.Generator().manual_seed(cfg.seed)
-        test_loaders[t] = torch.utils.data.DataLoader(data.inputs(t, "test"), batch_size=cfg.batch_size, shuffle=True,
-                                                      generator=g, drop_last=True)
+    test_loaders = _test_loaders(cfg, data)
     layerwise = None
     for label, gran, ties in (("Task-wise AdaMerging", "task", None), ("Layer-wise AdaMerging", "layer", None),
                               ("Layer-wise AdaMerging++", "layer", {"k": cfg.ties_k})):

@@ -9,6 +9,9 @@
    see ``merged_linear.choose_strategy``; the choices it made are written to the JSON as ``tuned``). The
    crossover between the first two is the evidence for the fallback ``FUSED_MAX_M`` used where nothing can
    be measured.
+3. ``merged_lora_linear`` forward + backward with 8 rank-16 adapters (bf16 x, w0 and adapters) against
+   materializing ``W0 + sum_k c_k s_k B_k A_k`` in autograd and the plain-torch reference op, for the same M and
+   7B-LLM layer shapes: time and peak extra memory; Triton rows fused, jit and auto as above.
 
 Usage::
 
@@ -105,6 +108,27 @@ def _fwd_bwd(fwd, dy):
     fwd().backward(dy)
 
 
+def _triton_variants(tml, triton_fwd, M: int, max_fused_m: int) -> dict:
+    """The Triton rows: the fused strategy (up to ``max_fused_m`` rows), the just-in-time one, and the choice."""
+    return {f"triton-{s or 'auto'}": partial(_with_strategy, tml, s, triton_fwd)
+            for s in ("fused", "jit", None) if not (s == "fused" and M > max_fused_m)}  # fmt: skip
+
+
+def _time_variants(variants: dict, dy, leaves):
+    """``(name, (fwd ms, fwd+bwd ms, peak extra bytes))`` per variant (NaN when it runs out of memory); the
+    gradients of ``leaves`` are cleared after each."""
+    for name, fwd in variants.items():
+        step = partial(_fwd_bwd, fwd, dy)
+        try:
+            res = (_bench_ms(fwd, rep=50), _bench_ms(step, rep=50), _peak_extra_bytes(step))
+        except torch.cuda.OutOfMemoryError:
+            res = (float("nan"),) * 3
+            torch.cuda.empty_cache()
+        for t in leaves:
+            t.grad = None
+        yield name, res
+
+
 def bench_linear(quick: bool, max_fused_m: int):
     from adamerge_fast.ops.triton_kernels import merged_linear as tml
 
@@ -127,26 +151,52 @@ def bench_linear(quick: bool, max_fused_m: int):
                     "reference": partial(adamerge_fast.merged_linear, *args, backend="reference"),
                 }
                 triton_fwd = partial(adamerge_fast.merged_linear, *args, backend="triton")
-                for strategy in ("fused", "jit", None):
-                    if strategy == "fused" and M > max_fused_m:
-                        continue
-                    variants[f"triton-{strategy or 'auto'}"] = partial(_with_strategy, tml, strategy, triton_fwd)
-                for name, fwd in variants.items():
-                    step = partial(_fwd_bwd, fwd, dy)
-                    try:
-                        t_f = _bench_ms(fwd, rep=50)
-                        t_fb = _bench_ms(step, rep=50)
-                        mem = _peak_extra_bytes(step)
-                    except torch.cuda.OutOfMemoryError:
-                        t_f = t_fb = mem = float("nan")
-                        torch.cuda.empty_cache()
-                    x.grad = cw.grad = cb.grad = None
+                variants.update(_triton_variants(tml, triton_fwd, M, max_fused_m))
+                for name, (t_f, t_fb, mem) in _time_variants(variants, dy, (x, cw, cb)):
                     rows.append(dict(op="merged_linear", config=label, out=out_f, inp=in_f, M=M, variant=name,
                                      fwd_ms=t_f, fwd_bwd_ms=t_fb, peak_extra_MiB=mem / 2**20))  # fmt: skip
                     print(f"{label:8s} {out_f:5d}x{in_f:<5d} M={M:<6d} {name:15s} fwd {t_f:8.3f} ms  "
                           f"fwd+bwd {t_fb:8.3f} ms  peak +{mem / 2**20:8.1f} MiB", flush=True)  # fmt: skip
             w0 = tau_w = None
             torch.cuda.empty_cache()
+    return rows
+
+
+LORA_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in): 7B attention, MLP up, MLP down
+
+
+def _naive_lora_linear(x, w0, a, b, ranks, coef, scale):
+    # materialize-then-matmul in plain torch autograd: W0 + sum_k c_k s_k B_k A_k and its gradient exist in full
+    cs = torch.repeat_interleave(coef * scale, torch.tensor(ranks, device=x.device), output_size=a.shape[0])
+    w = torch.addmm(w0.float(), b.float() * cs, a.float())
+    return torch.nn.functional.linear(x, w.to(x.dtype))
+
+
+def bench_lora_linear(quick: bool, max_fused_m: int, K: int = 8, r: int = 16):
+    from adamerge_fast.ops.triton_kernels import merged_linear as tml
+
+    rows, dt = [], torch.bfloat16
+    ranks = [r] * K
+    for out_f, in_f in LORA_SHAPES[:1] if quick else LORA_SHAPES:
+        w0 = (torch.randn(out_f, in_f, device="cuda") * in_f**-0.5).to(dt)
+        a = (torch.randn(K * r, in_f, device="cuda") * in_f**-0.5).to(dt)
+        b = (torch.randn(out_f, K * r, device="cuda") * 0.01).to(dt)
+        scale = torch.full((K,), 2.0, device="cuda")
+        for M in MS:
+            x = torch.randn(M, in_f, device="cuda").to(dt).requires_grad_()
+            cw = torch.full((K,), 0.3, device="cuda", requires_grad=True)
+            dy = torch.randn(M, out_f, device="cuda").to(dt)
+            args = (x, w0, a, b, ranks, cw, scale)
+            variants = {"naive-autograd": partial(_naive_lora_linear, *args),
+                        "reference": partial(adamerge_fast.merged_lora_linear, *args, backend="reference")}
+            triton_fwd = partial(adamerge_fast.merged_lora_linear, *args, backend="triton")
+            variants.update(_triton_variants(tml, triton_fwd, M, max_fused_m))
+            for name, (t_f, t_fb, mem) in _time_variants(variants, dy, (x, cw)):
+                rows.append(dict(op="merged_lora_linear", config=f"K{K}-r{r}-bf16", out=out_f, inp=in_f, M=M,
+                                 variant=name, fwd_ms=t_f, fwd_bwd_ms=t_fb, peak_extra_MiB=mem / 2**20))  # fmt: skip
+                print(f"lora K{K} r{r} {out_f:5d}x{in_f:<5d} M={M:<6d} {name:15s} fwd {t_f:8.3f} ms  "
+                      f"fwd+bwd {t_fb:8.3f} ms  peak +{mem / 2**20:8.1f} MiB", flush=True)  # fmt: skip
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -161,7 +211,7 @@ def _with_strategy(tml, strategy, fn):
 
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_triton_ops", description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["merge", "linear"], default=None)
+    p.add_argument("--only", choices=["merge", "linear", "lora"], default=None)
     p.add_argument("--quick", action="store_true", help="fewer shapes / tensors")
     p.add_argument("--max-fused-m", type=int, default=4096, help="skip the fused strategy above this M")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "bench_triton_ops.json"))
@@ -187,6 +237,8 @@ def main(argv=None):
         result["rows"] += bench_merge(args.quick)
     if args.only in (None, "linear"):
         result["rows"] += bench_linear(args.quick, args.max_fused_m)
+    if args.only in (None, "lora"):
+        result["rows"] += bench_lora_linear(args.quick, args.max_fused_m)
     from adamerge_fast.ops.triton_kernels import merged_linear as tml
 
     result["tuned"] = [dict(key=[str(p) for p in k], strategy=v) for k, v in tml.tuned_strategies().items()]

@@ -6,10 +6,10 @@ or register overflow, ptxas failures) slips through. This script compiles the ke
 ``sm_80`` with ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` and the ptxas bundled with Triton.
 
 The variants are not hard-coded: the launchers of the kernel modules (``merge``, ``dcoef``, ``merge_many``,
-``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``) are called on ``meta`` tensors over a
-grid of dtypes and representative problem sizes, with every ``@triton.jit`` kernel replaced by a recorder. Each
-recorded launch is specialized exactly as Triton's runtime would specialize it (same binder: pointer
-alignment, ints equal to 1 become constexprs, divisibility by 16) and compiled once per distinct
+``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``, ``merged_lora_linear_fwd/bwd``) are called
+on ``meta`` tensors over a grid of dtypes and representative problem sizes, with every ``@triton.jit`` kernel
+replaced by a recorder. Each recorded launch is specialized exactly as Triton's runtime would specialize it (same
+binder: pointer alignment, ints equal to 1 become constexprs, divisibility by 16) and compiled once per distinct
 specialization. So the block sizes, warps, stages, ``DOT_TY``/``PREC`` and flags are whatever the launchers'
 config functions choose today.
 
@@ -101,10 +101,11 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from adamerge_fast.ops.triton_kernels import entropy as EN  # noqa: E402
+from adamerge_fast.ops.triton_kernels import lora as LR  # noqa: E402
 from adamerge_fast.ops.triton_kernels import merge as MG  # noqa: E402
 from adamerge_fast.ops.triton_kernels import merged_linear as ML  # noqa: E402
 
-MODULES = (MG, ML, EN)
+MODULES = (MG, ML, EN, LR)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CUOBJDUMP = os.path.join(BIN, "cuobjdump")
 
@@ -123,6 +124,9 @@ LINEAR_IN_OUT = ((768, 3072), (3072, 768), (4096, 4096))  # ViT-B MLP fc1 / fc2,
 # fp16 model.
 LINEAR_DTYPES = ((F32, F32, F32), (F32, F32, BF16), (F32, F32, F16), (BF16, F32, F32), (BF16, F32, BF16),
                  (F16, F32, F32), (F16, F32, F16), (BF16, BF16, BF16), (F16, F16, F16))  # fmt: skip
+# LoRA: 8 tasks of rank 16 (R = 128), mixed ranks (R = 88), one rank-64 task; adapters in the model's dtype or fp32
+LORA_RANKS = ((16,) * 8, (8, 16, 64), (64,))
+LORA_DTYPES = ((F32, F32, F32), (BF16, F32, F32), (BF16, BF16, BF16), (F16, F16, F16), (BF16, BF16, F32))
 ENTROPY_C = (10, 100, 1000, 32000, 128256)  # classes: CIFAR-10, CIFAR-100, ImageNet, LLM vocabularies
 ENTROPY_N = 64
 
@@ -196,6 +200,18 @@ def drive_launchers():
                     ML.merged_linear_fwd(x, w0, tau, coef, b0, tau_b, coef_b)
                     ML.merged_linear_dx(dy, w0, tau, coef, out_dtype=xd)
                     ML.merged_linear_dcoef_w(dy, x, tau)
+                # LoRA adapters as task vectors: forward (no bias, merged bias), backward (dx + both coefficient
+                # gradients, and the coefficient gradient alone), for both strategies (chosen by M here)
+                for (xd, wd, ad), M, (IN, OUT), ranks in product(LORA_DTYPES, LINEAR_M, LINEAR_IN_OUT, LORA_RANKS):
+                    K, R = len(ranks), sum(ranks)
+                    x, dy, u = _meta((M, IN), xd), _meta((M, OUT), xd), _meta((M, R))
+                    w0, a, b, coef, scale = _meta((OUT, IN), wd), _meta((R, IN), ad), _meta((OUT, R), ad), \
+                        _meta((K,)), _meta((K,))  # fmt: skip
+                    b0, tau_b = _meta((OUT,), wd), _meta((K, OUT), ad)
+                    LR.merged_lora_linear_fwd(x, w0, a, b, ranks, coef, scale)
+                    LR.merged_lora_linear_fwd(x, w0, a, b, ranks, coef, scale, b0, tau_b, coef)
+                    LR.merged_lora_linear_bwd(dy, x, w0, a, b, ranks, coef, scale, u, tau_b, True, True, True)
+                    LR.merged_lora_linear_bwd(dy, x, w0, a, b, ranks, coef, scale, u, None, False, True, False)
         finally:
             torch.set_float32_matmul_precision(old_prec)
         # entropy of logits [N, C] and its gradient (the upstream gradient of the fp32 entropy is fp32)

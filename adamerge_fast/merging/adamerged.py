@@ -37,6 +37,7 @@ from torch import nn
 
 from .. import ops
 from ..io import CheckpointError, check_finite, save_safetensors
+from . import lora
 from .static import check_ties_k, ties_split
 from .task_vectors import Source, check_task_vectors
 from .task_vectors import task_vectors as make_task_vectors
@@ -312,7 +313,9 @@ class AdaMergedModel(nn.Module):
         pretrained: the pretrained ``nn.Module`` (``theta_0``). Its modules are copied unless ``copy=False``
             (then they are rewritten in place); its parameter tensors are shared, never copied or written.
         finetuned: fine-tuned models/state dicts/checkpoint paths (one per task), or ``None`` if
-            ``task_vectors`` is given.
+            ``task_vectors`` is given. LoRA adapters (PEFT adapter directories, ``{name: (A, B, scale)}`` mappings,
+            :class:`~adamerge_fast.merging.lora.LoraAdapter`) are task vectors too, kept low-rank
+            (:mod:`adamerge_fast.merging.lora`); a task may also be a full fine-tuned model among adapters.
         task_vectors: stacked task vectors ``{name: [K, *shape]}`` for every floating parameter.
         granularity: ``"layer"`` (one coefficient per parameter tensor per task) or ``"task"`` (one per task).
         init: initial coefficient (0.3 as the paper), a float or a ``[rows, K]`` tensor.
@@ -372,9 +375,22 @@ class AdaMergedModel(nn.Module):
             raise ValueError("pretrained model has no floating-point parameters to merge"
                              + ("" if parameter_filter is None else f" (parameter_filter={parameter_filter!r})"))
         names = [n for n, _ in named]
-        tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
-                                   trust_pickle)
-        K = next(iter(tv.values())).shape[0]
+        self._lora: lora.LoraTaskVectors | None = None
+        if finetuned is not None and any(lora.is_lora_source(f) for f in finetuned):
+            # storage kind "LoRA": low-rank weights run by MergedLoRALinear; `tv` holds the dense task vectors only,
+            # of the parameters some task touches densely (its tasks in self._lora.dense_tasks)
+            if ties:
+                raise ValueError("ties (AdaMerging++) trims dense task vectors: it does not apply to LoRA adapters")
+            if isinstance(task_vector_dtype, str):
+                raise ValueError(f"task_vector_dtype={task_vector_dtype!r} (quantized dense task vectors) does not "
+                                 "apply to LoRA adapters; give a floating dtype or None")
+            self._lora = lora.collect(pretrained, dict(named), finetuned, dtype=task_vector_dtype,
+                                      trust_pickle=trust_pickle)
+            tv, K = self._lora.dense, self._lora.num_tasks
+        else:
+            tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
+                                       trust_pickle)
+            K = next(iter(tv.values())).shape[0]
         self.num_tasks, self.granularity, self.clamp_range, self.backend = K, granularity, clamp, backend
         self.coefficient_layout, self.normalize = coefficient_layout, normalize
         self.param_names = names
@@ -390,6 +406,8 @@ class AdaMergedModel(nn.Module):
             "task_vector_dtype": None if task_vector_dtype is None else str(task_vector_dtype).replace("torch.", ""),
             "normalize": normalize, "coefficient_layout": coefficient_layout,
         }  # fmt: skip
+        if self._lora is not None:  # a run on adapters is another problem than one on dense task vectors
+            self._settings["task_vector_storage"] = "lora"
 
         object.__setattr__(self, "_template", _meta_template(pretrained))
         # every name under which each parameter is reachable (tied weights have several) -> its row in `names`
@@ -426,8 +444,15 @@ class AdaMergedModel(nn.Module):
 
     def _rewrite_linear_modules(self, skel: nn.Module, tv: Mapping[str, torch.Tensor]) -> nn.Module:
         """Replace every ``nn.Linear`` and rewritable ``nn.MultiheadAttention`` whose weight has a coefficient
-        row by its merged counterpart; ``self._rewritten`` lists their paths. Returns the (new) root."""
+        row by its merged counterpart; ``self._rewritten`` lists their paths. Returns the (new) root. With LoRA
+        sources: the layers whose weight has LoRA task vectors become
+        :class:`~adamerge_fast.merging.lora.MergedLoRALinear` instead."""
         self._rewritten: list[str] = []
+        if self._lora is not None:
+            for path, new in lora.merged_lora_modules(self, skel, self._lora):
+                skel = _set_child(skel, path, new)
+                self._rewritten.append(path)
+            return skel
         for path, m in list(skel.named_modules()):
             if any(path.startswith(h + ".") or h == "" for h in self._rewritten):
                 continue  # inside a module already rewritten
@@ -462,8 +487,8 @@ class AdaMergedModel(nn.Module):
             mod = skel.get_submodule(mod_path) if mod_path else skel
             del mod._parameters[pn]
             mod.register_buffer(pn, p.detach(), persistent=False)
-            if full not in self._aliases:  # a non-floating parameter: kept as it is
-                continue
+            if full not in self._aliases or self.param_names[self._aliases[full]] not in tv:
+                continue  # a non-floating parameter, or one no task touches (LoRA sources): kept as it is
             canon = self.param_names[self._aliases[full]]
             if canon not in pos:
                 pos[canon] = len(self._generic_names)
@@ -478,11 +503,17 @@ class AdaMergedModel(nn.Module):
         for i, n in enumerate(self._generic_names):
             self._generic_task_vectors.register_buffer(f"t{i}", tv[n], persistent=False)
         self._generic_cache: list | None = None
+        # LoRA sources: task vectors of task subsets, merged per subset (None: every parameter has all K tasks)
+        self._generic_groups = None if self._lora is None else lora.task_groups(
+            self._generic_names, self._lora.dense_tasks, device)  # fmt: skip
 
     # -------------------------------------------------------------------------------------------------
     def _apply(self, fn, *args, **kwargs):
         self._generic_cache = None
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        if getattr(self, "_generic_groups", None) is not None:
+            self._generic_groups = [(fn(p), fn(t)) for p, t in self._generic_groups]
+        return out
 
     def _generic_tensors(self) -> list[list[torch.Tensor]]:
         """``[bases, task vectors]`` of the parameters merged by ``merge_many`` (cached until ``.to()``)."""
@@ -519,7 +550,11 @@ class AdaMergedModel(nn.Module):
             params = {}
             if self._generic_names:
                 bases, deltas = self._generic_tensors()
-                merged = ops.merge_many(bases, deltas, coefs[self._generic_rows_t], backend=self.backend)
+                if self._generic_groups is None:
+                    merged = ops.merge_many(bases, deltas, coefs[self._generic_rows_t], backend=self.backend)
+                else:  # LoRA sources: one merge_many per task subset
+                    merged = lora.merge_groups(bases, deltas, coefs[self._generic_rows_t], self._generic_groups,
+                                               self.backend)  # fmt: skip
                 params = {full: merged[i] for full, i in self._generic_feed}
             return torch.func.functional_call(self.skeleton, params, args, kwargs)
         finally:
@@ -565,13 +600,37 @@ class AdaMergedModel(nn.Module):
     @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The merged model's full state dict (the pretrained architecture's keys), materialized once."""
-        merged = {name: self.merged_parameter(name) for name in self.param_names}
+        coefs = self.coefficients.detach()
+        merged = {} if self._lora is None else self._lora_merged_parameters(coefs)
+        for name in self.param_names:
+            if name not in merged:
+                merged[name] = self.merged_parameter(name)
         out = {}
         for key in self._template.state_dict(keep_vars=True):
             if key in self._aliases:
                 out[key] = merged[self.param_names[self._aliases[key]]]
             else:
                 out[key] = self._fixed_tensor(key)
+        return out
+
+    def _lora_merged_parameters(self, coefs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """With LoRA sources: every parameter, materialized (the LoRA layers' weights, task-subset merges, and the
+        pretrained tensor of a parameter no task touches)."""
+        out = {}
+        for path in self._rewritten:  # MergedLoRALinear
+            m = self.skeleton.get_submodule(path)
+            pre = path + "." if path else ""
+            out[pre + "weight"] = m.merged_weight(coefs)
+            if m.b0 is not None:
+                out[pre + "bias"] = m.merged_bias(coefs)
+        bases, deltas = self._generic_tensors()
+        for i, name in enumerate(self._generic_names):
+            tasks = torch.tensor(self._lora.dense_tasks[name], dtype=torch.long, device=coefs.device)
+            out[name] = ops.merge(bases[i], deltas[i], coefs[self._generic_rows[i]].index_select(0, tasks),
+                                  backend=self.backend)  # fmt: skip
+        for name in self.param_names:
+            if name not in out:
+                out[name] = self.skeleton.get_buffer(name)
         return out
 
     def to_module(self) -> nn.Module:
@@ -583,6 +642,10 @@ class AdaMergedModel(nn.Module):
             if full != canon:
                 mod_path, _, pn = full.rpartition(".")
                 (m.get_submodule(mod_path) if mod_path else m)._parameters[pn] = m.get_parameter(canon)
+        for name, b in list(m.named_buffers()):  # non-persistent buffers (e.g. Llama's rotary inv_freq) are not in
+            if b.is_meta:  # the state dict: the skeleton's own (the pretrained model's) values
+                mod_path, _, bn = name.rpartition(".")
+                (m.get_submodule(mod_path) if mod_path else m)._buffers[bn] = self.skeleton.get_buffer(name)
         return m
 
     def save_merged(self, path) -> None:
@@ -601,8 +664,7 @@ class AdaMergedModel(nn.Module):
         if self.coefficient_layout != "rows_tasks" or self.normalize is not None:
             h.update(f"layout={self.coefficient_layout}|normalize={self.normalize}|".encode())
         for n in self.param_names:
-            base, _, _ = self._row_tensors(n)
-            h.update(f"{n}:{tuple(base.shape)};".encode())
+            h.update(f"{n}:{tuple(self._template.get_parameter(n).shape)};".encode())
         return h.hexdigest()[:16]
 
     def algorithm_settings(self) -> dict[str, Any]:

@@ -103,10 +103,13 @@ def task_vectors(
         acc = acc_dtype(b.dtype, st.dtype)
         b_acc = b.to(device=dev, dtype=acc)
         for i, ft in enumerate(fts):
-            t = ft[k].detach()
-            d = t.to(device=dev, dtype=acc) - b_acc  # exact for bf16/fp16 within 2^15x
+            exact = getattr(ft, "task_vector", None)  # a view that knows its difference (adapters.AdapterCheckpoint)
+            t = None if exact is not None else ft[k].detach()
+            # the difference in float32 (float64 for float64): exact for bf16/fp16 within 2^15x, rounded once below
+            d = exact(k).to(device=dev, dtype=acc) if exact is not None else t.to(device=dev, dtype=acc) - b_acc
             if not bool(torch.isfinite(d).all()):  # b is finite: t has the NaN/inf, or the difference overflows
-                check_finite(t, f"{names[i + 1]}: key {k!r}", error=NonFiniteCheckpointError)
+                if t is not None:
+                    check_finite(t, f"{names[i + 1]}: key {k!r}", error=NonFiniteCheckpointError)
                 check_finite(d, f"task vector {i}: key {k!r} (fine-tuned minus pretrained, in {d.dtype})",
                              error=NonFiniteCheckpointError)
             st[i].copy_(d)

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
+from ..adapters import AdapterCheckpoint, as_adapter, check_adapter, is_lora_source
 from ..io import check_fits, existing, load_state_dict
 from .heads import load_head, read_lines
 
@@ -147,7 +148,11 @@ def load_finetuned(
     """Read each fine-tuned checkpoint and check that it fits ``reference``.
 
     ``sources``: checkpoint paths (read by :func:`adamerge_fast.io.load_state_dict`, lazily for safetensors;
-    whole pickles only with ``trust_pickle``) or state dicts. ``transform_keys`` maps a checkpoint's key layout
+    whole pickles only with ``trust_pickle``) or state dicts; LoRA adapters (PEFT adapter directories, ``{name: (A, B,
+    scale)}`` mappings: :mod:`adamerge_fast.adapters`) are checked against a module ``reference`` and returned as
+    :class:`~adamerge_fast.adapters.LoraAdapter` (``AdaMergedModel`` keeps them low-rank), or against a state-dict
+    ``reference`` returned as the fine-tuned checkpoint they stand for
+    (:class:`~adamerge_fast.adapters.AdapterCheckpoint`). ``transform_keys`` maps a checkpoint's key layout
     to the reference's (e.g. :func:`adamerge_fast.models.open_clip.visual_state_dict`). Each result must hold
     ``keys`` (default: every parameter of a module reference, every key of a state-dict reference) with the
     reference's shapes and dtypes (:func:`adamerge_fast.io.check_fits`), else a one-line ``CheckpointError``
@@ -156,6 +161,12 @@ def load_finetuned(
     keys = None if keys is None else list(keys)
     out = []
     for i, src in enumerate(sources):
+        if is_lora_source(src):  # a LoRA adapter: checked against the model (prefixes inferred, no transform_keys)
+            if isinstance(reference, nn.Module):
+                out.append(check_adapter(src, reference, i))
+            else:
+                out.append(AdapterCheckpoint(reference, as_adapter(src, i)))
+            continue
         if isinstance(src, Mapping):
             sd, what = src, f"fine-tuned state dict {i}"
         else:

@@ -7,12 +7,17 @@ Plain-torch semantics (``K`` task vectors, accumulation in fp32, or fp64 when an
     merged_linear(x[*, in], w0[out, in], tau_w[K, out, in], coef_w[K],
                   b0[out]|None, tau_b[K, out]|None, coef_b[K]|None)
                                                    = x @ merge(w0, tau_w, coef_w).T + merge(b0, tau_b, coef_b)
+    merged_lora_linear(x[*, in], w0[out, in], lora_a[R, in], lora_b[out, R], ranks[K], coef_w[K], scale[K],
+                       b0, tau_b[Kb, out], coef_b[Kb])
+                                                   = x @ (w0 + sum_k coef_w[k] scale[k] B_k A_k).T + merged bias
     entropy(logits[N, C])                          = -(softmax(logits) * log_softmax(logits)).sum(-1)  -> [N]
 
 All are differentiable. The fast paths are the coefficient gradients:
 ``d coef[k] = <grad, deltas[k]>`` and, for ``merged_linear``, ``d coef_w[k] = <dy^T x, tau_w[k]>`` computed
 without allocating the ``[out, in]`` weight gradient on fused backends; the merged weight is recomputed in
-backward, never saved. Task vectors may be stored in bf16/fp16 below an fp32 ``w0``.
+backward, never saved. Task vectors may be stored in bf16/fp16 below an fp32 ``w0``. ``merged_lora_linear`` takes
+LoRA adapters as the weight's task vectors (``A_k = lora_a[rows of task k]``, ``B_k = lora_b[:, those columns]``)
+and never forms an ``[out, in]`` tensor besides ``w0`` (:mod:`.lora`).
 
 ``backend``: ``"auto"`` (default; or the ``ADAMERGE_BACKEND`` environment variable), or a registered name:
 ``"reference"``, ``"cpu"`` (C++ extension), ``"triton"``, ``"cuda"`` (see :func:`backend_names`). The backends and
@@ -26,6 +31,7 @@ is first constructed, as an optional dependency)::
     _backend                      -> _common, reference
     _registry                     -> _backend
     _library                      -> _common, _registry
+    lora                          -> _common, reference, _library, _registry
     cpp_backend                   -> _common, _backend; adamerge_fast._C (lazy)
     triton_backend                -> _common, _backend, reference; triton, triton_kernels (lazy)
     triton_kernels                -> triton_kernels._common
@@ -33,10 +39,11 @@ is first constructed, as an optional dependency)::
     triton_kernels.merge          -> _common, triton_kernels._common
     triton_kernels.merged_linear  -> _common, triton_kernels._common, triton_kernels.merge
     triton_kernels.entropy        -> _common, triton_kernels._common
-    __init__                      -> _backend, _registry, _library, cpp_backend, triton_backend
+    triton_kernels.lora  -> _common, triton_kernels._common, triton_kernels.merge, triton_kernels.merged_linear
+    __init__                      -> _backend, _registry, _library, lora, cpp_backend, triton_backend
 
-Kernel modules and backends never import the registry or the dispatcher; only ``_library`` (the custom ops,
-which carry a backend *name*) and this module do.
+Kernel modules and backends never import the registry or the dispatcher; only the op modules ``_library`` and
+``lora`` (the custom ops, which carry a backend *name*) and this module do.
 """
 
 from __future__ import annotations
@@ -63,12 +70,14 @@ from ._registry import (
     unregister_backend,
 )
 from .cpp_backend import CppBackend, CudaBackend
+from .lora import merged_lora_linear
 from .triton_backend import TritonBackend
 
 __all__ = [
     "merge",
     "merge_many",
     "merged_linear",
+    "merged_lora_linear",
     "entropy",
     "resolve",
     "backend_status",
@@ -90,11 +99,13 @@ __all__ = [
 # first available one. ``reference`` (plain torch) runs everywhere and comes last. On the CPU the C++ kernels
 # are preferred for the memory-bound merge ops, where benchmarks/results/cpu_merge.md shows them ahead of the
 # K-pass torch reference; ``merged_linear`` there merges with the same kernel and then calls the torch matmul.
-# The extension has no CPU entropy kernel, so CPU entropy stays on ``reference``.
+# The extension has no CPU entropy kernel, so CPU entropy stays on ``reference``. ``merged_lora_linear`` has no
+# kernel of the extension (``cpu``/``cuda`` would run the same plain-torch composite as ``reference``): ``auto``
+# takes ``reference`` on the CPU and the fused Triton kernels on CUDA.
 register_backend("reference", ReferenceBackend, priority=0, auto={ANY_DEVICE: OPS})
 register_backend("cpu", CppBackend, priority=100, auto={"cpu": ("merge", "merge_many", "merged_linear")})
 register_backend("triton", TritonBackend, priority=200, auto={"cuda": OPS})
-register_backend("cuda", CudaBackend, priority=300, auto={"cuda": OPS})
+register_backend("cuda", CudaBackend, priority=300, auto={"cuda": tuple(o for o in OPS if o != "merged_lora_linear")})
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 

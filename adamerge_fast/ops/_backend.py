@@ -82,6 +82,28 @@ class Backend:
             dcb = self.dcoef(dy.to(acc).sum(0), tau_b)
         return dx, dcw, dcb
 
+    def merged_lora_linear_fwd(self, x, w0, lora_a, lora_b, ranks, coef_w, scale, b0, tau_b, coef_b):
+        """``(y[M, out], u[M, R])``: ``y = x @ w0.T + ((x @ lora_a.T) * cs) @ lora_b.T + merge(b0, tau_b, coef_b)``
+        in x.dtype, ``u = x @ lora_a.T`` in the accumulation dtype (saved for backward); ``cs[r]`` is
+        ``coef_w[k] * scale[k]`` of rank row r's task k (``ranks[k]`` consecutive rows per task). Shapes:
+        ``lora_a[R, in]``, ``lora_b[out, R]``, ``ranks`` K ints, ``coef_w``/``scale`` ``[K]``, ``b0[out]`` or None,
+        ``tau_b[Kb, out]``/``coef_b[Kb]`` or None. Plain torch (:func:`.reference.lora_linear_fwd`); no
+        ``[out, in]`` tensor."""
+        b = b0 if b0 is None or tau_b is None else self.merge(b0, tau_b, coef_b)
+        return reference.lora_linear_fwd(x, w0, lora_a, lora_b, ranks, coef_w, scale, b)
+
+    def merged_lora_linear_bwd(self, dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, tau_b,
+                               need_dx, need_dcoef_w, need_dcoef_b):
+        """``(dx[M, in] | empty, dcoef_w[K] | empty, dcoef_b[Kb] | empty)`` of :meth:`merged_lora_linear_fwd`:
+        ``dx = dy @ w0 + ((dy @ lora_b) * cs) @ lora_a``;
+        ``dcoef_w[k] = scale[k] * sum((dy @ lora_b_k) * u_k)``; ``dcoef_b[k] = <dy.sum(0), tau_b[k]>``."""
+        acc = acc_dtype(w0.dtype, x.dtype, lora_a.dtype, lora_b.dtype)
+        dx, dcw = reference.lora_linear_bwd(dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, need_dx,
+                                            need_dcoef_w)
+        dcb = self.dcoef(dy.to(acc).sum(0), tau_b) if need_dcoef_b else None
+        # distinct empties for what was not asked: custom-op outputs must not alias each other
+        return tuple(t if t is not None else dy.new_empty(0, dtype=acc) for t in (dx, dcw, dcb))
+
     def entropy_fwd(self, logits):
         """``logits[N, C]`` -> softmax entropy ``[N]`` (fp32; fp64 for fp64 logits): :func:`.reference.entropy_fwd`."""
         return reference.entropy_fwd(logits)

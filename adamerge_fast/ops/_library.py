@@ -256,15 +256,12 @@ def _merged_linear_backward(ctx, dy):
     need_x, need_w0, need_tau_w, need_coef_w, need_b0, need_tau_b, need_coef_b = ctx.needs_input_grad[:7]
     need_coef_b = need_coef_b and tau_b is not None
     dx, dcw, dcb = ctx.merged_linear_bwd(dy, x, w0, tau_w, coef_w, tau_b, need_x, need_coef_w, need_coef_b)
-    dw0 = dtau_w = db0 = dtau_b = None
+    dw0 = dtau_w = None
     if need_w0 or need_tau_w:  # gradients of the weights themselves: plain autograd formula (not the fast path)
         dw = dy.to(w0.dtype).t() @ x.to(w0.dtype)
         dw0 = dw if need_w0 else None
         dtau_w = _scaled(coef_w, dw, tau_w.dtype) if need_tau_w else None
-    if need_b0 or need_tau_b:
-        gb = dy.sum(0)
-        db0 = gb if need_b0 else None
-        dtau_b = _scaled(coef_b, gb, tau_b.dtype) if need_tau_b else None
+    db0, dtau_b = _bias_grads(dy, coef_b, tau_b, need_b0, need_tau_b)
     return (
         dx if need_x else None,
         dw0,
@@ -275,6 +272,14 @@ def _merged_linear_backward(ctx, dy):
         dcb.to(coef_b.dtype) if need_coef_b else None,
         None,
     )
+
+
+def _bias_grads(dy, coef_b, tau_b, need_b0: bool, need_tau_b: bool):
+    """``(d b0, d tau_b)`` of a merged bias ``b0 + sum_k coef_b[k] tau_b[k]`` given the output gradient ``dy``."""
+    if not (need_b0 or need_tau_b):
+        return None, None
+    gb = dy.sum(0)
+    return (gb if need_b0 else None), (_scaled(coef_b, gb, tau_b.dtype) if need_tau_b else None)
 
 
 def _merged_linear_setup(ctx, inputs, output):

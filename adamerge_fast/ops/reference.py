@@ -62,3 +62,62 @@ def entropy_bwd(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     h = -torch.where(p != 0, p * logp, torch.zeros((), dtype=acc, device=logits.device)).sum(-1, keepdim=True)
     d = torch.where(p != 0, -p * (logp + h), h * 0)  # h * 0: 0 for a finite row, NaN for a NaN row
     return (d * grad.to(acc).unsqueeze(-1)).to(logits.dtype)
+
+
+# --------------------------------------------------------------------------------------------------- LoRA
+def lora_row_tasks(ranks, device: torch.device) -> torch.Tensor:
+    """``[R]`` int64: the task of each rank row of the concatenated adapters (``ranks[k]`` rows of task k)."""
+    counts = torch.tensor(list(ranks), dtype=torch.int64)
+    return torch.repeat_interleave(torch.arange(len(counts)), counts).to(device)
+
+
+def lora_row_scales(coef: torch.Tensor, scale: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[R]``: ``coef[k] * scale[k]`` of each rank row's task ``rows[r]``, in ``dtype``."""
+    return (coef.to(dtype) * scale.to(dtype))[rows]
+
+
+def lora_task_sums(per_row: torch.Tensor, rows: torch.Tensor, K: int) -> torch.Tensor:
+    """``[K]``: ``per_row[R]`` summed over the rank rows of each task (deterministic on every device: a one-hot
+    ``[K, R]`` matrix-vector product, not scattered atomics)."""
+    onehot = rows[None, :] == torch.arange(K, device=rows.device)[:, None]
+    return onehot.to(per_row.dtype) @ per_row
+
+
+def _base_matmul(a: torch.Tensor, w: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """``a @ w`` in ``w``'s dtype: ``a`` is cast, not ``w``, so no copy of an ``[out, in]`` weight is made (but
+    in fp64 when ``acc`` is: the fp64 path is an oracle, not a memory-lean one)."""
+    if acc == torch.float64:
+        return a.to(acc) @ w.to(acc)
+    return (a if a.dtype == w.dtype else a.to(w.dtype)) @ w
+
+
+def lora_linear_fwd(x, w0, lora_a, lora_b, ranks, coef_w, scale, bias):
+    """``(y, u)``: ``y[M, out] = x @ w0.T + ((x @ lora_a.T) * cs) @ lora_b.T + bias`` in ``x.dtype`` and the shrink
+    ``u[M, R] = x @ lora_a.T`` (accumulation dtype, saved for backward), with ``cs[r] = coef_w[k] * scale[k]`` of
+    row r's task. ``x[M, in]``, ``w0[out, in]``, ``lora_a[R, in]``, ``lora_b[out, R]``, ``ranks``: K ints summing
+    to R, ``coef_w[K]``, ``scale[K]``, ``bias[out]`` (already merged) or None. The base product runs in ``w0``'s
+    dtype, the low-rank terms in fp32 (fp64 for fp64 inputs). Nothing ``[out, in]`` is allocated."""
+    acc = acc_dtype(x.dtype, w0.dtype, lora_a.dtype, lora_b.dtype)
+    rows = lora_row_tasks(ranks, x.device)
+    u = x.to(acc) @ lora_a.to(acc).t()  # [M, R]
+    y = _base_matmul(x, w0.t(), acc).to(acc)  # [M, out], fresh: the low-rank term is added in place
+    y.addmm_(u * lora_row_scales(coef_w, scale, rows, acc), lora_b.to(acc).t())
+    if bias is not None:
+        y += bias.to(acc)
+    return y.to(x.dtype), u
+
+
+def lora_linear_bwd(dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, need_dx: bool, need_dcoef_w: bool):
+    """``(dx[M, in] | None, dcoef_w[K] | None)`` of :func:`lora_linear_fwd` given ``dy[M, out]`` and its saved
+    ``u[M, R]``: ``dx = dy @ w0 + ((dy @ lora_b) * cs) @ lora_a`` (``x.dtype``);
+    ``dcoef_w[k] = scale[k] * sum over task k's rank rows of ((dy @ lora_b) * u).sum(0)`` (accumulation dtype)."""
+    acc = acc_dtype(dy.dtype, w0.dtype, lora_a.dtype, lora_b.dtype)
+    rows = lora_row_tasks(ranks, dy.device)
+    g = dy.to(acc) @ lora_b.to(acc)  # [M, R]
+    dx = dcw = None
+    if need_dx:
+        dx = _base_matmul(dy, w0, acc).to(acc)  # fresh: the low-rank term is added in place
+        dx = dx.addmm_(g * lora_row_scales(coef_w, scale, rows, acc), lora_a.to(acc)).to(x.dtype)
+    if need_dcoef_w:
+        dcw = lora_task_sums((g * u.to(acc)).sum(0), rows, len(ranks)) * scale.to(acc)
+    return dx, dcw

@@ -8,6 +8,9 @@ Kernels live in :mod:`adamerge_fast.ops.triton_kernels` (one module per op). Wha
   program merges its weight tiles in registers); for large M it exists for this one layer only, inside the call.
 * ``dcoef_w``: tiles of ``dy^T x`` in registers, contracted with the task vectors; no ``[out, in]`` gradient.
 * ``entropy``: chunked online softmax entropy, one program per row.
+* ``merged_lora_linear``: the LoRA shrink ``x @ A^T`` of all tasks in one launch, then the base matmul and the
+  scaled expand ``(u * c_k s_k) @ B^T`` in one kernel; backward likewise, the coefficient gradient reduced in the
+  shrink of ``dy @ B`` (:mod:`.triton_kernels.lora`).
 
 fp64 is not a Triton path: calls with any fp64 input go to the reference backend's functions (same contract).
 """
@@ -38,12 +41,13 @@ class TritonBackend(Backend):
             import triton  # noqa: F401
         except ImportError as e:  # the registry remembers this and reports it
             raise ImportError(f"the triton backend needs the 'triton' package ({e})") from e
-        from .triton_kernels import INTERPRET, entropy, merge, merged_linear
+        from .triton_kernels import INTERPRET, entropy, lora, merge, merged_linear
 
         self._interpret = INTERPRET
         self._merge = merge
         self._linear = merged_linear
         self._entropy = entropy
+        self._lora = lora
 
     # -- availability -------------------------------------------------------------------------------
     def unavailable_reason(self, device):
@@ -102,6 +106,20 @@ class TritonBackend(Backend):
             gb = dy.sum(0, dtype=torch.float32)  # [out], tiny; torch's reduction is deterministic
             dcb = self._merge.dcoef(gb, tau_b)
         return dx, dcw, dcb
+
+    # -- merged_lora_linear ------------------------------------------------------------------------------
+    def merged_lora_linear_fwd(self, x, w0, lora_a, lora_b, ranks, coef_w, scale, b0, tau_b, coef_b, strategy=None):
+        if _any_f64(x, w0, lora_a, lora_b, coef_w, scale, b0, tau_b, coef_b):
+            return _REFERENCE.merged_lora_linear_fwd(x, w0, lora_a, lora_b, ranks, coef_w, scale, b0, tau_b, coef_b)
+        return self._lora.merged_lora_linear_fwd(x, w0, lora_a, lora_b, ranks, coef_w, scale, b0, tau_b, coef_b,
+                                                 strategy=strategy)  # fmt: skip
+
+    def merged_lora_linear_bwd(self, dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, tau_b, need_dx,
+                               need_dcoef_w, need_dcoef_b, strategy=None):  # fmt: skip
+        args = (dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, tau_b, need_dx, need_dcoef_w, need_dcoef_b)
+        if _any_f64(dy, x, w0, lora_a, lora_b, coef_w, scale, u, tau_b):
+            return _REFERENCE.merged_lora_linear_bwd(*args)
+        return self._lora.merged_lora_linear_bwd(*args, strategy=strategy)
 
     # -- entropy ---------------------------------------------------------------------------------------
     def entropy_fwd(self, logits):

@@ -173,12 +173,16 @@ class OursRunner(Runner):
     """(c, d) ``AdaMergedModel`` trained by ``adamerge()`` itself, in a worker thread paused between steps: the
     first task's data iterable blocks until the next step is asked for, the callback marks the step's end."""
 
-    def __init__(self, wl: Workload, backend: str, task_batching: str):
+    def __init__(self, wl: Workload, backend: str, task_batching: str, model: AdaMergedModel | None = None,
+                 name: str | None = None):  # fmt: skip
+        """``model``: an ``AdaMergedModel`` built elsewhere (e.g. on LoRA adapters, ``benchmarks.bench_lora``);
+        default: one over ``wl.task_vectors``."""
         self.wl, self.task_batching = wl, task_batching
-        self.name = f"ours-{backend}-{task_batching}"
+        self.name = name or f"ours-{backend}-{task_batching}"
         # copy=False on a structural copy sharing the pretrained tensors: no second copy of the weights
-        self.model = AdaMergedModel(share_module(wl.model), task_vectors=wl.task_vectors, granularity="layer",
-                                    init=INIT, clamp=CLAMP, backend=backend, copy=False)
+        self.model = model if model is not None else AdaMergedModel(
+            share_module(wl.model), task_vectors=wl.task_vectors, granularity="layer", init=INIT, clamp=CLAMP,
+            backend=backend, copy=False)  # fmt: skip
         self._go, self._done = threading.Semaphore(0), threading.Semaphore(0)
         self._stop, self.error = False, None
         self.t_start = self.t_end = 0.0
