@@ -293,8 +293,15 @@ def export_merged(model, export, out: str | os.PathLike, *, max_shard_size: int 
     entries = [(k, *shape_dtype(src, k)) for k in src.keys()]
     with CheckpointWriter(out, entries, max_shard_size=max_shard_size, copy_files_from=export.files_from,
                           overwrite=overwrite, metadata={"producer": "adamerge_fast"}) as w:
+        lora = {} if getattr(model, "_lora", None) is None else model._lora_merged_parameters(
+            model.coefficients.detach())
         for k, _, dtype in entries:
-            w.write(k, model.merged_parameter(canon[k], dtype) if k in canon else src[k])
+            if k not in canon:
+                w.write(k, src[k])
+            elif canon[k] in lora:
+                w.write(k, lora[canon[k]].to(dtype))
+            else:
+                w.write(k, model.merged_parameter(canon[k], dtype))
     return Path(out)
 
 

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .._compat import malloc_trim
+from ..adapters import AdapterCheckpoint, as_adapter, is_lora_source
 from ..export import DEFAULT_MAX_SHARD_SIZE, CheckpointWriter, nbytes
 from ..io import (
     CheckpointError,
@@ -480,6 +481,9 @@ def merge_checkpoints(
         raise CheckpointError(f"{pretrained}: no floating-point tensors to merge")
     fts = []
     for i, f in enumerate(finetuned):
+        if is_lora_source(f):  # a LoRA adapter: the fine-tuned checkpoint it stands for, resolved against the base
+            fts.append(AdapterCheckpoint(base, as_adapter(f, i)))
+            continue
         sd = open_source(f, "fine-tuned checkpoint", trust_pickle)
         what = str(f) if isinstance(f, (str, os.PathLike)) else f"fine-tuned state dict {i}"
         check_fits(base, sd, what, keys=keys, check_dtype=True, ref_name="the pretrained checkpoint")
