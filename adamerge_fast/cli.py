@@ -207,8 +207,11 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--max-length", type=_positive_int, default=64,
                    help="LM: tokens per example (padded/truncated, default 64)")
     a.add_argument("--positions", choices=["last", "all"], default="last",
-                   help="LM: entropy of the next token after the last real token, or at every real token (needs "
-                   "--task-batching sequential)")
+                   help="LM: entropy of the next token after the last real token, or at every real token (each task's "
+                   "token-mean over its real tokens)")
+    a.add_argument("--fused-entropy", action="store_true",
+                   help="LM: compute the entropy from the hidden states and the LM head chunk by chunk "
+                   "(ops.linear_entropy), never holding the [tokens, vocabulary] logits")
     a.add_argument("--image-size", type=_positive_int, default=224,
                    help="image folders without open_clip: resize/crop size (default 224)")
     a.add_argument("--granularity", choices=["layer", "task"], default="layer",
@@ -232,6 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--backend", default="auto", help=f"op backend: auto, {', '.join(BACKEND_NAMES)} (default auto)")
     a.add_argument("--task-vector-dtype", choices=sorted(_DTYPES), default=None,
                    help="storage dtype of the task vectors (default: the checkpoints')")
+    a.add_argument("--checkpoint-activations", action="store_true",
+                   help="recompute the activations of the model's blocks in the backward instead of keeping them "
+                   "(torch.utils.checkpoint): less memory, one more forward per step")
+    a.add_argument("--plan", action="store_true",
+                   help="print the memory plan (pretrained weights, task vectors, coefficients, activations, ...) "
+                   "and exit without loading the fine-tuned models")
+    a.add_argument("--max-memory", metavar="SIZE",
+                   help="refuse to start when the memory plan exceeds SIZE (e.g. 16GiB, 8G, 512MiB), naming what "
+                   "would fit")
     a.add_argument("--device", default="cpu", help="torch device (default cpu)")
     a.add_argument("--seed", type=int, default=0, help="data shuffling seed (default 0)")
     a.add_argument("--workers", type=_nonneg_int, default=0, help="DataLoader worker processes (default 0)")
@@ -395,7 +407,7 @@ def _model_adapters() -> dict:
         "open_clip": (open_clip.build, "name", ("heads", "head_normalize") + zero_shot),
         "model_factory": (factory.build, "factory", image),
         "hf_clip": (hf.build_clip, None, image + zero_shot + ("tokenizer",)),
-        "hf_causal_lm": (hf.build_causal_lm, None, ("tokenizer", "positions")),
+        "hf_causal_lm": (hf.build_causal_lm, None, ("tokenizer", "positions", "fused_entropy")),
     }
 
 
@@ -472,20 +484,40 @@ def cmd_adamerge(args) -> int:
     from .merging import AdaMergedModel
     from .optim import adamerge, save_history
 
+    limit = None
+    if args.max_memory is not None:
+        from .memory import parse_bytes
+
+        limit = parse_bytes(args.max_memory)
     names = _task_names(args, n)
     spec = _build_spec(args, names)
-    if not spec.rows_per_example and args.task_batching == "concat":
-        _die("the model gives more than one output row per example (--positions all): use --task-batching sequential")
     data = {t: load_task_data(path, batch_size=args.batch_size, transform=spec.transform, tokenizer=spec.tokenizer,
                               max_length=args.max_length, seed=args.seed, workers=args.workers, task=t)
             for t, path in zip(names, args.data, strict=True)}
     spec.to(args.device).check_data(data, args.device)
     _log(f"{PROG} adamerge: {n} task(s) [{', '.join(spec.tasks)}], {args.granularity}-wise"
          f"{' ++ (TIES)' if args.ties else ''}, {args.steps} steps (setup {time.perf_counter() - t0:.1f}s)")
+    from .adapters import is_lora_source
+
+    adapters = any(is_lora_source(f) for f in spec.finetuned)
+    if args.plan or limit is not None:
+        if adapters:
+            _die("--plan / --max-memory: the memory plan covers dense task vectors, not LoRA adapters")
+        plan = _memory_plan(args, spec, data, limit)
+        if args.plan:
+            print(plan.format())
+            return 0
+
+    def one_at_a_time(sources: list):  # each fine-tuned checkpoint is dropped once its rows are written
+        while sources:
+            yield sources.pop(0)
+
     merged = AdaMergedModel(
-        spec.backbone, spec.finetuned, granularity=args.granularity, init=args.init, clamp=(lo, hi),
+        spec.backbone, spec.finetuned if adapters else one_at_a_time(spec.finetuned), granularity=args.granularity,
+        init=args.init, clamp=(lo, hi),
         ties={"k": args.ties_k} if args.ties else None, task_vector_dtype=_dtype(args.task_vector_dtype),
-        backend=args.backend, task_names=spec.tasks, copy=False,
+        backend=args.backend, task_names=spec.tasks, copy=False, release_finetuned=True,
+        checkpoint_activations=args.checkpoint_activations,
     ).to(args.device)
     spec.finetuned.clear()  # the task vectors hold what the merge needs
 
@@ -547,6 +579,41 @@ def _write_merged(args, spec, merged, out: Path) -> list[str]:
                                   str(dtype).removeprefix("torch."))
             written.append(str(write_mergekit_config(out / "mergekit_config.yml", cfg)))
     return written
+
+
+def _memory_plan(args, spec, data, limit: int | None):
+    """The run's memory plan (:func:`adamerge_fast.memory.plan`), logged in one line; with ``limit``, a run that
+    would not fit is refused (one line: the numbers and what would fit) before any fine-tuned tensor is read."""
+    from .io import LazyStateDict, PrefixView
+    from .memory import alternatives, fmt_bytes, has_blocks, module_bytes, plan, rss_bytes, tensor_bytes
+    from .optim import _inputs
+
+    def lazy(sd) -> bool:
+        while isinstance(sd, PrefixView):
+            sd = sd.sd
+        return isinstance(sd, LazyStateDict)
+
+    in_memory = sum(tensor_bytes(sd.values()) for sd in spec.finetuned if not lazy(sd))
+    heads_bytes = sum(module_bytes(h) for h in spec.heads.values())
+    process = max(0, (rss_bytes() or 0) - module_bytes(spec.backbone) - heads_bytes - in_memory)
+    example = _inputs(next(iter(data[spec.tasks[0]])), spec.tasks[0])
+    options = dict(batch_size=args.batch_size, task_batching=args.task_batching,
+                   task_vector_dtype=_dtype(args.task_vector_dtype), checkpoint_activations=args.checkpoint_activations)
+
+    def make(**opts):
+        return plan(spec.backbone, len(spec.tasks), example, heads=spec.heads, batches_per_step=args.batches_per_step,
+                    steps=args.steps, granularity=args.granularity, ties=args.ties, backend=args.backend,
+                    finetuned_in_memory=in_memory, released=True, process=process, device=args.device, **opts)
+
+    p = make(**options)
+    _log(f"{PROG} adamerge: memory plan {p.summary()}")
+    if limit is not None and not p.fits(limit):
+        fits = alternatives(limit, make, options, can_checkpoint=has_blocks(spec.backbone))
+        hint = ("; would fit: " + ", ".join(f"{o} ({fmt_bytes(q.total)})" for o, q in fits)) if fits else (
+            "; no single change of task-vector dtype, task batching, checkpointing or batch size fits")
+        _die(f"the memory plan needs {fmt_bytes(p.total)} > --max-memory {fmt_bytes(limit)} "
+             f"(build {fmt_bytes(p.build)}, step {fmt_bytes(p.step)}: {p.summary()}){hint}")
+    return p
 
 
 # -------------------------------------------------------------------------------------------------- plot

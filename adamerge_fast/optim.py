@@ -10,7 +10,12 @@ coefficients — the official algorithm. A task's several batches per step are a
 ``task_batching``:
 - ``"concat"`` (default): the merged backbone is the same for every task within a step, so all tasks' batches
   go through one backbone forward, concatenated, and are split only at the heads. One backward; the task
-  vectors are read once per step for the coefficient gradient. Same gradient as the official loop.
+  vectors are read once per step for the coefficient gradient. Same gradient as the official loop. A model with
+  several output rows per example (a causal LM scoring every real token) is split by its ``rows_per_example``.
+
+A head may return logits ``[N, C]`` or a :class:`~adamerge_fast.models.lm_head.LinearHeadInputs` (hidden states +
+the LM head, from a model built with ``fused_entropy=True``): its mean entropy then comes from
+:func:`adamerge_fast.ops.linear_entropy`, which never holds the ``[N, V]`` logits.
 - ``"sequential"``: one forward and one backward per task, so a task's graph is freed before the next and
   activation memory stays at one task's.
 """
@@ -27,9 +32,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import torch
 
-from . import ops
 from .io import CheckpointError, NonFiniteError, save_torch, write_text_atomic
 from .merging.adamerged import AdaMergedModel
+from .models.lm_head import LinearHeadInputs, mean_entropy, rows_of, split_rows
 
 
 @dataclass
@@ -94,6 +99,28 @@ def _call(model, inp):
     return model(**inp) if isinstance(inp, Mapping) else model(inp)
 
 
+def _split_outputs(model, feats, inp, sizes: list[int]) -> list:
+    """The model's output for a concatenated batch, split back into one part per batch of ``sizes`` examples.
+
+    A model whose forward gives a variable number of rows per example (a causal LM scoring every real token)
+    says how many with ``rows_per_example(**inputs) -> [B]`` (:meth:`AdaMergedModel.rows_per_example`); the rows
+    are then grouped by example. Otherwise the output has one row per example."""
+    fn = getattr(model, "rows_per_example", None)
+    counts = None if fn is None else _call(fn, inp)
+    if counts is not None:
+        per_example = counts.tolist()  # one host sync per step
+        groups, i = [], 0
+        for n in sizes:
+            groups.append(int(sum(per_example[i:i + n])))
+            i += n
+        sizes = groups
+    if rows_of(feats) != sum(sizes):
+        raise ValueError(f"task_batching='concat': the model returned {rows_of(feats)} rows for {sum(sizes)} "
+                         "expected (one per example, or as its rows_per_example() says); use "
+                         "task_batching='sequential'")
+    return split_rows(feats, sizes)
+
+
 class _Cycle:
     """Cycles an iterable forever, re-iterating it when exhausted (a fresh epoch of a DataLoader)."""
 
@@ -132,9 +159,15 @@ class _Cycle:
             self.next()
 
 
-def _head_logits(head: Callable, task: str, feats: torch.Tensor, rows: int, step: int) -> torch.Tensor:
-    """``head(feats)``, checked to be logits with at least one row per example (``[B, C]``, or ``[B, ..., C]``)."""
+def _head_logits(head: Callable, task: str, feats, rows: int, step: int):
+    """``head(feats)``, checked to be logits with at least one row per example (``[B, C]``, or ``[B, ..., C]``), or a
+    :class:`~adamerge_fast.models.lm_head.LinearHeadInputs` with at least one row per example."""
     z = head(feats)
+    if isinstance(z, LinearHeadInputs):  # hidden states + the LM head: linear_entropy takes them (fused_entropy)
+        if z.rows < rows:
+            raise ValueError(f"task {task!r}: its head returned {z.rows} rows for a batch of {rows} examples at step "
+                             f"{step}; expected one row per example or more")
+        return z
     if not isinstance(z, torch.Tensor) or z.dim() < 2:
         got = f"a tensor of shape {list(z.shape)}" if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"task {task!r}: its head returned {got} at step {step}; expected logits [B, C] (B = {rows} "
@@ -279,20 +312,21 @@ def adamerge(
         task_loss: dict[str, torch.Tensor] = {}  # detached; read back once per step (one host sync)
         if task_batching == "concat":
             flat = [b for t in tasks for b in batches[t]]
+            inp = _concat(flat)
+            feats = _call(model, inp)
             sizes = [_batch_size(b) for b in flat]
-            feats = _call(model, _concat(flat))
-            parts = iter(torch.split(feats, sizes))
+            parts = iter(_split_outputs(model, feats, inp, sizes))
             rows = iter(sizes)
             total = 0.0
             for t in tasks:
-                lt = sum(ops.entropy(_head_logits(heads[t], t, next(parts), next(rows), step)).mean()
+                lt = sum(mean_entropy(_head_logits(heads[t], t, next(parts), next(rows), step))
                          for _ in range(batches_per_step)) / divisor
                 task_loss[t] = lt.detach()
                 total = total + lt
             total.backward()
         else:
             for t in tasks:
-                lt = sum(ops.entropy(_head_logits(heads[t], t, _call(model, b), _batch_size(b), step)).mean()
+                lt = sum(mean_entropy(_head_logits(heads[t], t, _call(model, b), _batch_size(b), step))
                          for b in batches[t]) / divisor
                 lt.backward()
                 task_loss[t] = lt.detach()

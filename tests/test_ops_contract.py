@@ -345,15 +345,17 @@ def test_backend_selection(monkeypatch):
 def test_builtin_auto_order():
     """The order ``auto`` tries the built-in backends in, per device type and op (declared in ops/__init__.py)."""
     for op in ops.OPS:
-        if op != "merged_lora_linear":  # no kernel of the extension: Triton first on CUDA
+        # no kernel of the extension (merged_lora_linear; linear_entropy's tile): Triton first on CUDA
+        if op not in ("merged_lora_linear", "linear_entropy"):
             assert ops.auto_order("cuda", op) == ("cuda", "triton", "reference")
         assert ops.AUTO_ORDER["cuda"][op] == ops.auto_order("cuda", op)
         assert ops.auto_order("mps", op) == ("reference",)  # a device type no backend names: the fallback only
     for op in ("merge", "merge_many", "merged_linear"):
         assert ops.auto_order("cpu", op) == ("cpu", "reference")
     assert ops.auto_order("cpu", "entropy") == ops.AUTO_ORDER["cpu"]["entropy"] == ("reference",)
-    assert ops.auto_order("cuda", "merged_lora_linear") == ("triton", "reference")
-    assert ops.auto_order("cpu", "merged_lora_linear") == ("reference",)
+    for op in ("merged_lora_linear", "linear_entropy"):
+        assert ops.auto_order("cuda", op) == ("triton", "reference")
+        assert ops.auto_order("cpu", op) == ("reference",)
     assert set(ops.AUTO_ORDER) == {"cpu", "cuda"}
     assert ops.BACKEND_NAMES == ops.backend_names() == ("reference", "cpu", "triton", "cuda")
     with pytest.raises(ValueError, match="unknown op 'nope'"):
@@ -478,6 +480,10 @@ def _ops_imports():
     return top, local
 
 
+# the modules that define torch.library custom ops (they carry a backend name, so they reach the registry)
+_CUSTOM_OP_MODULES = ("_library", "lora", "_linear_entropy")
+
+
 def test_ops_import_graph_is_layered():
     top, local = _ops_imports()
     # no cycle (depth-first search over module-level imports)
@@ -501,8 +507,8 @@ def test_ops_import_graph_is_layered():
             for dep in top[todo.pop()] - reach:
                 reach.add(dep)
                 todo.append(dep)
-        if mod not in ("__init__", "_library", "lora"):  # the op modules (custom ops carry a backend name)
-            assert not {"_registry", "_library", "__init__"} & reach, (mod, reach)
+        if mod not in ("__init__",) + _CUSTOM_OP_MODULES:  # the op modules (custom ops carry a backend name)
+            assert not {"_registry", "__init__", *_CUSTOM_OP_MODULES} & reach, (mod, reach)
     # function-level imports only for optional dependencies
     for mod, targets in local.items():
         assert all(t.startswith(_OPTIONAL) for t in targets), (mod, targets)

@@ -6,12 +6,12 @@ or register overflow, ptxas failures) slips through. This script compiles the ke
 ``sm_80`` with ``triton.compile(..., target=GPUTarget("cuda", cc, 32))`` and the ptxas bundled with Triton.
 
 The variants are not hard-coded: the launchers of the kernel modules (``merge``, ``dcoef``, ``merge_many``,
-``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``, ``merged_lora_linear_fwd/bwd``) are called
-on ``meta`` tensors over a grid of dtypes and representative problem sizes, with every ``@triton.jit`` kernel
-replaced by a recorder. Each recorded launch is specialized exactly as Triton's runtime would specialize it (same
-binder: pointer alignment, ints equal to 1 become constexprs, divisibility by 16) and compiled once per distinct
-specialization. So the block sizes, warps, stages, ``DOT_TY``/``PREC`` and flags are whatever the launchers'
-config functions choose today.
+``dcoef_many``, ``merged_linear_fwd/dx/dcoef_w``, ``entropy_fwd/bwd``, ``merged_lora_linear_fwd/bwd``,
+``entropy_tile_``) are called on ``meta`` tensors over a grid of dtypes and representative problem sizes, with every
+``@triton.jit`` kernel replaced by a recorder. Each recorded launch is specialized exactly as Triton's runtime would
+specialize it (same binder: pointer alignment, ints equal to 1 become constexprs, divisibility by 16) and compiled
+once per distinct specialization. So the block sizes, warps, stages, ``DOT_TY``/``PREC`` and flags are whatever the
+launchers' config functions choose today.
 
 One line per compiled variant: ``OK``/``FAIL``, the target, the kernel, its constexprs and options, the
 pointer dtypes, the registers (``cuobjdump -res-usage`` on the cubin; the ptxas log if cuobjdump is missing),
@@ -101,11 +101,12 @@ from triton.compiler import ASTSource, make_backend  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 from adamerge_fast.ops.triton_kernels import entropy as EN  # noqa: E402
+from adamerge_fast.ops.triton_kernels import linear_entropy as LE  # noqa: E402
 from adamerge_fast.ops.triton_kernels import lora as LR  # noqa: E402
 from adamerge_fast.ops.triton_kernels import merge as MG  # noqa: E402
 from adamerge_fast.ops.triton_kernels import merged_linear as ML  # noqa: E402
 
-MODULES = (MG, ML, EN, LR)
+MODULES = (MG, ML, EN, LR, LE)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 CUOBJDUMP = os.path.join(BIN, "cuobjdump")
 
@@ -219,6 +220,12 @@ def drive_launchers():
             z = _meta((ENTROPY_N, C), zd)
             EN.entropy_fwd(z)
             EN.entropy_bwd(_meta((ENTROPY_N,)), z)
+        # linear_entropy's tile step on an fp32 logits tile: entropy only, gradient for g = 1 (reduced), for g[c]
+        for C in ENTROPY_C:
+            tile = _meta((ENTROPY_N, C))
+            LE.entropy_tile_(tile, None, False)
+            LE.entropy_tile_(tile, None, True)
+            LE.entropy_tile_(tile, _meta((ENTROPY_N,)), True)
     return launches
 
 

@@ -29,18 +29,19 @@ from __future__ import annotations
 import copy as _copy
 import hashlib
 import math
-from typing import Any, Callable, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .. import ops
 from ..io import CheckpointError, check_finite, save_safetensors
 from . import lora
+from .build import DenseRows, FinetunedSource, build_task_vectors
 from .static import check_ties_k, ties_split
-from .task_vectors import Source, check_task_vectors
-from .task_vectors import task_vectors as make_task_vectors
+from .task_vectors import check_task_vectors
 
 
 class _CoefContext:
@@ -187,12 +188,57 @@ def _set_child(root: nn.Module, path: str, new: nn.Module) -> nn.Module:
     return root
 
 
-def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle):
-    """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned``, or checked), in
-    ``dtype``, TIES-split for AdaMerging++, contiguous, on the pretrained parameters' devices."""
+def block_paths(module: nn.Module) -> list[str]:
+    """Paths of the children of every ``nn.ModuleList`` holding two or more modules of one type (a transformer's
+    blocks: open_clip ``transformer.resblocks``, HF ``model.layers`` / ``encoder.layers``), outermost lists only."""
+    out: list[str] = []
+    for path, m in module.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) < 2 or any(path.startswith(p + ".") for p in out):
+            continue
+        if len({type(c) for c in m}) == 1:
+            out += [f"{path}.{i}" if path else str(i) for i in range(len(m))]
+    return out
+
+
+class _CheckpointedForward:
+    """A module's forward under ``torch.utils.checkpoint`` (non-reentrant). The module's tensors at call time
+    (the merged ones ``AdaMergedModel.forward`` feeds through ``functional_call``; in the skeleton every tensor is
+    a buffer) and the coefficient table are captured, and the recomputation in backward runs the module's own
+    forward on exactly those again (its hooks run once per forward; its submodules' hooks again when recomputed)."""
+
+    def __init__(self, ctx: _CoefContext, module: nn.Module, forward):
+        self.ctx, self.module, self.forward = ctx, module, forward
+
+    def __call__(self, *args, **kwargs):
+        if not torch.is_grad_enabled():
+            return self.forward(*args, **kwargs)
+        coefs = self.ctx.get()
+        state = [(m, n, t) for m in self.module.modules() for n, t in m._buffers.items() if t is not None]
+
+        def run(*a, **kw):
+            saved = [(m, n, m._buffers[n]) for m, n, _ in state]
+            prev, self.ctx.coefs = self.ctx.coefs, coefs
+            try:
+                for m, n, t in state:
+                    m._buffers[n] = t
+                return self.forward(*a, **kw)
+            finally:
+                self.ctx.coefs = prev
+                for m, n, t in saved:
+                    m._buffers[n] = t
+
+        return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
+def _stacked_task_vectors(pretrained, base, finetuned, task_vectors, ties, dtype, trust_pickle, *, K=None,
+                          release_finetuned=False):
+    """``{name: [K, *shape]}`` for every parameter of ``base`` (built from ``finetuned`` one model at a time by
+    :func:`~adamerge_fast.merging.build.build_task_vectors`, or checked), in ``dtype``, TIES-split for
+    AdaMerging++, contiguous, on the pretrained parameters' devices."""
     names = list(base)
     if task_vectors is None:
-        tv = make_task_vectors(pretrained, finetuned, keys=names, dtype=dtype, trust_pickle=trust_pickle)
+        tv = build_task_vectors(base, finetuned, keys=names, K=K, storage=DenseRows(dtype),
+                                release_finetuned=release_finetuned, trust_pickle=trust_pickle)
     else:
         check_task_vectors(task_vectors, base, names)
         tv = {n: task_vectors[n].detach().to(device=base[n].device, dtype=dtype or task_vectors[n].dtype)
@@ -312,10 +358,23 @@ class AdaMergedModel(nn.Module):
     Args:
         pretrained: the pretrained ``nn.Module`` (``theta_0``). Its modules are copied unless ``copy=False``
             (then they are rewritten in place); its parameter tensors are shared, never copied or written.
-        finetuned: fine-tuned models/state dicts/checkpoint paths (one per task), or ``None`` if
-            ``task_vectors`` is given. LoRA adapters (PEFT adapter directories, ``{name: (A, B, scale)}`` mappings,
-            :class:`~adamerge_fast.merging.lora.LoraAdapter`) are task vectors too, kept low-rank
-            (:mod:`adamerge_fast.merging.lora`); a task may also be a full fine-tuned model among adapters.
+        finetuned: one fine-tuned model per task, or ``None`` if ``task_vectors`` is given: modules, state dicts,
+            checkpoint paths, or callables (no arguments) that load and return one of those; a sequence, or an
+            iterator such as a generator (then ``task_names`` says how many). The task vectors are built one model
+            at a time (:func:`~adamerge_fast.merging.build.build_task_vectors`): each model is read, its rows
+            written, and dropped before the next is loaded, so with paths or loaders the peak is the pretrained
+            weights + the task vectors + one fine-tuned model. LoRA adapters (PEFT adapter directories,
+            ``{name: (A, B, scale)}`` mappings, :class:`~adamerge_fast.merging.lora.LoraAdapter`; given as a sequence)
+            are task vectors too, kept low-rank (:mod:`adamerge_fast.merging.lora`); a task may also be a full
+            fine-tuned model among adapters.
+        release_finetuned: side effect, off by default: empty each in-memory fine-tuned module (and mutable
+            state dict) of ``finetuned`` once its task vector is taken — its parameters and buffers become empty
+            tensors (:func:`~adamerge_fast.merging.build.release`), so their memory is freed as the task vectors
+            fill (when nothing else refers to them). The modules are unusable afterwards.
+        checkpoint_activations: recompute the activations of the backbone's blocks in the backward instead of
+            keeping them (``torch.utils.checkpoint``, non-reentrant): ``True`` checkpoints every child of the
+            model's repeated-block lists (:func:`block_paths`), or a predicate ``(path, module) -> bool`` picks
+            the modules. The merged layers save no merged weight, so recomputation costs only the forward.
         task_vectors: stacked task vectors ``{name: [K, *shape]}`` for every floating parameter.
         granularity: ``"layer"`` (one coefficient per parameter tensor per task) or ``"task"`` (one per task).
         init: initial coefficient (0.3 as the paper), a float or a ``[rows, K]`` tensor.
@@ -338,7 +397,7 @@ class AdaMergedModel(nn.Module):
     def __init__(
         self,
         pretrained: nn.Module,
-        finetuned: Sequence[Source] | None = None,
+        finetuned: Iterable[FinetunedSource] | None = None,
         *,
         task_vectors: Mapping[str, torch.Tensor] | None = None,
         granularity: Literal["task", "layer"] = "layer",
@@ -350,6 +409,8 @@ class AdaMergedModel(nn.Module):
         task_names: Sequence[str] | None = None,
         copy: bool = True,
         trust_pickle: bool = False,
+        release_finetuned: bool = False,
+        checkpoint_activations: bool | Callable[[str, nn.Module], bool] = False,
         coefficient_layout: Literal["rows_tasks", "tasks_rows", "tasks"] = "rows_tasks",
         normalize: Literal["softmax"] | None = None,
         parameter_filter: str | Callable[[str, nn.Parameter], bool] | None = None,
@@ -376,7 +437,7 @@ class AdaMergedModel(nn.Module):
                              + ("" if parameter_filter is None else f" (parameter_filter={parameter_filter!r})"))
         names = [n for n, _ in named]
         self._lora: lora.LoraTaskVectors | None = None
-        if finetuned is not None and any(lora.is_lora_source(f) for f in finetuned):
+        if isinstance(finetuned, Sequence) and any(lora.is_lora_source(f) for f in finetuned):
             # storage kind "LoRA": low-rank weights run by MergedLoRALinear; `tv` holds the dense task vectors only,
             # of the parameters some task touches densely (its tasks in self._lora.dense_tasks)
             if ties:
@@ -389,7 +450,8 @@ class AdaMergedModel(nn.Module):
             tv, K = self._lora.dense, self._lora.num_tasks
         else:
             tv = _stacked_task_vectors(pretrained, dict(named), finetuned, task_vectors, ties, task_vector_dtype,
-                                       trust_pickle)
+                                       trust_pickle, K=None if task_names is None else len(task_names),
+                                       release_finetuned=release_finetuned)
             K = next(iter(tv.values())).shape[0]
         self.num_tasks, self.granularity, self.clamp_range, self.backend = K, granularity, clamp, backend
         self.coefficient_layout, self.normalize = coefficient_layout, normalize
@@ -427,6 +489,29 @@ class AdaMergedModel(nn.Module):
         skel = self._rewrite_linear_modules(skel, tv)
         self._collect_generic_parameters(skel, tv)
         self.skeleton = skel
+        self.checkpointed: list[str] = []  # paths of the modules whose activations are recomputed in backward
+        if checkpoint_activations:
+            self._checkpoint_modules(checkpoint_activations)
+
+    def _checkpoint_modules(self, which: bool | Callable[[str, nn.Module], bool]) -> None:
+        """Wrap the forward of the chosen skeleton modules in :class:`_CheckpointedForward`."""
+        if which is True:
+            paths = block_paths(self.skeleton)
+            if not paths:
+                raise ValueError("checkpoint_activations=True: the model has no list of repeated blocks (an "
+                                 "nn.ModuleList of modules of one type); pass a predicate (path, module) -> bool")
+        elif callable(which):
+            paths = [p for p, m in self.skeleton.named_modules() if p and which(p, m)]
+            paths = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]  # outermost only
+            if not paths:
+                raise ValueError("checkpoint_activations: the predicate picked no module")
+        else:
+            raise ValueError(f"checkpoint_activations must be a bool or a predicate (path, module) -> bool, got "
+                             f"{which!r}")
+        for p in paths:
+            m = self.skeleton.get_submodule(p)
+            m.forward = _CheckpointedForward(self._ctx, m, m.forward)
+        self.checkpointed = paths
 
     def _coef_row(self, name: str) -> int:
         """The coefficient-table row of parameter ``name`` (0 for every parameter when task-wise)."""
@@ -559,6 +644,13 @@ class AdaMergedModel(nn.Module):
             return torch.func.functional_call(self.skeleton, params, args, kwargs)
         finally:
             self._ctx.coefs = None
+
+    def rows_per_example(self, *args, **kwargs) -> torch.Tensor | None:
+        """Output rows per example ``[B]`` for these inputs, when the wrapped model's forward gives a variable number
+        of rows per example and says so through its own ``rows_per_example`` (e.g.
+        :class:`~adamerge_fast.models.hf.CausalLMForEntropy` with ``positions="all"``); ``None`` otherwise."""
+        fn = getattr(self.skeleton, "rows_per_example", None)
+        return None if fn is None else fn(*args, **kwargs)
 
     # -------------------------------------------------------------------------------------------------
     def _row_tensors(self, name: str) -> tuple[torch.Tensor, torch.Tensor, int]:

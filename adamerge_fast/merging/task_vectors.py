@@ -8,7 +8,9 @@ time, so lazily read safetensors never sit in memory twice.
 
 from __future__ import annotations
 
+import math
 import os
+import sys
 from typing import Iterable, Mapping, Sequence, Union
 
 import torch
@@ -49,6 +51,87 @@ def source_name(src: Source, default: str) -> str:
     if files:
         return str(files[0]) if len(files) == 1 else str(files[0].parent)
     return default
+
+
+#: elements per chunk of :func:`rounded_difference_` (bounds its temporaries to a few times 4 * 2^24 bytes)
+DIFF_CHUNK = 1 << 24
+
+
+def round_to_odd_f32(d: torch.Tensor) -> torch.Tensor:
+    """``d`` (float64) rounded to float32 *to odd*: truncated toward zero, the last bit set when inexact. Rounding
+    that to bf16/fp16 (round to nearest even) rounds ``d`` correctly, once; ``d.to(torch.bfloat16)`` does not, as
+    torch converts float64 to bf16/fp16 through a round-to-nearest float32."""
+    f = d.to(torch.float32)
+    back = f.to(torch.float64)
+    inexact = back != d
+    f = torch.where(inexact & (back.abs() > d.abs()), torch.nextafter(f, torch.zeros_like(f)), f)
+    bits = f.view(torch.int32)
+    return torch.where(inexact, bits | 1, bits).view(torch.float32)
+
+
+def _ties(s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where the float32 ``s`` lies exactly halfway between two neighbours of ``dtype`` (bf16 / fp16): the only
+    values whose rounding to ``dtype`` can differ from the rounding of a more precise value they were rounded from."""
+    if dtype == torch.bfloat16:  # bf16 keeps float32's exponent: the 16 low bits are dropped, normal or not
+        if sys.byteorder == "little":  # the low halves as int16: one pass over half the bytes
+            return s.view(torch.int16)[0::2] == -0x8000
+        return (s.view(torch.int32) & 0xFFFF) == 0x8000
+    bits = s.view(torch.int32)
+    # fp16: 13 low mantissa bits dropped for normal fp16 values, one more per binade below its smallest normal
+    # (2^-14); in [2^-25, 2^-24) the implicit bit goes too (the one tie there is 2^-25); below, everything rounds to 0
+    exp, mant = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    shift = (13 + (113 - exp).clamp(min=0)).clamp(max=23)
+    one = torch.ones((), dtype=torch.int32, device=s.device)
+    tie = (mant & ((one << shift) - 1)) == (one << (shift - 1))
+    return torch.where(exp >= 103, tie, (exp == 102) & (mant == 0))
+
+
+def rounded_difference_(out: torch.Tensor, finetuned: torch.Tensor, base: torch.Tensor | None, what: str,
+                        source: str | None = None) -> torch.Tensor:
+    """``out.copy_(finetuned - base)`` with the difference rounded once into ``out.dtype``, chunked over the
+    flattened tensor (:data:`DIFF_CHUNK` elements); ``out``, ``finetuned``, ``base``: ``[*S]`` (``out`` contiguous,
+    on any device: the inputs are moved there chunk by chunk); ``base=None``: ``finetuned`` is the difference
+    already. ``what`` names the task-vector entry (``"task vector 0: key 'w'"``), ``source`` the fine-tuned tensor
+    (``"ft.safetensors: key 'w'"``). Raises :class:`~adamerge_fast.io.NonFiniteCheckpointError` naming ``source``
+    when the fine-tuned tensor has a NaN or inf, ``what`` when the difference has one or overflows ``out.dtype``
+    (then with the largest magnitude and the fix). Returns ``out``.
+
+    How: float64 inputs (or storage) subtract in float64 and, into bf16/fp16, go through :func:`round_to_odd_f32`.
+    Otherwise the subtraction is float32, which is exact for bf16/fp16 inputs (unless their exponents differ by more
+    than 15) and rounded once for float32 inputs, so storing it as float32 rounds once. Stored as bf16/fp16, a
+    rounded float32 difference could be rounded twice: only a float32 result exactly halfway between two storage
+    values rounds differently from the exact difference, so those few entries are recomputed in float64 and rounded
+    to odd first (:func:`_ties`)."""
+    for t in (finetuned, base):
+        if t is not None and tuple(t.shape) != tuple(out.shape):
+            raise CheckpointError(f"{source or what}: shape {list(t.shape)}, expected {list(out.shape)}")
+    narrow = out.dtype in (torch.bfloat16, torch.float16)
+    wide = torch.float64 in (finetuned.dtype, out.dtype, *(() if base is None else (base.dtype,)))
+    recheck = narrow and not wide and base is not None and torch.float32 in (finetuned.dtype, base.dtype)
+    acc = torch.float64 if wide else torch.float32
+    top = torch.finfo(out.dtype).max
+    o, f = out.view(-1), finetuned.detach().reshape(-1)
+    b = None if base is None else base.detach().reshape(-1)
+    for i in range(0, o.numel(), DIFF_CHUNK):
+        j = min(i + DIFF_CHUNK, o.numel())
+        fc = f[i:j].to(o.device)
+        bc = None if b is None else b[i:j].to(o.device)
+        d = fc.to(acc) if bc is None else fc.to(acc) - bc.to(acc)
+        lo, hi = torch.aminmax(d)
+        m = max(-float(lo), float(hi))  # NaN when d has a NaN
+        if not math.isfinite(m):
+            if source is not None:
+                check_finite(fc, source, error=NonFiniteCheckpointError)
+            check_finite(d, f"{what} (fine-tuned minus pretrained, in {str(acc).replace('torch.', '')})",
+                         error=NonFiniteCheckpointError)
+        o[i:j].copy_(round_to_odd_f32(d) if wide and narrow else d)
+        if m > top:  # the cast overflowed: the message names the entry, the dtype, the largest magnitude, the fix
+            check_stored_finite(o[i:j], what, d, error=NonFiniteCheckpointError)
+        if recheck:
+            idx = _ties(d, out.dtype).nonzero().squeeze(1)
+            if idx.numel():
+                o[i:j][idx] = round_to_odd_f32(fc[idx].double() - bc[idx].double()).to(out.dtype)
+    return out
 
 
 def floating_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
@@ -137,7 +220,8 @@ def check_task_vectors(tv: Mapping[str, torch.Tensor], base: Mapping[str, torch.
             raise CheckpointError(f"task vectors: key {k!r} has {t.shape[0]} tasks, earlier keys have {K}")
         if not torch.is_floating_point(t):
             raise CheckpointError(f"task vectors: key {k!r} has non-floating dtype {t.dtype}")
-        check_finite(t, f"task vectors: key {k!r}", error=NonFiniteCheckpointError)
+        if not t.is_meta:  # meta: shapes only (a memory plan)
+            check_finite(t, f"task vectors: key {k!r}", error=NonFiniteCheckpointError)
     if not K:
         raise ValueError("task vectors: zero tasks")
     return K

@@ -18,8 +18,11 @@ Language models (entropy of the next-token distribution as the objective):
   logits ``[B, V]`` of the next token after each sequence's *last real token* (found from the attention mask,
   left or right padding); this has one row per example and so works with ``task_batching="concat"``.
   ``positions="all"`` returns ``[N, V]``, the logits at every non-padding position of the batch flattened
-  (``N`` = number of real tokens), so padding never counts; its row count is not the batch size, so use it with
-  ``task_batching="sequential"``. Pair either with :class:`IdentityHead` (the logits are the prediction).
+  (``N`` = number of real tokens), so padding never counts; its row count is not the batch size, and
+  :meth:`CausalLMForEntropy.rows_per_example` tells ``task_batching="concat"`` how to split a concatenated batch
+  (each task's loss is its token-mean entropy over real tokens, as in sequential batching). Pair either with
+  :class:`IdentityHead` (the logits are the prediction). ``fused_entropy=True`` hands over the hidden states and
+  the LM head instead of the logits (:mod:`adamerge_fast.models.lm_head`).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from torch import nn
 from .._compat import import_transformers
 from ..io import CheckpointError, add_prefix, existing, load_state_dict
 from .heads import ClassificationHead, Template, cached_head, file_identity, head_key, zero_shot_weights
+from .lm_head import LinearHeadInputs
 from .spec import ExportSpec, Source, TaskSpec, load_finetuned, load_heads, per_task, text_list
 
 
@@ -120,30 +124,62 @@ class CausalLMForEntropy(nn.Module):
 
     ``forward(input_ids [B, T], attention_mask [B, T] | None)``:
     ``positions="last"`` -> ``[B, V]`` at each row's last real token; ``positions="all"`` -> ``[N, V]`` at the
-    ``N`` real tokens (row-major), padding excluded.
+    ``N`` real tokens (row-major), padding excluded; :meth:`rows_per_example` says how many rows each example gives
+    (so ``task_batching="concat"`` can split a concatenated batch by task).
+
+    ``fused_entropy=True``: instead of the logits, a :class:`~adamerge_fast.models.lm_head.LinearHeadInputs` — the
+    hidden states at the same positions (``[B, D]`` / ``[N, D]``) and the LM head (merged, inside
+    ``AdaMergedModel``) — whose entropy :func:`adamerge_fast.ops.linear_entropy` computes without the ``[N, V]``
+    logits (``chunk``: rows per logits tile). Needs a linear LM head without logit scaling or soft-capping.
     """
 
-    def __init__(self, lm: nn.Module, positions: Literal["last", "all"] = "last"):
+    def __init__(self, lm: nn.Module, positions: Literal["last", "all"] = "last", *, fused_entropy: bool = False,
+                 chunk: int | None = None):
         super().__init__()
         if positions not in ("last", "all"):
             raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
-        self.lm, self.positions = lm, positions
+        self.lm, self.positions, self.fused_entropy, self.chunk = lm, positions, bool(fused_entropy), chunk
+        if self.fused_entropy:
+            cfg = getattr(lm, "config", None)
+            for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale"):
+                v = getattr(cfg, attr, None)
+                if v not in (None, 1, 1.0):
+                    raise ValueError(f"fused_entropy: the model's logits are transformed after its head (config "
+                                     f"{attr}={v}); use fused_entropy=False")
+            if not isinstance(lm.get_output_embeddings(), nn.Linear):
+                raise ValueError(f"fused_entropy: the LM head is a {type(lm.get_output_embeddings()).__name__}, not "
+                                 "a linear layer; use fused_entropy=False")
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+    def rows_per_example(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``[B]``: output rows per example — 1 for ``positions="last"``, its real tokens for ``"all"``."""
+        if self.positions == "last" or attention_mask is None:
+            n = 1 if self.positions == "last" else input_ids.shape[1]
+            return torch.full((input_ids.shape[0],), n, dtype=torch.long, device=input_ids.device)
+        return attention_mask.bool().sum(1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
         kw = {}
-        if not bool(attention_mask.all()):  # positions count real tokens only (left padding)
-            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if attention_mask is not None and not bool(attention_mask.all()):  # positions count real tokens only
+            pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (left padding)
             kw["position_ids"] = pos
-        logits = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).logits  # [B, T, V]
-        mask = attention_mask.bool()
-        if self.positions == "all":
-            return logits[mask]
-        T = mask.shape[1]
-        idx = torch.arange(T, device=mask.device).expand_as(mask)
-        last = torch.where(mask, idx, torch.full_like(idx, -1)).amax(dim=1).clamp(min=0)  # [B]
-        return logits[torch.arange(logits.shape[0], device=logits.device), last]
+        if self.fused_entropy:  # the decoder's hidden states; the LM head goes to linear_entropy
+            body = getattr(self.lm, self.lm.base_model_prefix)
+            out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).last_hidden_state
+        else:
+            out = self.lm(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kw).logits  # [B, T, V]
+        if attention_mask is None:  # every token is real (no data-dependent indexing: shapes-only runs work)
+            out = out.reshape(-1, out.shape[-1]) if self.positions == "all" else out[:, -1]
+        elif self.positions == "all":
+            out = out[attention_mask.bool()]
+        else:
+            mask = attention_mask.bool()
+            T = mask.shape[1]
+            idx = torch.arange(T, device=mask.device).expand_as(mask)
+            last = torch.where(mask, idx, torch.full_like(idx, -1)).amax(dim=1).clamp(min=0)  # [B]
+            out = out[torch.arange(out.shape[0], device=out.device), last]
+        if self.fused_entropy:
+            return LinearHeadInputs.from_head(out, self.lm.get_output_embeddings(), chunk=self.chunk)
+        return out
 
 
 class IdentityHead(nn.Module):
@@ -241,13 +277,15 @@ def build_causal_lm(
     *,
     tokenizer: str | Path | None = None,
     positions: Literal["last", "all"] = "last",
+    fused_entropy: bool = False,
     trust_pickle: bool = False,
 ) -> TaskSpec:
-    """A local HF causal LM directory as :class:`CausalLMForEntropy` (``positions``), an :class:`IdentityHead`
-    per task, the tokenizer of ``tokenizer`` (default ``pretrained``; its EOS token pads when it has no pad
-    token). ``finetuned``: one LM checkpoint (directory, file or state dict) per task, with the LM's own key
-    names. ``positions="all"`` gives one row per token: the spec's ``rows_per_example`` is then ``False``."""
-    backbone = CausalLMForEntropy(load_causal_lm(pretrained), positions=positions)
+    """A local HF causal LM directory as :class:`CausalLMForEntropy` (``positions``, ``fused_entropy``), an
+    :class:`IdentityHead` per task, the tokenizer of ``tokenizer`` (default ``pretrained``; its EOS token pads when
+    it has no pad token). ``finetuned``: one LM checkpoint (directory, file or state dict) per task, with the LM's
+    own key names. ``positions="all"`` gives one row per token: the spec's ``rows_per_example`` is then ``False``
+    (concatenated batches are split by :meth:`CausalLMForEntropy.rows_per_example`)."""
+    backbone = CausalLMForEntropy(load_causal_lm(pretrained), positions=positions, fused_entropy=fused_entropy)
     tok = load_tokenizer(tokenizer or pretrained)
     if getattr(tok, "pad_token", None) is None:
         tok.pad_token = tok.eos_token

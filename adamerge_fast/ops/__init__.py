@@ -11,6 +11,9 @@ Plain-torch semantics (``K`` task vectors, accumulation in fp32, or fp64 when an
                        b0, tau_b[Kb, out], coef_b[Kb])
                                                    = x @ (w0 + sum_k coef_w[k] scale[k] B_k A_k).T + merged bias
     entropy(logits[N, C])                          = -(softmax(logits) * log_softmax(logits)).sum(-1)  -> [N]
+    linear_entropy(h[N, D], w0[V, D], b0[V]|None, tau_w=[K, V, D]|None, coef_w=[K]|None, tau_b, coef_b,
+                   reduction="none"|"mean"|"sum")  = entropy(h @ merge(w0, tau_w, coef_w).T + merge(b0, tau_b, coef_b))
+                                                     -> [N] (or its mean / sum), never holding the [N, V] logits
 
 All are differentiable. The fast paths are the coefficient gradients:
 ``d coef[k] = <grad, deltas[k]>`` and, for ``merged_linear``, ``d coef_w[k] = <dy^T x, tau_w[k]>`` computed
@@ -40,7 +43,9 @@ is first constructed, as an optional dependency)::
     triton_kernels.merged_linear  -> _common, triton_kernels._common, triton_kernels.merge
     triton_kernels.entropy        -> _common, triton_kernels._common
     triton_kernels.lora  -> _common, triton_kernels._common, triton_kernels.merge, triton_kernels.merged_linear
-    __init__                      -> _backend, _registry, _library, lora, cpp_backend, triton_backend
+    triton_kernels.linear_entropy -> _common, triton_kernels.entropy
+    _linear_entropy               -> _common, _library, _registry
+    __init__                      -> _backend, _registry, _library, _linear_entropy, lora, cpp_backend, triton_backend
 
 Kernel modules and backends never import the registry or the dispatcher; only the op modules ``_library`` and
 ``lora`` (the custom ops, which carry a backend *name*) and this module do.
@@ -53,7 +58,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from . import _library
+from . import _library, _linear_entropy
 from ._backend import Backend, ReferenceBackend
 from ._registry import (
     ANY_DEVICE,
@@ -79,6 +84,7 @@ __all__ = [
     "merged_linear",
     "merged_lora_linear",
     "entropy",
+    "linear_entropy",
     "resolve",
     "backend_status",
     "get_backend",
@@ -99,13 +105,15 @@ __all__ = [
 # first available one. ``reference`` (plain torch) runs everywhere and comes last. On the CPU the C++ kernels
 # are preferred for the memory-bound merge ops, where benchmarks/results/cpu_merge.md shows them ahead of the
 # K-pass torch reference; ``merged_linear`` there merges with the same kernel and then calls the torch matmul.
-# The extension has no CPU entropy kernel, so CPU entropy stays on ``reference``. ``merged_lora_linear`` has no
-# kernel of the extension (``cpu``/``cuda`` would run the same plain-torch composite as ``reference``): ``auto``
-# takes ``reference`` on the CPU and the fused Triton kernels on CUDA.
+# The extension has no CPU entropy kernel, so CPU entropy and linear_entropy stay on ``reference``.
+# ``merged_lora_linear`` has no kernel of the extension (``cpu``/``cuda`` would run the same plain-torch composite as
+# ``reference``): ``auto`` takes ``reference`` on the CPU and the fused Triton kernels on CUDA. Nor has the CUDA
+# extension a ``linear_entropy`` tile kernel: Triton's serves that op on CUDA.
 register_backend("reference", ReferenceBackend, priority=0, auto={ANY_DEVICE: OPS})
 register_backend("cpu", CppBackend, priority=100, auto={"cpu": ("merge", "merge_many", "merged_linear")})
 register_backend("triton", TritonBackend, priority=200, auto={"cuda": OPS})
-register_backend("cuda", CudaBackend, priority=300, auto={"cuda": tuple(o for o in OPS if o != "merged_lora_linear")})
+register_backend("cuda", CudaBackend, priority=300,
+                 auto={"cuda": tuple(o for o in OPS if o not in ("merged_lora_linear", "linear_entropy"))})
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -228,3 +236,58 @@ def entropy(logits: Tensor, *, backend: str | None = None) -> Tensor:
     be = resolve(backend, "entropy", logits.device)
     lead = logits.shape[:-1]
     return _library.entropy(logits.reshape(-1, logits.shape[-1]), be).reshape(lead)
+
+
+def linear_entropy(
+    h: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    tau_w: Optional[Tensor] = None,
+    coef_w: Optional[Tensor] = None,
+    tau_b: Optional[Tensor] = None,
+    coef_b: Optional[Tensor] = None,
+    reduction: str = "none",
+    chunk: int | None = None,
+    backend: str | None = None,
+) -> Tensor:
+    """Softmax entropy of the logits ``h @ W.T + b`` per row, without holding the logits (:mod:`._linear_entropy`).
+
+    ``h[*, D]`` (leading dims flattened into N rows); ``weight`` = ``w0[V, D]``, ``bias`` = ``b0[V]`` or None;
+    ``tau_w[K, V, D]`` with ``coef_w[K]``: a merged head ``W = w0 + sum_k coef_w[k] tau_w[k]``; ``tau_b[K, V]`` with
+    ``coef_b[K]``: a merged bias. ``reduction``: ``"none"`` -> ``[*]``; ``"mean"`` / ``"sum"`` -> a scalar (its
+    gradients are formed in the forward: no recomputation). ``chunk``: rows per logits tile (default: a fp32 tile
+    of at most 64 MiB). fp32 result (fp64 when an input is fp64); differentiable in ``h``, ``weight``, ``bias``,
+    ``coef_w``, ``coef_b``.
+    """
+    _check_float("linear_entropy: h", h)
+    _check_float("linear_entropy: weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"linear_entropy: weight must be [V, D], got {list(weight.shape)}")
+    V, D = weight.shape
+    if h.dim() < 1 or h.shape[-1] != D:
+        raise ValueError(f"linear_entropy: h must be [*, D={D}], got {list(h.shape)}")
+    if h.device != weight.device:
+        raise ValueError(f"linear_entropy: h is on {h.device} but weight is on {weight.device}")
+    if bias is not None:
+        _check_float("linear_entropy: bias", bias)
+        if tuple(bias.shape) != (V,) or bias.device != weight.device:
+            raise ValueError(f"linear_entropy: bias must be [V={V}] on {weight.device}, got {list(bias.shape)} on "
+                             f"{bias.device}")
+    if (tau_w is None) != (coef_w is None) or (tau_b is None) != (coef_b is None):
+        raise ValueError("linear_entropy: tau_w and coef_w (tau_b and coef_b) must be given together")
+    if tau_w is not None:
+        _check_merge_args("linear_entropy(weight)", weight, tau_w, coef_w, "coef_w")
+    if tau_b is not None:
+        if bias is None:
+            raise ValueError("linear_entropy: tau_b given without a bias")
+        _check_merge_args("linear_entropy(bias)", bias, tau_b, coef_b, "coef_b")
+    if reduction not in _linear_entropy.REDUCTIONS:
+        raise ValueError(f"linear_entropy: reduction must be one of {_linear_entropy.REDUCTIONS}, got {reduction!r}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"linear_entropy: chunk must be a positive int (rows per logits tile), got {chunk!r}")
+    be = resolve(backend, "linear_entropy", h.device)
+    lead = h.shape[:-1]
+    out = _linear_entropy.linear_entropy(h.reshape(-1, D), weight, bias, tau_w, coef_w, tau_b, coef_b, reduction,
+                                         chunk or _linear_entropy.default_chunk(V), be)
+    return out.reshape(lead) if reduction == "none" else out

@@ -112,6 +112,30 @@ class Backend:
         """``grad[N]``, ``logits[N, C]`` -> ``dlogits[N, C]`` in logits.dtype: :func:`.reference.entropy_bwd`."""
         return reference.entropy_bwd(grad, logits)
 
+    # -- fused linear head + entropy (ops.linear_entropy), composed over merge / dcoef / entropy_tile_ ----------------
+    def entropy_tile_(self, z, g, write_grad):
+        """One ``[c, V]`` logits tile in place -> ``H[c]`` (and the gradient in ``z``):
+        :func:`.reference.entropy_tile_`."""
+        return reference.entropy_tile_(z, g, write_grad)
+
+    def linear_entropy_grads(self, g, h, w0, b0, tau_w, coef_w, tau_b, coef_b, need_dh, need_dw, need_db,
+                             need_dcoef_w, need_dcoef_b, chunk):
+        """``(H[N], dh, dw, db, dcoef_w, dcoef_b)`` of ``sum_n g[n] H[n]`` (``g``: ``[N]``, a float, or ``None`` for
+        ``H`` alone; a gradient not needed is ``None``) with ``H`` the softmax entropy of ``h @ W.T + b`` per row,
+        ``W = merge(w0, tau_w, coef_w)`` (``w0`` when ``tau_w`` is None), ``b`` likewise.
+
+        The merged head exists only inside this call; the logits never exist beyond one ``[chunk, V]`` tile
+        (:func:`.reference.linear_entropy_chunks` with this backend's ``entropy_tile_``). ``dw``/``db`` (fp32 or
+        fp64) are ``[V, D]``/``[V]`` accumulators, allocated when they or the coefficient gradients are needed.
+        """
+        w = w0 if tau_w is None else self.merge(w0, tau_w, coef_w)
+        b = b0 if b0 is None or tau_b is None else self.merge(b0, tau_b, coef_b)
+        H, dh, dw, db = reference.linear_entropy_chunks(
+            h, w, b, g, need_dh, need_dw or need_dcoef_w, need_db or need_dcoef_b, chunk, self.entropy_tile_)
+        dcw = self.dcoef(dw, tau_w) if need_dcoef_w else None
+        dcb = self.dcoef(db, tau_b) if need_dcoef_b else None
+        return H, dh, dw if need_dw else None, db if need_db else None, dcw, dcb
+
 
 class ReferenceBackend(Backend):
     """Plain torch (:mod:`.reference`): the test oracle's twin and the fallback on every device."""

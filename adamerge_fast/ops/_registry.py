@@ -26,7 +26,7 @@ from ._backend import Backend
 
 log = logging.getLogger("adamerge_fast")
 
-OPS = ("merge", "merge_many", "merged_linear", "entropy", "merged_lora_linear")
+OPS = ("merge", "merge_many", "merged_linear", "entropy", "merged_lora_linear", "linear_entropy")
 ANY_DEVICE = "*"  # an ``auto`` key standing for every device type
 
 

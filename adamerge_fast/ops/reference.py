@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import acc_dtype
+from ._common import acc_dtype, new_output
 
 
 def _flat(t: torch.Tensor, k: int | None = None) -> torch.Tensor:
@@ -62,6 +62,78 @@ def entropy_bwd(grad: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     h = -torch.where(p != 0, p * logp, torch.zeros((), dtype=acc, device=logits.device)).sum(-1, keepdim=True)
     d = torch.where(p != 0, -p * (logp + h), h * 0)  # h * 0: 0 for a finite row, NaN for a NaN row
     return (d * grad.to(acc).unsqueeze(-1)).to(logits.dtype)
+
+
+def entropy_tile_(z: torch.Tensor, g: torch.Tensor | None, write_grad: bool) -> torch.Tensor:
+    """One tile of :func:`linear_entropy_chunks`, in place: ``z[c, V]`` logits (fp32 or fp64, contiguous) ->
+    softmax entropy ``H[c]`` per row; with ``write_grad`` ``z`` is overwritten by ``dH/dz * g[:, None]`` =
+    ``-p * (log p + H) * g`` (``g[c]``; ``None``: 1), else its contents are undefined afterwards. ``-inf``
+    logits contribute 0, as in :func:`entropy_fwd`. One more tile (``p``) is allocated, no other."""
+    m = z.amax(dim=1, keepdim=True)
+    z.sub_(m.masked_fill_(~torch.isfinite(m), 0.0))
+    p = z.exp()
+    s = p.sum(dim=1, keepdim=True)
+    s.masked_fill_(s == 0, 1.0)  # a row of -inf: p = 0, H = 0
+    p.div_(s)
+    z.sub_(s.log_()).clamp_(min=torch.finfo(z.dtype).min)  # z := log p, finite: p * log p = 0 where p = 0
+    h = -torch.einsum("ij,ij->i", p, z)  # row dot products, no [c, V] temporary
+    if write_grad:
+        z.add_(h.unsqueeze(1)).mul_(p).neg_()
+        if g is not None:
+            z.mul_(g.to(z.dtype).unsqueeze(1))
+    return h
+
+
+def linear_entropy_chunks(
+    h: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    g: torch.Tensor | float | None,
+    need_dh: bool,
+    need_dw: bool,
+    need_db: bool,
+    chunk: int,
+    tile=entropy_tile_,
+):
+    """Softmax entropy of ``h[N, D] @ w[V, D].T + b[V]`` per row, ``chunk`` rows at a time, never holding more
+    than one ``[chunk, V]`` tile of logits; with gradients of ``sum_n g[n] * H[n]`` when asked.
+
+    Returns ``(H[N], dh[N, D] | None, dw[V, D] | None, db[V] | None)``: ``H`` in the accumulation dtype (fp32;
+    fp64 when an input is fp64); ``dh`` in ``h.dtype``; ``dw``, ``db`` in the accumulation dtype (``dw`` is
+    accumulated by fp32/fp64 matmuls). ``g``: ``[N]``,
+    a float (every row), or ``None`` (no gradient). The matmuls run in the dtype of ``h`` and ``w`` when both are
+    one 16-bit dtype (outputs rounded to it, as ``nn.Linear`` does), else in the accumulation dtype; ``tile`` is
+    the in-place entropy step (:func:`entropy_tile_`, or a backend's kernel with its signature).
+    """
+    N, D = h.shape
+    acc = acc_dtype(h.dtype, w.dtype, *(() if b is None else (b.dtype,)))
+    mm = h.dtype if h.dtype == w.dtype and h.dtype in (torch.float16, torch.bfloat16) else acc
+    wm = w if w.dtype == mm else w.to(mm)
+    bias = None if b is None else b.to(acc)
+    want_grad = g is not None and (need_dh or need_dw or need_db)
+    H = new_output((N,), acc, h.device)
+    dh = new_output((N, D), h.dtype, h.device) if want_grad and need_dh else None
+    dw = torch.zeros(w.shape, dtype=acc, device=h.device) if want_grad and need_dw else None
+    db = torch.zeros(w.shape[0], dtype=acc, device=h.device) if want_grad and need_db else None
+    for r0 in range(0, N, chunk):
+        hc = h[r0:r0 + chunk].to(mm)
+        z = (hc @ wm.t()).to(acc)  # [c, V]: the one logits tile alive
+        if bias is not None:
+            z.add_(bias)
+        gc = g[r0:r0 + chunk] if isinstance(g, torch.Tensor) else None
+        H[r0:r0 + chunk] = tile(z, gc, want_grad)
+        if not want_grad:
+            continue
+        if isinstance(g, float) and g != 1.0:
+            z.mul_(g)
+        if dh is not None:
+            dh[r0:r0 + chunk] = z.to(mm) @ wm
+        if dw is not None:
+            dw.addmm_(z.t(), hc.to(acc))  # in the accumulation dtype whatever mm is
+        if db is not None:
+            db.add_(z.sum(0))
+        del z
+    return H, dh, dw, db
 
 
 # --------------------------------------------------------------------------------------------------- LoRA

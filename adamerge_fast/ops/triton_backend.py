@@ -11,6 +11,8 @@ Kernels live in :mod:`adamerge_fast.ops.triton_kernels` (one module per op). Wha
 * ``merged_lora_linear``: the LoRA shrink ``x @ A^T`` of all tasks in one launch, then the base matmul and the
   scaled expand ``(u * c_k s_k) @ B^T`` in one kernel; backward likewise, the coefficient gradient reduced in the
   shrink of ``dy @ B`` (:mod:`.triton_kernels.lora`).
+* ``linear_entropy``: its tile step (entropy of a ``[chunk, V]`` logits tile and its gradient, in place); the head's
+  matmuls are torch's.
 
 fp64 is not a Triton path: calls with any fp64 input go to the reference backend's functions (same contract).
 """
@@ -41,13 +43,14 @@ class TritonBackend(Backend):
             import triton  # noqa: F401
         except ImportError as e:  # the registry remembers this and reports it
             raise ImportError(f"the triton backend needs the 'triton' package ({e})") from e
-        from .triton_kernels import INTERPRET, entropy, lora, merge, merged_linear
+        from .triton_kernels import INTERPRET, entropy, linear_entropy, lora, merge, merged_linear
 
         self._interpret = INTERPRET
         self._merge = merge
         self._linear = merged_linear
         self._entropy = entropy
         self._lora = lora
+        self._linear_entropy = linear_entropy
 
     # -- availability -------------------------------------------------------------------------------
     def unavailable_reason(self, device):
@@ -131,6 +134,11 @@ class TritonBackend(Backend):
         if logits.dtype == _F64 or grad.dtype == _F64:
             return _ref.entropy_bwd(grad, logits)
         return self._entropy.entropy_bwd(grad, logits)
+
+    def entropy_tile_(self, z, g, write_grad):
+        if z.dtype == _F64:
+            return _ref.entropy_tile_(z, g, write_grad)
+        return self._linear_entropy.entropy_tile_(z, g, write_grad)
 
 
 _REFERENCE = ReferenceBackend()  # fp64 merged_linear: the composite over the plain-torch merge

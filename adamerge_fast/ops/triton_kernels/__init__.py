@@ -4,6 +4,7 @@
 * :mod:`.merged_linear`  ``x @ (w0 + sum_k c_k tau_k).T`` forward, ``dx`` and ``dcoef_w`` without ever holding an
                          ``[out, in]`` gradient (and, in the fused strategy, without the merged weight either)
 * :mod:`.entropy`        row-wise softmax entropy and its gradient, chunked over the class dimension
+* :mod:`.linear_entropy` the tile step of ``linear_entropy``: a logits tile's entropy and gradient, in place
 
 Importing this package imports Triton (``ImportError`` when it is not installed). Whether the kernels run
 compiled (CUDA) or through the Triton interpreter (CPU tensors) is fixed at import time by

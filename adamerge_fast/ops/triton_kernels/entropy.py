@@ -86,6 +86,12 @@ def _entropy_bwd_kernel(
     z_row = z_ptr + row * stride_n
     m, log_s, h = _row_stats(z_row, C, stride_c, BLOCK_C)
     g = tl.load(g_ptr + row * stride_g).to(tl.float32)
+    _row_grad(z_row, stride_c, dz_ptr + row * C, C, m, log_s, h, g, BLOCK_C)
+
+
+@triton.jit
+def _row_grad(z_row, stride_c, dz_row, C, m, log_s, h, g, BLOCK_C: tl.constexpr):
+    # dz_row[c] = -p * (log p + H) * g for one row z[C] with its stats (m, log S, H); dz_row contiguous (may be z_row)
     rc = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + rc
@@ -95,7 +101,7 @@ def _entropy_bwd_kernel(
         p = tl.exp(logp)
         logp = tl.where(p > 0, logp, 0.0)  # -inf entries (p = 0) give exactly 0, never 0 * -inf = NaN
         d = -p * (logp + h) * g
-        tl.store(dz_ptr + row * C + cols, d.to(dz_ptr.dtype.element_ty), mask=mask)
+        tl.store(dz_row + cols, d.to(dz_row.dtype.element_ty), mask=mask)
 
 
 def _block_c(C: int, block_c: int | None) -> int:
