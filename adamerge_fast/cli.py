@@ -568,9 +568,14 @@ def _write_merged(args, spec, merged, out: Path) -> list[str]:
                          overwrite=True)
     written.append(str(path))
     if args.hf_causal_lm:
+        from .adapters import is_lora_source
+
         if args.ties:
             _log(f"{PROG} adamerge: no mergekit_config.yml: mergekit's task arithmetic cannot re-apply coefficients "
                  "learned over TIES-split task vectors")
+        elif any(is_lora_source(f) for f in args.finetuned):
+            _log(f"{PROG} adamerge: no mergekit_config.yml: the fine-tuned sources are LoRA adapters, which its "
+                 "models list does not take as they are")
         else:
             from .io import shape_dtype
 

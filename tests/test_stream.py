@@ -249,3 +249,112 @@ def test_chunked_equals_whole(llama_dirs, monkeypatch):
     for (m, kw), w in zip(kws, whole):
         got = stream.merge_checkpoints(pre, fts, m, **kw)
         assert all(torch.equal(got[k], w[k]) for k in w), (m, kw)
+
+
+# ------------------------------------------------------------------------------ rounding, LoRA adapter sources
+def _tie_inputs(dt, n=1 << 12, seed=1):
+    """fp32 pretrained / fine-tuned tensors whose differences over many binades include ones that a float32
+    subtraction rounds onto a tie of ``dt`` (then rounded to ``dt`` a second time: off by one ulp)."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g) * 2.0 ** torch.randint(-20, 4, (n,), generator=g).float()
+    ft = base + torch.randn(n, generator=g) * 2.0 ** torch.randint(-20, 0, (n,), generator=g).float()
+    lo = torch.randn(256, generator=g).to(dt)
+    t = (lo.float() + torch.nextafter(lo, torch.tensor(float("inf"), dtype=dt)).float()) / 2
+    ft[:256], base[:256] = t, -(t.abs() * 2.0**-30)
+    return base.reshape(64, -1), ft.reshape(64, -1)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("chunk", [None, 97])
+def test_streamed_task_vectors_are_rounded_difference(dt, chunk, monkeypatch):
+    """One implementation of "fine-tuned minus pretrained, rounded once to the storage dtype": the streamed merge's
+    task vectors (``task_vector_dtype``), ``task_vectors(dtype=...)`` and the model-outer builder all equal
+    ``rounded_difference_`` bit for bit, where a float32 difference cast to the storage dtype does not; the
+    streamed task arithmetic on them equals the in-memory one."""
+    from adamerge_fast.merging.build import DenseRows, build_task_vectors
+    from adamerge_fast.merging.task_vectors import rounded_difference_
+
+    if chunk:
+        monkeypatch.setattr(stream, "CHUNK", chunk)
+    base, ft = _tie_inputs(dt)
+    want = rounded_difference_(torch.empty(base.shape, dtype=dt), ft, base, "t")
+    assert not torch.equal(want, (ft - base).to(dt))  # the double rounding this guards against
+    opts = stream.MergeOptions(task_vector_dtype=dt).resolved()
+    got = torch.cat([tau[0] for _, tau in stream.task_vector_chunks("w", base, [ft], opts, None)])
+    assert got.dtype == torch.float64
+    assert torch.equal(got.to(dt).view(torch.int16), want.reshape(-1).view(torch.int16))
+    assert torch.equal(af.task_vectors({"w": base}, [{"w": ft}], dtype=dt)["w"][0].view(torch.int16),
+                       want.view(torch.int16))
+    built = build_task_vectors({"w": base}, [{"w": ft}], storage=DenseRows(dt))["w"][0]
+    assert torch.equal(built.view(torch.int16), want.view(torch.int16))
+    merged = stream.merge_checkpoints({"w": base}, [{"w": ft}], "task_arithmetic", scale=0.5, task_vector_dtype=dt)
+    tv = af.task_vectors({"w": base}, [{"w": ft}], dtype=dt)
+    assert torch.equal(merged["w"], af.task_arithmetic({"w": base}, tv, 0.5)["w"])
+
+
+def _lora_inputs(dtype, dyadic: bool, seed=0):
+    """A pretrained state dict and two adapters ``{name: (A, B, scale)}`` on different tensors. ``dyadic``: small
+    multiples of 1/4 and 1/2, so that ``W0 + s B A`` is exact in ``dtype`` and the adapters' fine-tuned checkpoints
+    can be written out densely without rounding."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape):
+        return torch.randint(-2, 3, shape, generator=g) / 2 if dyadic else 0.3 * torch.randn(shape, generator=g)
+
+    base = {"a.weight": rnd(12, 10) / 2, "a.bias": rnd(12), "b.weight": rnd(6, 12) / 2, "n.weight": rnd(6)}
+    base = {k: v.to(dtype) for k, v in base.items()}
+    ads = [{"a.weight": (rnd(2, 10), rnd(12, 2), 0.5), "b.weight": (rnd(3, 12), rnd(6, 3), 1.0)},
+           {"b.weight": (rnd(1, 12), rnd(6, 1), 0.25)}]
+    return base, ads
+
+
+def _dense(base, ad):
+    return {k: (base[k].double() + (ad[k][2] * ad[k][1].double() @ ad[k][0].double() if k in ad else 0)).to(
+        base[k].dtype) for k in base}  # fmt: skip
+
+
+METHODS_LORA = [("task_arithmetic", {"scale": 0.7, "weights": [1.0, 0.5]}), ("ties", {}),
+                ("ties", {"ties_scope": "tensor", "ties_keep": "exact", "ties_k": 0.3}),
+                ("dare", {"dare_p": 0.3, "seed": 2}), ("task_arithmetic", {"like": "mergekit"})]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_adapter_sources_equal_the_dense_checkpoints(dtype):
+    """LoRA adapters as fine-tuned sources of the streamed merge: the same result, bit for bit, as the dense
+    fine-tuned checkpoints ``W0 + s B A`` they stand for (built exactly here), for every method."""
+    base, ads = _lora_inputs(dtype, dyadic=True)
+    dense = [_dense(base, ad) for ad in ads]
+    for ad, d in zip(ads, dense):
+        for k, (a, b, s) in ad.items():  # the dense checkpoints are exact
+            assert torch.equal(d[k].double() - base[k].double(), s * b.double() @ a.double()), k
+    for method, kw in METHODS_LORA:
+        got = stream.merge_checkpoints(base, ads, method, **kw)
+        want = stream.merge_checkpoints(base, dense, method, **kw)
+        for k in base:
+            assert got[k].dtype == dtype and torch.equal(got[k], want[k]), (method, kw, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_lora_adapter_sources_take_the_exact_difference(dtype, monkeypatch):
+    """On random adapters (``W0 + s B A`` not representable), the streamed merge takes each adapter's exact task
+    vector ``s B A`` (not the rounded view minus ``W0``), as the in-memory merges do: equal bit for bit, also
+    chunked and with bf16 task vectors."""
+    from adamerge_fast.adapters import AdapterCheckpoint, as_adapter
+
+    base, ads = _lora_inputs(dtype, dyadic=False)
+    views = [AdapterCheckpoint(base, as_adapter(a, i)) for i, a in enumerate(ads)]
+    for tvd in (None, torch.bfloat16):
+        tv = af.task_vectors(base, views, dtype=tvd or stream.exact_tv_dtype(dtype))
+        refs = [("task_arithmetic", {"scale": 0.7}, af.task_arithmetic(base, tv, 0.7)),
+                ("ties", {"ties_k": 0.3}, af.ties_merge(base, tv, k=0.3)),
+                ("ties", {"ties_scope": "tensor", "ties_keep": "exact"},
+                 af.ties_merge(base, tv, scope="tensor", keep="exact"))]
+        for chunk in (stream.CHUNK, 7):
+            monkeypatch.setattr(stream, "CHUNK", chunk)
+            for method, kw, want in refs:
+                got = stream.merge_checkpoints(base, ads, method, task_vector_dtype=tvd, **kw)
+                for k in base:
+                    assert torch.equal(got[k], want[k].to(dtype)), (tvd, chunk, method, kw, k)
+    dense = stream.merge_checkpoints(base, [_dense(base, a) for a in ads], "task_arithmetic", scale=0.7)
+    got = stream.merge_checkpoints(base, ads, "task_arithmetic", scale=0.7)
+    assert dtype == torch.float32 or not all(torch.equal(got[k], dense[k]) for k in base)

@@ -40,7 +40,6 @@ from ..io import (
     NonFiniteCheckpointError,
     check_finite,
     check_fits,
-    check_stored_finite,
     existing,
     load_state_dict,
     shape_dtype,
@@ -49,7 +48,7 @@ from ..io import (
 from ..ops._common import acc_dtype
 from . import static
 from .static import TiesPlan
-from .task_vectors import floating_keys, source_name
+from .task_vectors import floating_keys, rounded_difference_, source_name
 
 METHODS = ("average", "task_arithmetic", "ties", "dare")
 Source = Any  # a checkpoint path, a state dict or an nn.Module
@@ -150,6 +149,40 @@ class _Lazy(Sequence[torch.Tensor]):
     def __len__(self):
         return len(self.sds)
 
+    def difference(self, i: int) -> torch.Tensor | None:
+        """Task ``i``'s exact difference when its checkpoint is a view that knows it
+        (:class:`~adamerge_fast.adapters.AdapterCheckpoint`: ``s B A`` unrounded), else ``None``."""
+        exact = getattr(self.sds[i], "task_vector", None)
+        return None if exact is None else exact(self.key)
+
+
+def _row(fts: Sequence[torch.Tensor], base: torch.Tensor, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Task ``i`` as ``(flat tensor, flat base or None)``: its fine-tuned tensor against the base, or (``None``) the
+    exact difference itself where the source knows it (:meth:`_Lazy.difference`)."""
+    diff = getattr(fts, "difference", None)
+    d = diff(i) if diff is not None else None
+    return (fts[i].reshape(-1), base.reshape(-1)) if d is None else (d.reshape(-1), None)
+
+
+def _check_base(b: torch.Tensor, key: str, names: Sequence[str] | None) -> None:
+    if not _all_finite(b):
+        check_finite(b, f"{names[0] if names else 'the pretrained checkpoint'}: key {key!r}",
+                     error=NonFiniteCheckpointError)
+
+
+def _source(names: Sequence[str] | None, i: int, key: str) -> str:
+    return f"{names[i + 1] if names else f'fine-tuned checkpoint {i}'}: key {key!r}"
+
+
+def _difference_(out: torch.Tensor, ft: torch.Tensor, base: torch.Tensor | None, low: torch.dtype | None,
+                 what: str, source: str | None) -> torch.Tensor:
+    """``out = ft - base`` (``base=None``: ``ft`` is the difference) in ``out``'s exact dtype, rounded once through
+    ``low`` first when given (as stored task vectors are): both through
+    :func:`~adamerge_fast.merging.task_vectors.rounded_difference_`."""
+    if low is None or low == out.dtype:
+        return rounded_difference_(out, ft, base, what, source)
+    return out.copy_(rounded_difference_(torch.empty(out.shape, dtype=low), ft, base, what, source))
+
 
 CHUNK = 1 << 22  # elements per chunk of the task vectors of one tensor (methods that work element by element)
 
@@ -167,27 +200,29 @@ def _whole_tensor(opts: MergeOptions) -> bool:
 
 
 def _tensor_plan(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
-                 plan: TiesPlan, backend=None) -> TiesPlan:
+                 plan: TiesPlan, names: Sequence[str] | None = None) -> TiesPlan:
     """Per-tensor TIES as a plan over this tensor alone (its thresholds and tie budgets from one task's magnitudes
     at a time, and its majority sign in a pass over the chunks), so that trimming, election and merging run chunk
     by chunk: the same result as :func:`~adamerge_fast.merging.static.trim` on the whole tensor."""
     acc = exact_tv_dtype(base.dtype)
-    b = base.reshape(-1).to(acc)
-    n = b.numel()
+    n = base.numel()
     r = static.keep_rank(n, plan.k, plan.keep)
     th, budgets = [], []
+    _check_base(base.reshape(-1), key, names)
     for i in range(len(fts)):
-        a = (fts[i].reshape(-1).to(acc) - b).abs_()
+        f, b = _row(fts, base, i)
+        a = _difference_(torch.empty(n, dtype=acc), f, b, opts.task_vector_dtype, f"task vector {i}: key {key!r}",
+                         None if b is None else _source(names, i, key)).abs_()
+        del f, b
         v = a.kthvalue(n - r + 1).values if n else a.new_zeros(())
         th.append(v)
         budgets.append(r - int((a > v).sum()))
         del a
-    del b
     tp = TiesPlan(k=plan.k, scope="global", keep=plan.keep, sign_tie=plan.sign_tie, weights=plan.weights,
                   thresholds=torch.stack(th), budgets=list(budgets), _budgets0=list(budgets))
     if plan.sign_tie == "majority":
         total = 0.0
-        for _, tau in task_vector_chunks(key, base, fts, opts, None):
+        for _, tau in task_vector_chunks(key, base, fts, opts, None, names):
             total += float(static.sign_sum(static.trim(tau, tp), tp.weights).sum())
         tp.restart()
         tp.majority = float(torch.sign(torch.tensor(total)))
@@ -205,28 +240,16 @@ def task_vector_chunks(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor]
     K = len(fts)
     acc = exact_tv_dtype(base.dtype)
     b = base.reshape(-1)
-    fl = [fts[i].reshape(-1) for i in range(K)]
+    rows = [_row(fts, base, i) for i in range(K)]
     n = b.numel()
     step = max(n, 1) if _whole_tensor(opts) else CHUNK
     for a in range(0, max(n, 1), step):
         e = min(n, a + step)
-        bc = b[a:e].to(acc)
+        _check_base(b[a:e], key, names)
         st = torch.empty((K, e - a), dtype=acc)
-        if not _all_finite(bc):
-            check_finite(bc, f"{names[0] if names else 'the pretrained checkpoint'}: key {key!r}",
-                         error=NonFiniteCheckpointError)
-        for i in range(K):
-            st[i].copy_(fl[i][a:e])
-            st[i].sub_(bc)
-            if not _all_finite(st[i]):
-                check_finite(fl[i][a:e], f"{names[i + 1] if names else f'fine-tuned checkpoint {i}'}: key {key!r}",
-                             error=NonFiniteCheckpointError)
-                check_finite(st[i], f"task vector {i}: key {key!r}", error=NonFiniteCheckpointError)
-        if opts.task_vector_dtype is not None and opts.task_vector_dtype != acc:
-            low = st.to(opts.task_vector_dtype)
-            for i in range(K):
-                check_stored_finite(low[i], f"task vector {i}: key {key!r}", st[i], error=NonFiniteCheckpointError)
-            st = low.to(acc)
+        for i, (f, bi) in enumerate(rows):
+            _difference_(st[i], f[a:e], None if bi is None else bi[a:e], opts.task_vector_dtype,
+                         f"task vector {i}: key {key!r}", None if bi is None else _source(names, i, key))
         if opts.method == "dare":
             st = static.dare_tensor(st, opts.dare_p, gen, opts.dare_rescale)
         yield slice(a, e), st
@@ -325,7 +348,7 @@ def merge_tensor(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts
     elif not opts.uses_ties:
         coef = static.coefficients(K, opts.scale, opts.weights, opts.normalize)
     if opts.uses_ties and opts.ties_scope == "tensor" and not _whole_tensor(opts) and plan.k < 1.0:
-        plan = _tensor_plan(key, base, fts, opts, plan, backend)
+        plan = _tensor_plan(key, base, fts, opts, plan, names)
     b = base.reshape(-1)
     out = torch.empty_like(b)
     for sl, tau in task_vector_chunks(key, base, fts, opts, gen, names):

@@ -25,7 +25,6 @@ from ..io import (
     load_state_dict,
     shape_dtype,
 )
-from ..ops._common import acc_dtype
 
 Source = Union[nn.Module, Mapping[str, torch.Tensor], str, os.PathLike]
 TaskVectors = dict[str, torch.Tensor]  # name -> [K, *shape]
@@ -154,8 +153,8 @@ def task_vectors(
 
     ``keys``: which tensors (default: every floating-point parameter of ``pretrained`` — for a module, in
     ``named_parameters()`` order). ``dtype``: storage dtype of the task vectors (default: the pretrained
-    tensor's; e.g. ``torch.bfloat16``). The difference is taken in float32 (float64 when a checkpoint or ``dtype``
-    is float64) and rounded to the storage dtype once. Keys of the fine-tuned checkpoints that the
+    tensor's; e.g. ``torch.bfloat16``). The difference is rounded to the storage dtype once
+    (:func:`rounded_difference_`). Keys of the fine-tuned checkpoints that the
     pretrained lacks (e.g. classification heads) are ignored. ``names``: how messages name the pretrained and each
     fine-tuned checkpoint (default: their paths where known). Raises :class:`CheckpointError` naming the key on a
     missing key or a shape or dtype mismatch, and :class:`~adamerge_fast.io.NonFiniteCheckpointError` (a
@@ -183,21 +182,13 @@ def task_vectors(
         check_finite(b, f"{names[0]}: key {k!r}", error=NonFiniteCheckpointError)
         dev = device if device is not None else b.device
         st = torch.empty((len(fts), *b.shape), dtype=dtype or b.dtype, device=dev)
-        acc = acc_dtype(b.dtype, st.dtype)
-        b_acc = b.to(device=dev, dtype=acc)
         for i, ft in enumerate(fts):
             exact = getattr(ft, "task_vector", None)  # a view that knows its difference (adapters.AdapterCheckpoint)
-            t = None if exact is not None else ft[k].detach()
-            # the difference in float32 (float64 for float64): exact for bf16/fp16 within 2^15x, rounded once below
-            d = exact(k).to(device=dev, dtype=acc) if exact is not None else t.to(device=dev, dtype=acc) - b_acc
-            if not bool(torch.isfinite(d).all()):  # b is finite: t has the NaN/inf, or the difference overflows
-                if t is not None:
-                    check_finite(t, f"{names[i + 1]}: key {k!r}", error=NonFiniteCheckpointError)
-                check_finite(d, f"task vector {i}: key {k!r} (fine-tuned minus pretrained, in {d.dtype})",
-                             error=NonFiniteCheckpointError)
-            st[i].copy_(d)
-            if st.dtype != d.dtype:
-                check_stored_finite(st[i], f"task vector {i}: key {k!r}", d, error=NonFiniteCheckpointError)
+            what = f"task vector {i}: key {k!r}"
+            if exact is not None:
+                rounded_difference_(st[i], exact(k), None, what)
+            else:
+                rounded_difference_(st[i], ft[k], b, what, f"{names[i + 1]}: key {k!r}")
         out[k] = st
     return out
 
