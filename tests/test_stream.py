@@ -2,6 +2,7 @@
 Face directory output loadable by transformers, atomic and non-destructive writing, the command line."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -154,6 +155,13 @@ def test_failure_leaves_nothing(llama_dirs, tmp_path, monkeypatch):
         stream.merge_checkpoints(pre, [sd, *fts[1:]], "ties", bad)
     with pytest.raises(CheckpointError, match=f"fine-tuned checkpoint 0: key '{key}'.*NaN"):
         stream.merge_checkpoints(pre, [sd, *fts[1:]], "task_arithmetic", bad)
+    nan_file = tmp_path / "nan" / "ft.safetensors"  # named by its path, also in global TIES's threshold passes
+    nan_file.parent.mkdir()
+    af.io.save_safetensors(sd, nan_file)
+    for kw in ({}, {"ties_scope": "tensor"}):
+        with pytest.raises(CheckpointError, match=f"{nan_file}: key '{key}'.*NaN"):
+            stream.merge_checkpoints(pre, [nan_file, *fts[1:]], "ties", bad, **kw)
+    shutil.rmtree(nan_file.parent)
     calls = []
 
     def boom(*a, **k):

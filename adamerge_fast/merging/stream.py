@@ -526,7 +526,7 @@ def merge_checkpoints(
     if opts.uses_ties and opts.like != "mergekit":
         plan = TiesPlan(k=opts.ties_k, scope=opts.ties_scope, keep=opts.ties_keep, sign_tie=opts.sign_tie,
                         weights=None if opts.weights is None else static._weights(K, opts.weights))
-        _global_passes(plan, base, fts, keys, opts, bar)
+        _global_passes(plan, base, fts, keys, opts, bar, names)
 
     gen = torch.Generator(device="cpu").manual_seed(opts.seed) if opts.method == "dare" else None
     result: dict[str, torch.Tensor] = {}
@@ -568,14 +568,14 @@ class _NullContext:
         return None
 
 
-def _global_passes(plan: TiesPlan, base, fts, keys, opts: MergeOptions, bar) -> None:
+def _global_passes(plan: TiesPlan, base, fts, keys, opts: MergeOptions, bar, names: Sequence[str]) -> None:
     """The streaming passes TIES needs before merging: global thresholds, and the global majority sign."""
     def tensors(desc: str) -> Iterator[torch.Tensor]:
         gen = torch.Generator(device="cpu").manual_seed(opts.seed) if opts.method == "dare" else None
         with bar(desc) as pbar:
             for k in keys:
                 b = base[k]
-                for _, tau in task_vector_chunks(k, b, _Lazy(fts, k), opts, gen):
+                for _, tau in task_vector_chunks(k, b, _Lazy(fts, k), opts, gen, names):
                     yield tau
                 del b
                 malloc_trim()
