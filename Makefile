@@ -4,7 +4,7 @@ PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
 .PHONY: setup demo test test-triton test-ext test-props test-compat test-mergekit bench bench-mergekit setup-mergekit \
-	lint clean
+	lint clean gpu-check
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -48,6 +48,14 @@ test-compat: setup
 bench: setup
 	$(PY) -m pytest benchmarks --benchmark-only -q
 	$(PY) -m benchmarks.adamerging_step
+
+# On a machine with a CUDA GPU: build in place for sm_90, GPU tests, compute-sanitizer, GPU benchmarks (README,
+# "GPU check"). Runs with $(PYTHON) (default python3), not the .venv: no dependency on setup. GPU_CHECK_ARGS: e.g.
+# --quick (phases 1-2), --dry-run (list the phases and budgets). Expected time per phase on one H200 (estimates,
+# no GPU run yet): 1 build 60 s (budget 90), 2 tests 120 s (budget 180) beside 3 sanitizer 60 s (budget 90),
+# 4 benchmarks 170 s (budget 210): about 350 s, at most 480 s.
+gpu-check:
+	PYTHON=$${PYTHON:-python3} bash scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 lint: setup
 	.venv/bin/ruff check adamerge_fast tests benchmarks tools

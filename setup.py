@@ -4,9 +4,13 @@
 * Also CUDA (a ``CUDAExtension`` with ``csrc/cuda/*``, macro ``ADAMERGE_WITH_CUDA``) when torch is a CUDA build,
   nvcc is found (``CUDA_HOME``) and ``ADAMERGE_SKIP_CUDA_BUILD`` is not ``"1"``. ``ADAMERGE_CUDA_ARCHS``
   (e.g. ``"80;90"``) sets the ``-gencode`` flags; without it torch's own choice (``TORCH_CUDA_ARCH_LIST``).
+  ``ADAMERGE_CUDA_FAST_MATH=1`` adds ``--use_fast_math`` (approximate ``exp``/``log``/division and flushed
+  denormals in every kernel, the softmax entropy included); off by default, because no GPU run has yet checked
+  the tolerance tests with it (``make gpu-check`` runs them).
 * No compiler, no torch at build time, or a failed compile: a warning is printed and the package is
   installed without the extension (pure Python; the ``reference`` and ``triton`` backends still work).
-  ``ADAMERGE_REQUIRE_EXT=1`` turns that failure into an error instead.
+  ``ADAMERGE_REQUIRE_EXT=1`` turns that failure into an error instead; ``ADAMERGE_REQUIRE_CUDA=1`` also makes a
+  build without the CUDA kernels an error (``make gpu-check`` sets both).
 
 Install: ``pip install --no-build-isolation -e .`` (no build isolation: build against the torch installed).
 """
@@ -59,6 +63,14 @@ def _cuda_arch_flags() -> list[str]:
     return flags
 
 
+def _nvcc_flags() -> list[str]:
+    """nvcc flags of the CUDA sources: -O3, line info, the arch list, and fast math only when asked for."""
+    flags = ["-O3", "-lineinfo", *_cuda_arch_flags()]
+    if os.environ.get("ADAMERGE_CUDA_FAST_MATH") == "1":
+        flags.append("--use_fast_math")
+    return flags
+
+
 def _extensions_and_cmdclass():
     if os.environ.get("ADAMERGE_SKIP_EXT_BUILD") == "1":
         _warn("ADAMERGE_SKIP_EXT_BUILD=1: building without the C++ extension")
@@ -86,10 +98,13 @@ def _extensions_and_cmdclass():
     ):
         _warn("torch is a CUDA build but nvcc was not found (set CUDA_HOME); building the CPU extension only")
         want_cuda = False
+    if os.environ.get("ADAMERGE_REQUIRE_CUDA") == "1" and not want_cuda:
+        why = "torch is not a CUDA build" if torch.version.cuda is None else "nvcc not found or CUDA build turned off"
+        raise RuntimeError(f"ADAMERGE_REQUIRE_CUDA=1 but the CUDA kernels cannot be built: {why}")
 
     if want_cuda:
         sources += _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", *_cuda_arch_flags()]
+        nvcc = _nvcc_flags()
         ext = cpp_extension.CUDAExtension(
             EXT_NAME,
             sources,

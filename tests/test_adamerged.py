@@ -139,6 +139,31 @@ def test_mha_not_batch_first_with_masks_matches_torch():
             assert_close(w, w2.double(), torch.float32, "mha weights")
 
 
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_mha_projects_self_attention_once(monkeypatch, batch_first):
+    """Issue 12 item 7: ``query is key is value`` is detected before the ``batch_first=False`` transpose (which makes
+    new tensor objects): self-attention is one merged_linear call with the packed in-projection, cross-attention
+    (``key is value``) two, three distinct inputs three (plus the out-projection each time)."""
+    from adamerge_fast.merging import adamerged
+
+    torch.manual_seed(0)
+    pre = nn.MultiheadAttention(8, 2, batch_first=batch_first)
+    model = af.AdaMergedModel(pre, [perturbed(pre, s) for s in (1, 2)])
+    plain = model.to_module()
+    calls = []
+    real = adamerged.ops.merged_linear
+    monkeypatch.setattr(adamerged.ops, "merged_linear", lambda x, w0, *a, **k: calls.append(w0.shape[0]) or
+                        real(x, w0, *a, **k))  # fmt: skip
+    q, k, v = torch.randn(5, 3, 8), torch.randn(4, 3, 8), torch.randn(4, 3, 8)  # [L | S, N, E]
+    if batch_first:
+        q, k, v = (t.transpose(0, 1).contiguous() for t in (q, k, v))
+    for args, expected in [((q, q, q), [24, 8]), ((q, k, k), [8, 16, 8]), ((q, k, v), [8, 8, 8, 8])]:
+        calls.clear()
+        o, _ = model(*args)
+        assert calls == expected, calls  # output rows of each merged_linear call
+        assert_close(o, plain(*args)[0].double(), torch.float32, "mha out")
+
+
 def test_low_precision_task_vectors():
     pre = mlp(0)
     fts = [perturbed(pre, s) for s in (1, 2)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 # benchmarks/ is a plain package of the checkout (pytest puts the checkout root on sys.path: pyproject.toml)
+from _tol import assert_close
 from benchmarks.adamerging_step import main
 from benchmarks.adamerging_step.protocol import EquivalenceError, check_equivalence
 from benchmarks.adamerging_step.runners import available_methods, make_runner
@@ -23,9 +24,10 @@ def _no_poison(monkeypatch):
     monkeypatch.setattr(_ops_common, "POISON_OUTPUTS", False)
 
 
-@pytest.mark.parametrize("workload", ["vit-tiny", "llama-tiny"])
-def test_all_methods_agree(workload):
-    wl = build_workload(workload, DEVICE)
+@pytest.mark.parametrize("workload,overrides", [("vit-tiny", None), ("vit-tiny", {"impl": "torch"}),
+                                                ("llama-tiny", None)], ids=["vit-tiny", "vit-tiny-torch", "llama-tiny"])
+def test_all_methods_agree(workload, overrides):
+    wl = build_workload(workload, DEVICE, overrides)
     methods = available_methods(DEVICE)
     assert methods[:2] == ["official", "functional_call"] and "ours-reference-concat" in methods
     runners = [make_runner(m, wl) for m in methods]
@@ -74,3 +76,69 @@ def test_cli_writes_results(tmp_path):
     assert "error" not in mem, mem
     assert {"peak_rss_bytes", "rss_after_build_bytes", "rss_increase_bytes", "ru_maxrss_bytes"} <= set(mem)
     assert mem["peak_rss_bytes"] > 0
+
+
+def test_plain_torch_vit_b32_is_open_clips_tower():
+    """The GPU machine has no open_clip: the step benchmark's plain-torch ViT-B/32 tower must be open_clip's tower
+    (same parameter names, shapes and order: 152 tensors, 87,849,216 parameters; same function: open_clip's
+    weights loaded strictly give the same features)."""
+    from adamerge_fast._compat import import_open_clip
+    from benchmarks.adamerging_step import vit
+
+    try:
+        open_clip = import_open_clip()
+    except ImportError:
+        pytest.skip("open_clip is not installed")
+    from open_clip.model import _build_vision_tower
+
+    cfg = open_clip.get_model_config("ViT-B-32")
+    assert {k: cfg["vision_cfg"][k] for k in vit.CONFIGS["ViT-B-32"]["vision_cfg"]} == \
+        vit.CONFIGS["ViT-B-32"]["vision_cfg"] and cfg["embed_dim"] == vit.CONFIGS["ViT-B-32"]["embed_dim"]  # fmt: skip
+    torch.manual_seed(0)
+    ref = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"]).eval()
+    ours = vit.build(**vit.CONFIGS["ViT-B-32"]).eval()
+    shapes = [(n, tuple(p.shape)) for n, p in ref.named_parameters()]
+    assert [(n, tuple(p.shape)) for n, p in ours.named_parameters()] == shapes
+    assert len(shapes) == 152 and sum(p.numel() for p in ours.parameters()) == 87_849_216
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert_close(ours(x), ref(x).double(), torch.float32, "ViT-B/32 features")
+
+
+def test_vit_workload_without_open_clip(monkeypatch):
+    """``impl="auto"`` falls back to the plain-torch tower when open_clip cannot be imported; the workload records
+    which tower it built."""
+    import adamerge_fast._compat as compat
+
+    def missing():
+        raise ImportError("open_clip is not installed")
+
+    monkeypatch.setattr(compat, "import_open_clip", missing)
+    wl = build_workload("vit-tiny", DEVICE)
+    assert wl.info["vit_impl"] == "torch" and wl.names[:3] == ["class_embedding", "positional_embedding", "proj"]
+    with pytest.raises(ImportError):
+        build_workload("vit-tiny", DEVICE, {"impl": "open_clip"})
+
+
+def test_gpu_ops_benchmark_report_parts(tmp_path):
+    """benchmarks/bench_gpu_ops.py needs a GPU to time anything; its ``auto`` suggestion (backends ordered by the
+    geometric mean time over the cases all of them ran) and its markdown are checked on synthetic rows, and it
+    refuses to run without CUDA."""
+    from benchmarks import bench_gpu_ops as B
+
+    rows = [dict(section="merged_linear", op="merged_linear", case=c, backend=b, fwd_bwd_ms=t)
+            for c, ts in (("a", (1.0, 4.0, 9.0)), ("b", (4.0, 1.0, 9.0)), ("c", (2.0, 1.0, 9.0)))
+            for b, t in zip(("cuda", "triton", "reference"), ts, strict=True)]  # fmt: skip
+    rows.append(dict(section="merged_linear", op="merged_linear", case="d", backend="cuda", fwd_bwd_ms=0.01))
+    rows.append(dict(section="merged_linear", op="merged_linear", case="a", backend="materialize", fwd_bwd_ms=0.1))
+    rows.append(dict(section="entropy", op="entropy_fwd", case="x", backend="triton", ms=1.0))
+    sug = B.auto_suggestion(rows)
+    assert sug["merged_linear"]["order"] == ["triton", "cuda", "reference"] and sug["merged_linear"]["cases"] == 3
+    assert sug["entropy_fwd"]["order"] == ["triton"]
+    res = dict(device="dev", date="today", torch="t", triton="3", copy_Bps=4e12, matmul_flops={"bf16": 7e14},
+               rows=rows, auto_suggestion=sug, cut=["entropy: 1x1 and later rows"], elapsed_s=1.0)
+    md = B.render_markdown(res)
+    assert "`merged_linear`: triton" in md and "## merged_linear" in md and "Cut by the time budget" in md
+    if not torch.cuda.is_available():
+        assert B.main(["--out", str(tmp_path)]) == 2 and not list(tmp_path.iterdir())

@@ -344,10 +344,16 @@ def test_backend_selection(monkeypatch):
 
 def test_builtin_auto_order():
     """The order ``auto`` tries the built-in backends in, per device type and op (declared in ops/__init__.py)."""
+    # on CUDA per op (issue 12 item 2): the extension's merges first; Triton's tensor-core merged_linear
+    # (fused kernel, dcoef_w) and one-pass entropy first, the extension as their fallback
+    for op, order in {"merge": ("cuda", "triton", "reference"), "merge_many": ("cuda", "triton", "reference"),
+                      "merged_linear": ("triton", "cuda", "reference"),
+                      "entropy": ("triton", "cuda", "reference")}.items():  # fmt: skip
+        assert ops.auto_order("cuda", op) == order, op
     for op in ops.OPS:
-        # no kernel of the extension (merged_lora_linear; linear_entropy's tile): Triton first on CUDA
-        if op not in ("merged_lora_linear", "linear_entropy"):
-            assert ops.auto_order("cuda", op) == ("cuda", "triton", "reference")
+        # no kernel of the extension (merged_lora_linear; linear_entropy's tile): Triton first on CUDA, no cuda
+        if op in ("merged_lora_linear", "linear_entropy"):
+            assert ops.auto_order("cuda", op) == ("triton", "reference")
         assert ops.AUTO_ORDER["cuda"][op] == ops.auto_order("cuda", op)
         assert ops.auto_order("mps", op) == ("reference",)  # a device type no backend names: the fallback only
     for op in ("merge", "merge_many", "merged_linear"):
@@ -432,6 +438,23 @@ def test_registered_backend_meets_the_contract(minimal_backend, monkeypatch):
         for xdt, tdt in ML_DTYPES:
             test_merged_linear_matches_float64(be, case, xdt, tdt)
     test_eager_fast_path_equals_custom_ops(be, monkeypatch)
+
+
+def test_per_op_priority(minimal_backend):
+    """``priority`` may be a mapping ``{op: int, "*": default}``: the backend's place in ``auto`` differs per op."""
+    name = "test-per-op"
+    ops.register_backend(name, _MinimalBackend, auto={"cpu": ("merge", "merged_linear")},
+                         priority={"*": 50, "merged_linear": 2000})  # fmt: skip
+    try:
+        assert ops.auto_order("cpu", "merge") == ("test-minimal", "cpu", name, "reference")  # 1000 > 100 > 50 > 0
+        assert ops.auto_order("cpu", "merged_linear")[:2] == (name, "test-minimal")  # 2000 first
+        assert ops.resolve("auto", "merged_linear", torch.device("cpu")) == name
+    finally:
+        ops.unregister_backend(name)
+    for bad in ({"matmul": 1}, {"*": "high"}, {"*": True}):
+        with pytest.raises(ValueError, match="priority must be an int or map ops"):
+            ops.register_backend("test-bad", _MinimalBackend, priority=bad)
+    assert "test-bad" not in ops.BACKEND_NAMES
 
 
 def test_register_backend_rejects_bad_declarations():

@@ -115,8 +115,10 @@ FLOATS = (F32, BF16, F16)
 SHORT = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "i64": "i64", "i32": "i32"}
 
 # ------------------------------------------------------------------------------- representative problems
-MERGE_NUMEL = (1000, 3072 * 768)  # a bias-sized and a weight-sized tensor
-KS = (3, 8)  # task vectors
+# a bias-sized tensor (1000: not a multiple of 16 elements, the unaligned multi-tensor group), a weight-sized one, and
+# one whose dcoef has more than merge.CHUNK_ROWS partial-sum rows (the two-level segment sum)
+MERGE_NUMEL = (1000, 3072 * 768, 4096 * 1100)
+KS = (1, 3, 8)  # task vectors; K = 1 is specialized by Triton's runtime (an int equal to 1 becomes a constexpr)
 # rows: single sample, small batch, the largest fused M (the launcher's own FUSED_MAX_M), long sequence (jit)
 LINEAR_M = tuple(sorted({1, 16, 256, ML.FUSED_MAX_M, 4096}))
 LINEAR_IN_OUT = ((768, 3072), (3072, 768), (4096, 4096))  # ViT-B MLP fc1 / fc2, a 7B-LLM projection
@@ -136,15 +138,39 @@ def _meta(shape, dtype=F32):
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+class _Unaligned:
+    """A tensor argument whose address is a multiple of its element size but not of 16 bytes (``w0[1:]``): Triton's
+    binder then drops the pointer's 16-byte divisibility, which changes the code (scalar instead of vector
+    accesses). Meta tensors report address 0 (aligned), so every recorded launch also gets this twin."""
+
+    def __init__(self, t):
+        self.base, self.dtype = t, t.dtype
+
+    def data_ptr(self):
+        return self.base.element_size()
+
+    def stride(self, *args):
+        return self.base.stride(*args)
+
+    def element_size(self):
+        return self.base.element_size()
+
+
+def _unaligned_twin(launch):
+    fn, args, kwargs, name = launch
+    wrap = [_Unaligned(a) if isinstance(a, torch.Tensor) else a for a in args]
+    return fn, tuple(wrap), kwargs, name
+
+
 class _Recorder:
     """Stands in for a JITFunction: ``rec[grid](*args, **kwargs)`` records the launch instead of running it."""
 
-    def __init__(self, fn, sink):
-        self.fn, self.sink = fn, sink
+    def __init__(self, fn, sink, name):
+        self.fn, self.sink, self.name = fn, sink, name  # name: the module attribute (two may share one function)
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            self.sink.append((self.fn, args, kwargs))
+            self.sink.append((self.fn, args, kwargs, self.name))
 
         return launch
 
@@ -158,7 +184,7 @@ def _recording():
                 saved.append((mod, name, obj))
     try:
         for mod, name, obj in saved:
-            setattr(mod, name, _Recorder(obj, launches))
+            setattr(mod, name, _Recorder(obj, launches, name))
         yield launches
     finally:
         for mod, name, obj in saved:
@@ -184,6 +210,9 @@ def drive_launchers():
                 MG.merge(base, deltas, coef)
                 MG.dcoef(base, deltas)
             MG.merge(_meta((n,), F32), _meta((K, n), F32), _meta((K,), BF16))  # 16-bit coefficients
+            # task vectors read in place from a packed stack (attention's q/k/v thirds: slice stride 3n)
+            MG.merge(_meta((n,), F32), _meta((K, 3 * n), BF16)[:, n : 2 * n], coef)
+            MG.dcoef(_meta((n,), F32), _meta((K, 3 * n), BF16)[:, n : 2 * n])
             pairs = list(product(FLOATS, FLOATS))
             MG.merge_many([_meta((n,), b) for b, _ in pairs], [_meta((K, n), d) for _, d in pairs], _meta((9, K)))
             MG.dcoef_many([_meta((n,), b) for b, _ in pairs], [_meta((K, n), d) for _, d in pairs])
@@ -213,8 +242,22 @@ def drive_launchers():
                     LR.merged_lora_linear_fwd(x, w0, a, b, ranks, coef, scale, b0, tau_b, coef)
                     LR.merged_lora_linear_bwd(dy, x, w0, a, b, ranks, coef, scale, u, tau_b, True, True, True)
                     LR.merged_lora_linear_bwd(dy, x, w0, a, b, ranks, coef, scale, u, None, False, True, False)
+            # split-K forward / dx (fp32 partial products + _split_sum_kernel) and the split-M dcoef_w, which the
+            # launchers pick on a GPU from its multiprocessor count: forced here (meta tensors have no GPU)
+            ML.SPLIT_R, ML.SPLIT_M = 4, 4
+            for (xd, wd, td), M, K in product(LINEAR_DTYPES, (1, 16), KS):
+                IN, OUT = LINEAR_IN_OUT[0]
+                x, dy = _meta((M, IN), xd), _meta((M, OUT), xd)
+                w0, tau, coef = _meta((OUT, IN), wd), _meta((K, OUT, IN), td), _meta((K,))
+                b0, tau_b, coef_b = _meta((OUT,), wd), _meta((K, OUT), td), _meta((K,))
+                ML.merged_linear_fwd(x, w0, tau, coef, strategy="fused")
+                ML.merged_linear_fwd(x, w0, tau, coef, b0, strategy="fused")
+                ML.merged_linear_fwd(x, w0, tau, coef, b0, tau_b, coef_b, strategy="fused")
+                ML.merged_linear_dx(dy, w0, tau, coef, out_dtype=xd, strategy="fused")
+                ML.merged_linear_dcoef_w(_meta((4096, OUT), xd), _meta((4096, IN), xd), tau)
         finally:
             torch.set_float32_matmul_precision(old_prec)
+            ML.SPLIT_R = ML.SPLIT_M = None
         # entropy of logits [N, C] and its gradient (the upstream gradient of the fp32 entropy is fp32)
         for zd, C in product(FLOATS, ENTROPY_C):
             z = _meta((ENTROPY_N, C), zd)
@@ -226,7 +269,11 @@ def drive_launchers():
             LE.entropy_tile_(tile, None, False)
             LE.entropy_tile_(tile, None, True)
             LE.entropy_tile_(tile, _meta((ENTROPY_N,)), True)
-    return launches
+        # transposed logits (a strided class dimension)
+        z = _meta((1000, ENTROPY_N), BF16).t()
+        EN.entropy_fwd(z)
+        EN.entropy_bwd(_meta((ENTROPY_N,)), z)
+    return launches + [_unaligned_twin(launch) for launch in launches]
 
 
 # --------------------------------------------------------------------------------------------- variants
@@ -241,8 +288,8 @@ def _fmt(v):
 class Variant:
     """One kernel specialization for one target, packed exactly as ``JITFunction.run`` would pack it."""
 
-    def __init__(self, fn, cc, signature, constexprs, attrs, options):
-        self.fn, self.cc = fn, cc
+    def __init__(self, fn, name, cc, signature, constexprs, attrs, options):
+        self.fn, self.name, self.cc = fn, name, cc
         self.signature, self.constexprs, self.attrs, self.options = signature, constexprs, attrs, options
         names = fn.arg_names
         declared = {p.name for p in fn.params if p.is_constexpr}
@@ -260,7 +307,11 @@ class Variant:
         self.spec = " ".join(f"{k}={_fmt(v)}" for k, v in cx.items() if k not in declared)
         ints = [k for k, t in signature.items() if t[0] == "i" or (t == "constexpr" and k not in declared)]
         self.ints = [(k, k in cx) for k in ints]  # (int parameter, specialized to 1?)
-        self.key = (fn.__name__, cc, repr(sorted(signature.items())),
+        # a pointer argument without Triton's 16-byte divisibility attribute (see _Unaligned)
+        divisible = {names[k[0]] for k, v in attrs.items() if any(a[0] == "tt.divisibility" for a in v)}
+        self.unaligned = any(t.startswith("*") and k not in divisible for k, t in signature.items())
+        self.divisible, self.cxv = divisible, {k: _fmt(v) for k, v in cx.items()}  # for PTX_RULES
+        self.key = (name, cc, repr(sorted(signature.items())),
                     repr(sorted((k, _fmt(v)) for k, v in constexprs.items())), repr(sorted(attrs.items())),
                     repr(sorted(options.__dict__.items())))  # fmt: skip
 
@@ -269,9 +320,10 @@ class Variant:
         unit strides) once per kernel. ``fine`` (first target) adds every config (tiles, DOT_TY/PREC, warps,
         stages) with each flag value and each pointer's dtype width (32/16-bit: register pressure); else (other
         targets) each tile shape (with its warps/stages) and each DOT_TY/PREC once per kernel."""
-        n = self.fn.__name__
+        n = self.name
         base = {(n, "dtype", a, t) for a, t in self.dtypes} | {(n, "flags", self.flags)}
-        base |= {(n, "int", a, one) for a, one in self.ints}
+        base |= {(n, "int", a, one) for a, one in self.ints} | {(n, "unaligned", self.unaligned)}
+        base |= {(n, "ptx rule", PTX_RULES.index(r)) for r in _ptx_rules(self)}
         if fine:
             return (base | {(n, "cfg", self.cfg)} | {(n, "flag", self.cfg, f) for f in self.flags.split()}
                     | {(n, "width", self.cfg, a, re.sub(r"\D", "", t)) for a, t in self.dtypes})  # fmt: skip
@@ -279,9 +331,11 @@ class Variant:
 
     def label(self):
         types = ",".join(SHORT.get(t, t) for _, t in self.dtypes)
-        parts = [f"sm_{self.cc}", self.fn.__name__, self.flags, self.cfg, f"[{types}]"]
+        parts = [f"sm_{self.cc}", self.name, self.flags, self.cfg, f"[{types}]"]
         if self.spec:
             parts.append(f"({self.spec})")
+        if self.unaligned:
+            parts.append("unaligned")
         return " ".join(p for p in parts if p)
 
 
@@ -290,12 +344,12 @@ def pack(launches, cc):
     target = GPUTarget("cuda", cc, 32)
     backend = make_backend(target)
     binders, out = {}, {}
-    for fn, args, kwargs in launches:
+    for fn, args, kwargs, name in launches:
         if fn not in binders:
             binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
         bound, specialization, options = binders[fn](*args, **kwargs)
         options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-        v = Variant(fn, cc, signature, constexprs, attrs, options)
+        v = Variant(fn, name, cc, signature, constexprs, attrs, options)
         out.setdefault(v.key, v)
     return list(out.values())
 
@@ -313,6 +367,43 @@ def cover(variants, fine):
 
 
 # ---------------------------------------------------------------------------------------------- compile
+# PTX checks (issue 12 item 6): variants whose label matches must reach these global-memory access widths (bytes,
+# the widest ld.global / st.global vector in the PTX). The multi-tensor kernels read their pointers from a table;
+# the ALIGNED variant's hints (tl.multiple_of) must give them the 16-byte accesses of the single-tensor kernels.
+PTX_RULES: list[tuple[str, dict, tuple, int, int, str]] = [
+    # (kernel, constexpr values, arguments Triton must see 16-divisible, min load bytes, min store bytes, why)
+    ("_merge_kernel", {}, ("base_ptr", "delta_ptr", "out_ptr", "N", "stride_k"), 16, 16,
+     "single-tensor merge of aligned tensors: 16-byte vector loads/stores"),
+    ("_dcoef_partial_kernel", {}, ("grad_ptr", "delta_ptr", "N", "stride_k"), 16, 0,
+     "single-tensor dcoef of aligned tensors: 16-byte vector loads"),
+    ("_merge_many_kernel", {"ALIGNED": "1"}, (), 16, 16,
+     "the ALIGNED multi-tensor merge (pointers read from the table) vectorizes like the single-tensor one"),
+    ("_dcoef_many_partial_kernel", {"ALIGNED": "1"}, (), 16, 0,
+     "the ALIGNED multi-tensor dcoef (pointers read from the table): 16-byte vector loads"),
+    ("_merge_one_kernel", {"ALIGNED": "1"}, (), 16, 16, "the capture-path merge of an aligned tensor vectorizes"),
+    ("_dcoef_one_kernel", {"ALIGNED": "1"}, (), 16, 0, "the capture-path dcoef of an aligned tensor vectorizes"),
+    ("_entropy_fwd_kernel", {"stride_c": "1"}, ("z_ptr", "C", "stride_n"), 16, 0,
+     "entropy of contiguous rows (64-bit column offsets): 16-byte vector loads"),
+    ("_entropy_bwd_kernel", {"stride_c": "1"}, ("z_ptr", "dz_ptr", "C", "stride_n"), 16, 16,
+     "entropy gradient of contiguous rows (64-bit column offsets): 16-byte vector loads and stores"),
+]  # fmt: skip
+
+
+def _ptx_rules(v):
+    """The PTX_RULES that apply to variant ``v``."""
+    return [r for r in PTX_RULES if v.name == r[0] and all(v.cxv.get(k) == val for k, val in r[1].items())
+            and all(a in v.divisible or v.cxv.get(a) == "1" for a in r[2])]  # fmt: skip
+
+
+_PTX_LD = re.compile(r"\bld\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)")
+_PTX_ST = re.compile(r"\bst\.global(?:\.[a-z]+)*?(?:\.v(\d))?\.[bfsu](\d+)")
+
+
+def _widest(rx, ptx: str) -> int:
+    """The widest access (bytes) of the instructions ``rx`` matches in ``ptx`` (0: none)."""
+    return max((int(v or 1) * int(bits) // 8 for v, bits in rx.findall(ptx)), default=0)
+
+
 _PTXAS_SPILL = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
 _RES_REGS = re.compile(r"REG:(\d+)")
@@ -324,7 +415,7 @@ def compile_one(i):
     """Compile ``VARIANTS[i]``; returns a dict of the results (picklable), ``error`` set when it failed."""
     v = VARIANTS[i]
     r = {"i": i, "error": None, "regs": None, "smem": None, "stack": None, "spill_st": None, "spill_ld": None,
-         "regs_from": None, "secs": 0.0}  # fmt: skip
+         "regs_from": None, "secs": 0.0, "ld_bytes": None, "st_bytes": None}  # fmt: skip
     t0 = time.perf_counter()
     log = io.StringIO()
     try:
@@ -342,6 +433,11 @@ def compile_one(i):
     if m:  # else: no ptxas log (TRITON_DUMP_PTXAS_LOG unsupported by this Triton): spills not checked
         r["stack"], r["spill_st"], r["spill_ld"] = (int(g) for g in m.groups())
     r["smem"] = int(getattr(k.metadata, "shared", 0) or 0)
+    ptx = k.asm.get("ptx") if hasattr(k, "asm") else None
+    if isinstance(ptx, bytes):
+        ptx = ptx.decode()
+    if ptx:
+        r["ld_bytes"], r["st_bytes"] = _widest(_PTX_LD, ptx), _widest(_PTX_ST, ptx)
     cubin = k.asm.get("cubin") if hasattr(k, "asm") else None
     if cubin and os.path.exists(CUOBJDUMP):
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -374,6 +470,12 @@ def check(v, r, max_spill):
     threads = 32 * v.options.num_warps
     if r["regs"] is not None and r["regs"] * threads > REGS_PER_SM:
         probs.append(("regs", f"{r['regs']} registers x {threads} threads > {REGS_PER_SM}"))
+    for _, _, _, ld, st, why in _ptx_rules(v):
+        if r["ld_bytes"] is None:
+            probs.append(("ptx", f"no PTX to check ({why})"))
+        elif r["ld_bytes"] < ld or r["st_bytes"] < st:
+            probs.append(("ptx", f"widest global load {r['ld_bytes']} B / store {r['st_bytes']} B, expected "
+                                 f">= {ld} / {st} B: {why}"))  # fmt: skip
     return probs
 
 
@@ -391,7 +493,8 @@ def _line(status, v, r):
     if r["error"]:
         return f"{status} {v.label()} | compile error ({r['secs']:.1f}s)"
     return (f"{status} {v.label()} | regs={num(r['regs'])} smem={num(r['smem'])} stack={num(r['stack'])} "
-            f"spill_st={num(r['spill_st'])} spill_ld={num(r['spill_ld'])} ({r['secs']:.1f}s)")  # fmt: skip
+            f"spill_st={num(r['spill_st'])} spill_ld={num(r['spill_ld'])} ld={num(r['ld_bytes'])}B "
+            f"st={num(r['st_bytes'])}B ({r['secs']:.1f}s)")  # fmt: skip
 
 
 def _run_all(jobs):
@@ -410,7 +513,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     launches = drive_launchers()
     seen = {name for _, name in kernels()}
-    recorded = {fn.__name__ for fn, _, _ in launches}
+    recorded = {name for _, _, _, name in launches}
     failures = [f"kernel {name}: never launched by the launchers driven here (add it to drive_launchers)"
                 for name in sorted(seen - recorded)]  # fmt: skip
     per_cc = {cc: pack(launches, cc) for cc in args.cc}
@@ -429,9 +532,12 @@ def main(args) -> int:
     no_spill_info = 0
     known_hits = {i: [] for i in range(len(KNOWN_SPILLS))}  # entry -> labels of the variants it excused
     known_seen = {i: 0 for i in range(len(KNOWN_SPILLS))}  # entry -> compiled variants its pattern matches
+    ptx_checked = {i: 0 for i in range(len(PTX_RULES))}  # rule -> compiled variants it checked
     for r in _run_all(max(1, args.jobs)):
         v = VARIANTS[r["i"]]
         probs = check(v, r, args.max_spill)
+        for rule in _ptx_rules(v):
+            ptx_checked[PTX_RULES.index(rule)] += r["error"] is None
         for i, (rx, _) in enumerate(KNOWN_SPILLS):
             known_seen[i] += r["error"] is None and re.search(rx, v.label()) is not None
         known = [] if args.strict else _known(v, probs)
@@ -443,7 +549,7 @@ def main(args) -> int:
             failures += [f"{v.label()}: {msg}" for _, msg in probs]
         if r["error"] is None:
             no_spill_info += r["spill_st"] is None
-            s = summary.setdefault((v.fn.__name__, v.cc), {"n": 0, "regs": 0, "smem": 0, "spill": 0, "worst": ""})
+            s = summary.setdefault((v.name, v.cc), {"n": 0, "regs": 0, "smem": 0, "spill": 0, "worst": ""})
             s["n"] += 1
             if (r["regs"] or 0) >= s["regs"]:
                 s["regs"], s["worst"] = r["regs"] or 0, v.label()
@@ -454,6 +560,11 @@ def main(args) -> int:
             if not known_hits[i]:  # fixed (or its configs changed): the entry must go, so that a regression fails
                 failures.append(f"KNOWN_SPILLS entry {rx!r} no longer excuses anything ({known_seen[i]} compiled "
                                 f"variants match it, none spills > {args.max_spill} B): remove it")  # fmt: skip
+    for i, n in ptx_checked.items():
+        if not n:
+            failures.append(f"PTX rule {PTX_RULES[i][:3]} matched no compiled variant (no launcher picks it any more?)")
+    print("# PTX checks (widest global access >= 16 B): "
+          + ", ".join(f"{PTX_RULES[i][0]} {PTX_RULES[i][1]}: {n} variants checked" for i, n in ptx_checked.items()))
     ok = sum(s["n"] for s in summary.values())
     print("\n# summary: kernel, target, variants compiled, max registers, max dynamic smem (B), max spill (B)")
     for (name, cc), s in sorted(summary.items()):

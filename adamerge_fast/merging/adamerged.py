@@ -105,15 +105,21 @@ class MergedMultiheadAttention(nn.Module):
         is_causal=False,
     ):
         E, H = self.embed_dim, self.num_heads
+        # identity of the inputs, before the transposes below make new tensor objects: self-attention projects
+        # once with the packed weight (one merged_linear call), key = value (cross-attention) once for k and v
+        same_qkv, same_kv = query is key and key is value, key is value
         if not self.batch_first:  # work in [N, L, E]
             query, key, value = (t.transpose(0, 1) if t.dim() == 3 else t for t in (query, key, value))
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-        if query is key and key is value:
-            q, k, v = self.in_proj(query).chunk(3, dim=-1)
+        proj = self.in_proj
+        if same_qkv:
+            q, k, v = proj(query).chunk(3, dim=-1)
+        elif same_kv:
+            q = proj(query, slice(0, E))
+            k, v = proj(key, slice(E, 3 * E)).chunk(2, dim=-1)
         else:
-            proj = self.in_proj
             q, k, v = (proj(t, slice(i * E, (i + 1) * E)) for i, t in enumerate((query, key, value)))
         N, L, S = q.shape[0], q.shape[1], k.shape[1]
         q, k, v = (t.reshape(N, -1, H, E // H).transpose(1, 2) for t in (q, k, v))  # [N, H, L|S, D]

@@ -109,10 +109,22 @@ __all__ = [
 # ``merged_lora_linear`` has no kernel of the extension (``cpu``/``cuda`` would run the same plain-torch composite as
 # ``reference``): ``auto`` takes ``reference`` on the CPU and the fused Triton kernels on CUDA. Nor has the CUDA
 # extension a ``linear_entropy`` tile kernel: Triton's serves that op on CUDA.
+# On CUDA the order is per op, from what each implementation does (GPU timings of every backend for every op:
+# ``python -m benchmarks.bench_gpu_ops``, run by ``make gpu-check``; set the order from its ``auto_suggestion``):
+# * merge, merge_many (and their dcoef backward): ``cuda`` first. Both it and ``triton`` stream the K task vectors
+#   once with 16-byte loads; the extension's multi-tensor launches carry their item table as a kernel parameter
+#   (no host-to-device copy per call), and it accumulates fp64 partials.
+# * merged_linear: ``triton`` first. Its fused small-M kernel and its coefficient gradient ``dcoef_w`` (the
+#   ``dy^T x`` tiles contracted with the task vectors: as many FLOPs as the forward matmul) run on tensor cores
+#   (``tl.dot``), and large M goes to cuBLAS; the extension computes both on CUDA cores (FMA tiles in shared memory).
+# * entropy: ``triton`` first. Its forward reads the logits once (online softmax; the extension's kernel reads them
+#   twice), its backward twice (extension: three times), and it reads strided logits in place (the extension copies
+#   a non-contiguous view first).
+# ``cuda`` stays the fallback of ``triton`` for merged_linear and entropy (priority 150 < 200 for those two ops).
 register_backend("reference", ReferenceBackend, priority=0, auto={ANY_DEVICE: OPS})
 register_backend("cpu", CppBackend, priority=100, auto={"cpu": ("merge", "merge_many", "merged_linear")})
 register_backend("triton", TritonBackend, priority=200, auto={"cuda": OPS})
-register_backend("cuda", CudaBackend, priority=300,
+register_backend("cuda", CudaBackend, priority={ANY_DEVICE: 300, "merged_linear": 150, "entropy": 150},
                  auto={"cuda": tuple(o for o in OPS if o not in ("merged_lora_linear", "linear_entropy"))})
 
 _FLOAT = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -1,9 +1,10 @@
 """Backend registry and dispatcher: the one source of the backend names and of the ``auto`` order.
 
 :func:`register_backend` records a backend under a name together with where ``auto`` may pick it
-(``auto={device_type: ops}``, ``"*"`` for every device type) and its ``priority``. On a device type and op,
-``auto`` tries the backends that declare it, highest priority first (ties: registration order), and takes
-the first that is available there; :func:`auto_order` returns that order. The built-in registrations are one
+(``auto={device_type: ops}``, ``"*"`` for every device type) and its ``priority`` (one number, or one per op:
+``{op: priority, "*": default}``). On a device type and op, ``auto`` tries the backends that declare it, highest
+priority for that op first (ties: registration order), and takes the first that is available there;
+:func:`auto_order` returns that order. The built-in registrations are one
 block in :mod:`adamerge_fast.ops`.
 
 The public ops resolve a backend name once per call (``"auto"``, an explicit name, or the ``ADAMERGE_BACKEND``
@@ -37,7 +38,10 @@ class BackendUnavailableError(RuntimeError):
 class _Registration(NamedTuple):
     factory: Callable[[], Backend]
     auto: Mapping[str, frozenset[str]]  # device type (or ANY_DEVICE) -> ops that auto may pick this backend for
-    priority: int
+    priority: Mapping[str, int]  # op (or ANY_DEVICE: every other op) -> priority
+
+    def priority_of(self, op: str) -> int:
+        return self.priority.get(op, self.priority.get(ANY_DEVICE, 0))
 
 
 _REGISTRY: dict[str, _Registration] = {}
@@ -50,12 +54,14 @@ def register_backend(
     factory: Callable[[], Backend],
     *,
     auto: Mapping[str, Iterable[str]] | None = None,
-    priority: int = 0,
+    priority: int | Mapping[str, int] = 0,
 ) -> None:
     """Register (or replace) the backend ``name``, constructed lazily by ``factory()`` on first use.
 
     ``auto``: ``{device_type: ops}`` where ``auto`` may pick this backend (``"*"``: every device type; ops from
-    :data:`OPS`); None: only explicit requests. ``priority``: higher is tried first by ``auto``. ``factory`` may
+    :data:`OPS`); None: only explicit requests. ``priority``: higher is tried first by ``auto``; an int, or
+    ``{op: int}`` with ``"*"`` as the default for the ops not named (e.g. ``{"*": 300, "merged_linear": 150}``:
+    tried before a backend of priority 200 for every op but ``merged_linear``). ``factory`` may
     raise ``ImportError``/``OSError``/``RuntimeError`` (not installed, not built): the backend is then reported
     unavailable with that message.
     """
@@ -72,7 +78,14 @@ def register_backend(
                 f"register_backend({name!r}): auto must map device types to ops from {OPS}, got {device_type!r}: {ops}"
             )
         declared[device_type] = frozenset(ops)
-    _REGISTRY[name] = _Registration(factory, MappingProxyType(declared), int(priority))
+    prio = dict(priority) if isinstance(priority, Mapping) else {ANY_DEVICE: priority}
+    bad = {k: v for k, v in prio.items() if (k != ANY_DEVICE and k not in OPS) or isinstance(v, bool)
+           or not isinstance(v, int)}  # fmt: skip
+    if bad:
+        raise ValueError(
+            f"register_backend({name!r}): priority must be an int or map ops from {OPS} (or '*') to ints, got {bad}"
+        )
+    _REGISTRY[name] = _Registration(factory, MappingProxyType(declared), MappingProxyType(prio))
     _INSTANCES.pop(name, None)
     _AUTO_ORDERS.clear()
 
@@ -101,7 +114,7 @@ def auto_order(device_type: str, op: str) -> tuple[str, ...]:
         ranked = []
         for i, (name, reg) in enumerate(_REGISTRY.items()):
             if op in reg.auto.get(device_type, ()) or op in reg.auto.get(ANY_DEVICE, ()):
-                ranked.append((-reg.priority, i, name))
+                ranked.append((-reg.priority_of(op), i, name))
         order = _AUTO_ORDERS[key] = tuple(name for *_, name in sorted(ranked))
     return order
 

@@ -15,10 +15,15 @@ Kernels live in :mod:`adamerge_fast.ops.triton_kernels` (one module per op). Wha
   matmuls are torch's.
 
 fp64 is not a Triton path: calls with any fp64 input go to the reference backend's functions (same contract).
+
+Triton launches on the *current* CUDA device and stream: every kernel method below runs under
+:func:`~.triton_kernels._common.device_guard` of its first tensor argument, so tensors on ``cuda:1`` work while
+``cuda:0`` is current (the strategy timing's CUDA events go to that device too).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -34,6 +39,36 @@ def _any_f64(*ts) -> bool:
     return any(t is not None and t.dtype == _F64 for t in ts)
 
 
+def _first_device(args) -> torch.device | None:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor):
+            return a[0].device
+    return None
+
+
+def _guarded(method):
+    """Run ``method`` with the device of its first tensor argument current (see the module docstring)."""
+
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        device = _first_device(args)
+        if device is None or device.type != "cuda":
+            return method(self, *args, **kwargs)
+        with self._device_guard(device):
+            return method(self, *args, **kwargs)
+
+    run.device_guarded = True
+    return run
+
+
+# The kernel methods every backend has (Backend's interface): each is wrapped by _guarded in TritonBackend.
+KERNEL_METHODS = ("merge", "dcoef", "merge_many", "dcoef_many", "merged_linear_fwd", "merged_linear_bwd",
+                  "merged_lora_linear_fwd", "merged_lora_linear_bwd", "entropy_fwd", "entropy_bwd",
+                  "entropy_tile_")  # fmt: skip
+
+
 class TritonBackend(Backend):
     name = "triton"
 
@@ -44,8 +79,10 @@ class TritonBackend(Backend):
         except ImportError as e:  # the registry remembers this and reports it
             raise ImportError(f"the triton backend needs the 'triton' package ({e})") from e
         from .triton_kernels import INTERPRET, entropy, linear_entropy, lora, merge, merged_linear
+        from .triton_kernels._common import device_guard
 
         self._interpret = INTERPRET
+        self._device_guard = device_guard
         self._merge = merge
         self._linear = merged_linear
         self._entropy = entropy
@@ -56,6 +93,11 @@ class TritonBackend(Backend):
     def unavailable_reason(self, device):
         device = torch.device(device)
         if device.type == "cuda":
+            if self._interpret:
+                return (
+                    "the Triton kernels were imported with TRITON_INTERPRET=1: they would run through the interpreter, "
+                    "not on the GPU; unset TRITON_INTERPRET before importing adamerge_fast's Triton backend."
+                )
             return None
         if device.type == "cpu":
             if os.environ.get("TRITON_INTERPRET") != "1":
@@ -140,5 +182,9 @@ class TritonBackend(Backend):
             return _ref.entropy_tile_(z, g, write_grad)
         return self._linear_entropy.entropy_tile_(z, g, write_grad)
 
+
+for _name in KERNEL_METHODS:
+    setattr(TritonBackend, _name, _guarded(getattr(TritonBackend, _name)))
+del _name
 
 _REFERENCE = ReferenceBackend()  # fp64 merged_linear: the composite over the plain-torch merge

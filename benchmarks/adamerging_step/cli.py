@@ -40,7 +40,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 def run_workload(name: str, device: torch.device, args, rates: dict, copy_bw: float, log=print) -> dict:
     """One workload: build it, the floor, the equivalence check, the interleaved timing, each method's memory in a
     fresh process, the ratios and the goals; returns the workload's entry of the result JSON."""
-    overrides = {"tasks": args.tasks, "batch": args.batch}
+    overrides = {"tasks": args.tasks, "batch": args.batch, "impl": args.vit_impl}
     log(f"[{name}] building workload on {device} ...")
     t0 = time.perf_counter()
     wl = build_workload(name, device, overrides, args.seed)
@@ -103,7 +103,8 @@ def run_workload(name: str, device: torch.device, args, rates: dict, copy_bw: fl
         torch.cuda.empty_cache()
 
     if not args.no_memory:
-        for m in methods:
+        mem_methods = [m.strip() for m in args.memory_methods.split(",")] if args.memory_methods else methods
+        for m in (m for m in methods if m in mem_methods):
             log(f"[{name}] memory: {m} in a fresh process ({args.mem_steps} steps) ...")
             mem = measure_memory(name, m, device, overrides, args.mem_steps, args.seed, trim, args.threads)
             res["methods"][m]["memory"] = mem
@@ -162,8 +163,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--mem-steps", type=int, default=1,
                    help="steps of each fresh-process memory run (default 1: every step allocates alike)")
     p.add_argument("--no-memory", action="store_true", help="skip the per-method memory subprocesses")
+    p.add_argument("--memory-methods", help="comma-separated methods whose memory is measured (default: all run)")
     p.add_argument("--no-live-memory", dest="live_memory", action="store_false",
                    help="CPU: skip the second memory run per method with glibc's mmap threshold fixed at 128 KiB")
+    p.add_argument("--vit-impl", choices=("auto", "open_clip", "torch"), default=None,
+                   help="ViT towers from open_clip or the plain-torch copy of them (default auto: open_clip when "
+                   "installed)")
     p.add_argument("--tasks", type=int, default=None, help="override the number of tasks K")
     p.add_argument("--batch", type=int, default=None, help="override the inputs per task")
     p.add_argument("--seed", type=int, default=0)

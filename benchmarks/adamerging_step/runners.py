@@ -257,8 +257,10 @@ class OursRunner(Runner):
 
 
 def available_methods(device: torch.device) -> list[str]:
-    """Both baselines, then ours for every backend timed on ``device`` (triton only on CUDA) x batching."""
-    return list(BASELINES) + [f"ours-{be}-{tb}" for be in measured_backends(device) for tb in BATCHINGS]
+    """Both baselines, then ours for every backend timed on ``device`` (triton only on CUDA) x batching; on CUDA
+    also ``ours-auto-*``, the backend chosen per op (``merge_many`` and ``merged_linear`` may differ there)."""
+    backends = measured_backends(device) + (["auto"] if device.type == "cuda" else [])
+    return list(BASELINES) + [f"ours-{be}-{tb}" for be in backends for tb in BATCHINGS]
 
 
 def default_ours(device: torch.device, methods: list[str]) -> str | None:
@@ -267,7 +269,7 @@ def default_ours(device: torch.device, methods: list[str]) -> str | None:
         be = ops.resolve("auto", "merged_linear", device)
     except Exception:
         be = "reference"
-    for name in (f"ours-{be}-concat", "ours-reference-concat"):
+    for name in ("ours-auto-concat", f"ours-{be}-concat", "ours-reference-concat"):
         if name in methods:
             return name
     ours = [m for m in methods if m.startswith("ours-")]
@@ -303,6 +305,6 @@ def make_runner(method: str, wl: Workload, trim: bool = False) -> Runner:
     if method == "functional_call":
         return FunctionalCallRunner(wl)
     parts = method.split("-")
-    if len(parts) == 3 and parts[0] == "ours" and parts[1] in ops.BACKEND_NAMES and parts[2] in BATCHINGS:
+    if len(parts) == 3 and parts[0] == "ours" and parts[1] in (*ops.BACKEND_NAMES, "auto") and parts[2] in BATCHINGS:
         return OursRunner(wl, parts[1], parts[2])
     raise SystemExit(f"unknown method {method!r}")

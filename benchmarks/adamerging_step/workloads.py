@@ -1,6 +1,10 @@
 """The step benchmark's workloads: a model (open_clip ViT image towers, or a stack of Llama-shaped decoder
 layers), K task vectors, K frozen heads and the input batches, all random and deterministic in a seed (values do
-not change speed)."""
+not change speed).
+
+ViT towers come from open_clip, or, where open_clip is not installed (the GPU machine) or ``impl="torch"`` is asked
+for, from :mod:`.vit`: the same architecture, parameter names, shapes and order in plain torch (``tests/test_bench.py``
+checks it against open_clip). ``Workload.info["vit_impl"]`` records which."""
 
 from __future__ import annotations
 
@@ -10,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from . import vit
 
 WORKLOADS: dict[str, dict] = {
     # tests only
@@ -150,19 +156,17 @@ def build_workload(name: str, device: torch.device, overrides: dict | None = Non
     prec = spec["precision"]
     wdtype = torch.bfloat16 if prec == "bf16" else torch.float32
     autocast = torch.bfloat16 if prec == "bf16-autocast" else None
+    impl = None
     if spec["kind"] == "vit":
-        from adamerge_fast._compat import import_open_clip
-
-        open_clip = import_open_clip()
-        from open_clip.model import _build_vision_tower
-
+        build_tower, impl = _vit_builder(spec.get("impl", "auto"))
         if "model" in spec:
-            cfg = open_clip.get_model_config(spec["model"])
+            model_name = spec["model"]
+            cfg = vit.CONFIGS[model_name] if impl == "torch" else build_tower.open_clip.get_model_config(model_name)
             embed_dim, vision = cfg["embed_dim"], dict(cfg["vision_cfg"])
         else:
             embed_dim, vision = spec["embed_dim"], dict(spec["vision"])
         with torch.device(device):
-            model = _build_vision_tower(embed_dim, vision)
+            model = build_tower(embed_dim, vision)
         feat, classes = embed_dim, 10
         size = vision.get("image_size", 224)
         batches = [[torch.randn(B, 3, size, size, generator=g).to(device) for _ in range(pool)] for _ in range(K)]
@@ -206,7 +210,37 @@ def build_workload(name: str, device: torch.device, overrides: dict | None = Non
         "pretrained_bytes": sum(params[n].numel() * params[n].element_size() for n in names),
         "task_vector_bytes": sum(t.numel() * t.element_size() for t in tvs.values()),
     }
+    if impl is not None:
+        info["vit_impl"] = impl
     return Workload(name, spec, device, model, names, tvs, heads, batches, autocast, info=info)
+
+
+VIT_IMPLS = ("auto", "open_clip", "torch")
+
+
+def _vit_builder(impl: str):
+    """``(build(embed_dim, vision_cfg), implementation name)``: open_clip's tower builder, or :func:`.vit.build` for
+    ``impl="torch"`` and for ``"auto"`` where open_clip is not installed. The open_clip builder carries the module as
+    ``.open_clip`` (for its model configs)."""
+    if impl not in VIT_IMPLS:
+        raise SystemExit(f"unknown ViT implementation {impl!r}; choose from {', '.join(VIT_IMPLS)}")
+    if impl != "torch":
+        try:
+            from adamerge_fast._compat import import_open_clip
+
+            open_clip = import_open_clip()
+            from open_clip.model import _build_vision_tower
+        except ImportError:
+            if impl == "open_clip":
+                raise
+        else:
+
+            def build_tower(embed_dim, vision_cfg):
+                return _build_vision_tower(embed_dim, vision_cfg)
+
+            build_tower.open_clip = open_clip
+            return build_tower, "open_clip"
+    return vit.build, "torch"
 
 
 def _fill_from_pool(flat: torch.Tensor, pool: torch.Tensor, off: int) -> None:

@@ -63,17 +63,6 @@ void check_cuda_float(const char* op, const std::string& name, const at::Tensor&
 }
 
 
-// A host array of POD structs, copied to the device through pinned memory on the current stream.
-template <class T>
-at::Tensor to_device(const std::vector<T>& v, const at::Device& dev) {
-  const int64_t nbytes = static_cast<int64_t>(v.size() * sizeof(T));
-  at::Tensor host = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).pinned_memory(true));
-  std::memcpy(host.data_ptr(), v.data(), static_cast<size_t>(nbytes));
-  at::Tensor d = at::empty({nbytes}, at::TensorOptions().dtype(at::kByte).device(dev));
-  d.copy_(host, /*non_blocking=*/true);
-  return d;
-}
-
 // ------------------------------------------------------------------------------------------ merge / dcoef
 // One dcoef work item: K dot products of g with the slices of d, starting at tile tile0 of the launch.
 AmfDotItem make_dot_item(const at::Tensor& g, const Stack& d, const at::Tensor& grad, const at::Tensor& deltas,
@@ -151,7 +140,7 @@ at::Tensor dcoef_impl(const char* op, const at::Tensor& grad, const at::Tensor& 
   const Stack d = as_stack(deltas);
   const int64_t tiles = amf_dot_tiles(g.numel());
   const auto dopt = grad.options().dtype(at::kDouble);
-  at::Tensor part = at::empty({std::max<int64_t>(tiles, 1) * K}, dopt);
+  at::Tensor part = at::empty({amf_reduce_rows(tiles) * K}, dopt);
   at::Tensor res = at::empty({K}, dopt);
   const AmfDotItem it = make_dot_item(g, d, grad, deltas, acc == at::kDouble, /*tile0=*/0);
   check_launch(amf_dcoef_one(it, static_cast<int>(K), part.data_ptr<double>(), res.data_ptr<double>(), cur_stream()),
@@ -200,10 +189,9 @@ std::vector<at::Tensor> k_merge_many_cuda(at::TensorList bases, at::TensorList d
   }
   if (items.empty()) return res;
   const at::Tensor cd = coefs.to(at::kDouble).contiguous();
-  const at::Tensor table = to_device(items, coefs.device());
-  check_launch(amf_merge_many(reinterpret_cast<const AmfMergeItem*>(table.const_data_ptr()),
-                              static_cast<int>(items.size()), tiles, cd.const_data_ptr<double>(), static_cast<int>(K),
-                              cur_stream()),
+  // the items travel as kernel parameters (amf_merge_many): nothing is copied to the device, capture-safe
+  check_launch(amf_merge_many(items.data(), static_cast<int>(items.size()), cd.const_data_ptr<double>(),
+                              static_cast<int>(K), cur_stream()),
                op);
   return res;
 }
@@ -241,9 +229,9 @@ at::Tensor k_dcoef_many_cuda(at::TensorList grads, at::TensorList deltas) {
   const auto dopt = grads[0].options().dtype(at::kDouble);
   at::Tensor part = at::empty({std::max<int64_t>(tiles, 1) * K}, dopt);
   at::Tensor res = at::empty({static_cast<int64_t>(n), K}, dopt);
-  const at::Tensor table = to_device(items, grads[0].device());
-  check_launch(amf_dcoef_many(reinterpret_cast<const AmfDotItem*>(table.const_data_ptr()), static_cast<int>(n), tiles,
-                              static_cast<int>(K), part.data_ptr<double>(), res.data_ptr<double>(), cur_stream()),
+  // the items travel as kernel parameters (amf_dcoef_many): nothing is copied to the device, capture-safe
+  check_launch(amf_dcoef_many(items.data(), static_cast<int>(n), tiles, static_cast<int>(K), part.data_ptr<double>(),
+                              res.data_ptr<double>(), cur_stream()),
                op);
   return acc == at::kDouble ? res : res.to(acc);
 }
@@ -366,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> k_merged_linear_bwd_cuda(
     const Stack t = as_stack(tau_w);
     const int64_t tiles = amf_dcoef_w_tiles(L.OUT, L.IN);
     const auto dopt = x.options().dtype(at::kDouble);
-    at::Tensor part = at::empty({std::max<int64_t>(tiles, 1) * L.K}, dopt);
+    at::Tensor part = at::empty({amf_reduce_rows(tiles) * L.K}, dopt);
     at::Tensor res = at::empty({L.K}, dopt);
     check_launch(amf_dcoef_w(dyc.const_data_ptr(), dt_code(dy.scalar_type()), xc.const_data_ptr(),
                              dt_code(x.scalar_type()), t.t.const_data_ptr(), dt_code(tau_w.scalar_type()), t.kstride,

@@ -2,7 +2,8 @@
 //
 //  merge        one block per 2048-element tile, 8 consecutive elements per thread, 16-byte vector loads and
 //               stores when every pointer of the item is aligned; all K task vectors in one pass. merge_many
-//               is one launch over the tiles of all tensors (item table in device memory, binary search).
+//               is one launch over the tiles of up to AMF_MANY_CHUNK tensors (item table passed by value as a
+//               __grid_constant__ kernel parameter, binary search): CUDA-graph capturable, no host-to-device copy.
 //  dcoef        per-tile partial dot products for groups of 8 task vectors (grad read once for K <= 8), a
 //               deterministic block reduction to one double per (tile, k), then a second kernel that sums
 //               the tiles of each (item, k) in a fixed order.
@@ -13,6 +14,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
+#include <string.h>
 
 #include "kernels.h"
 
@@ -250,10 +252,11 @@ __device__ __forceinline__ int find_item(const Item* __restrict__ items, int n, 
   return lo;
 }
 
+// The chunk is a __grid_constant__ parameter: indexed in the constant bank where it arrives, never copied.
 __global__ void __launch_bounds__(kThreads)
-    merge_many_kernel(const AmfMergeItem* __restrict__ items, int n, const double* coefs, int K) {
+    merge_many_kernel(const __grid_constant__ AmfMergeChunk chunk, const double* coefs, int K) {
   const int64_t tile = blockIdx.x;
-  const AmfMergeItem it = items[find_item(items, n, tile)];
+  const AmfMergeItem& it = chunk.items[find_item(chunk.items, chunk.n, tile)];
   merge_dispatch(it, tile - it.tile0, coefs, K);
 }
 
@@ -356,28 +359,60 @@ __global__ void __launch_bounds__(kThreads) dot_one_kernel(AmfDotItem it, int K,
   dot_dispatch(it, blockIdx.x, K, part + static_cast<int64_t>(blockIdx.x) * K);
 }
 
+// Tiles [0, n_tiles) of the chunk, whose partial-sum rows start at row tile_base of part.
 __global__ void __launch_bounds__(kThreads)
-    dot_many_kernel(const AmfDotItem* __restrict__ items, int n, int K, double* part) {
+    dot_many_kernel(const __grid_constant__ AmfDotChunk chunk, int64_t tile_base, int K, double* part) {
   const int64_t tile = blockIdx.x;
-  const AmfDotItem it = items[find_item(items, n, tile)];
-  dot_dispatch(it, tile - it.tile0, K, part + tile * K);
+  const AmfDotItem& it = chunk.items[find_item(chunk.items, chunk.n, tile)];
+  dot_dispatch(it, tile - it.tile0, K, part + (tile_base + tile) * K);
 }
 
-// out[item * K + k] = sum over the item's tiles t (in order) of part[t * K + k]. One block per (item, k).
-// items == nullptr: a single item owning tiles [0, single_tiles).
-__global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const double* __restrict__ part,
-                                                                   const AmfDotItem* __restrict__ items,
-                                                                   int64_t single_tiles, int K, double* out) {
+// Block sum of part[t * K + k] over the tiles t in [t0, t1), in a fixed order (deterministic); thread 0 gets it.
+__device__ __forceinline__ double reduce_tiles(const double* __restrict__ part, int64_t t0, int64_t t1, int K, int k) {
   __shared__ double sh[kWarps];
-  const int item = blockIdx.x / K, k = blockIdx.x % K;
-  int64_t t0 = 0, t1 = single_tiles;
-  if (items != nullptr) {
-    t0 = items[item].tile0;
-    t1 = t0 + (items[item].numel + AMF_DOT_TILE - 1) / AMF_DOT_TILE;
-  }
   double s = 0.0;
   for (int64_t t = t0 + threadIdx.x; t < t1; t += kThreads) s += part[t * K + k];
-  s = block_sum(s, sh);
+  return block_sum(s, sh);
+}
+
+// out[k] = sum over tiles [0, n_tiles) of part[t * K + k]. One block per k.
+__global__ void __launch_bounds__(kThreads) reduce_partials_kernel(const double* __restrict__ part, int64_t n_tiles,
+                                                                   int K, double* out) {
+  const double s = reduce_tiles(part, 0, n_tiles, K, blockIdx.x);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+// Level 1 of a long reduction: out[c * K + k] = sum of part[t * K + k] over the chunk c of AMF_REDUCE_CHUNK tiles.
+// One block per (c, k).
+__global__ void __launch_bounds__(kThreads) reduce_chunks_kernel(const double* __restrict__ part, int64_t n_tiles,
+                                                                 int K, double* out) {
+  const int64_t c = blockIdx.x / K;
+  const int k = static_cast<int>(blockIdx.x % K);
+  const int64_t t0 = c * AMF_REDUCE_CHUNK;
+  const int64_t t1 = t0 + AMF_REDUCE_CHUNK < n_tiles ? t0 + AMF_REDUCE_CHUNK : n_tiles;
+  const double s = reduce_tiles(part, t0, t1, K, k);
+  if (threadIdx.x == 0) out[blockIdx.x] = s;
+}
+
+// out[k] = sum of the first n_tiles rows of part (amf_reduce_rows(n_tiles) rows of scratch), in two levels when long.
+void reduce_rows(double* part, int64_t n_tiles, int K, double* out, cudaStream_t stream) {
+  if (n_tiles > AMF_REDUCE_CHUNK) {
+    const int64_t chunks = (n_tiles + AMF_REDUCE_CHUNK - 1) / AMF_REDUCE_CHUNK;
+    double* level1 = part + n_tiles * K;
+    reduce_chunks_kernel<<<static_cast<unsigned>(chunks * K), kThreads, 0, stream>>>(part, n_tiles, K, level1);
+    reduce_partials_kernel<<<static_cast<unsigned>(K), kThreads, 0, stream>>>(level1, chunks, K, out);
+  } else {
+    reduce_partials_kernel<<<static_cast<unsigned>(K), kThreads, 0, stream>>>(part, n_tiles, K, out);
+  }
+}
+
+// out[item * K + k] = sum over the tiles of chunk item `item` of part[t * K + k]. One block per (item, k).
+__global__ void __launch_bounds__(kThreads) reduce_chunk_kernel(const double* __restrict__ part,
+                                                                const __grid_constant__ AmfDotChunk chunk,
+                                                                int64_t tile_base, int K, double* out) {
+  const int item = blockIdx.x / K, k = blockIdx.x % K;
+  const int64_t t0 = tile_base + chunk.items[item].tile0;
+  const double s = reduce_tiles(part, t0, t0 + (chunk.items[item].numel + AMF_DOT_TILE - 1) / AMF_DOT_TILE, K, k);
   if (threadIdx.x == 0) out[blockIdx.x] = s;
 }
 
@@ -600,6 +635,21 @@ __global__ void __launch_bounds__(kThreads)
 
 inline unsigned grid1(int64_t blocks) { return static_cast<unsigned>(blocks); }
 
+// Items [c0, c0 + AMF_MANY_CHUNK) of a multi-tensor call as one by-value chunk, tile0 relative to its first item.
+// Sets `first` to the call-wide tile the chunk starts at; returns the chunk's number of tiles of `tile_elems`.
+template <class Chunk, class Item>
+int64_t fill_chunk(Chunk& chunk, const Item* items, int n, int c0, int64_t tile_elems, int64_t& first) {
+  memset(&chunk, 0, sizeof(chunk));
+  chunk.n = n - c0 < AMF_MANY_CHUNK ? n - c0 : AMF_MANY_CHUNK;
+  first = items[c0].tile0;
+  for (int i = 0; i < chunk.n; ++i) {
+    chunk.items[i] = items[c0 + i];
+    chunk.items[i].tile0 -= first;
+  }
+  const Item& last = chunk.items[chunk.n - 1];
+  return last.tile0 + (last.numel + tile_elems - 1) / tile_elems;
+}
+
 }  // namespace
 
 // ------------------------------------------------------------------------------------------------ launchers
@@ -613,28 +663,40 @@ cudaError_t amf_merge_one(AmfMergeItem item, const double* coefs, int K, cudaStr
   return cudaGetLastError();
 }
 
-cudaError_t amf_merge_many(const AmfMergeItem* items_dev, int n, int64_t total_tiles, const double* coefs, int K,
-                           cudaStream_t stream) {
-  if (n == 0 || total_tiles == 0) return cudaSuccess;
-  merge_many_kernel<<<grid1(total_tiles), kThreads, 0, stream>>>(items_dev, n, coefs, K);
-  return cudaGetLastError();
+cudaError_t amf_merge_many(const AmfMergeItem* items, int n, const double* coefs, int K, cudaStream_t stream) {
+  for (int c0 = 0; c0 < n; c0 += AMF_MANY_CHUNK) {
+    AmfMergeChunk chunk;
+    int64_t first = 0;
+    const int64_t tiles = fill_chunk(chunk, items, n, c0, AMF_MERGE_TILE, first);
+    if (tiles > 0) merge_many_kernel<<<grid1(tiles), kThreads, 0, stream>>>(chunk, coefs, K);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t amf_dcoef_one(AmfDotItem item, int K, double* partials, double* out, cudaStream_t stream) {
   const int64_t tiles = amf_dot_tiles(item.numel);
   item.tile0 = 0;
   if (tiles > 0) dot_one_kernel<<<grid1(tiles), kThreads, 0, stream>>>(item, K, partials);
-  reduce_partials_kernel<<<grid1(K), kThreads, 0, stream>>>(partials, nullptr, tiles, K, out);
+  reduce_rows(partials, tiles, K, out, stream);
   return cudaGetLastError();
 }
 
-cudaError_t amf_dcoef_many(const AmfDotItem* items_dev, int n, int64_t total_tiles, int K, double* partials,
-                           double* out, cudaStream_t stream) {
-  if (n == 0) return cudaSuccess;
-  if (total_tiles > 0) dot_many_kernel<<<grid1(total_tiles), kThreads, 0, stream>>>(items_dev, n, K, partials);
-  reduce_partials_kernel<<<grid1(static_cast<int64_t>(n) * K), kThreads, 0, stream>>>(partials, items_dev, 0, K,
-                                                                                        out);
-  return cudaGetLastError();
+cudaError_t amf_dcoef_many(const AmfDotItem* items, int n, int64_t total_tiles, int K, double* partials, double* out,
+                           cudaStream_t stream) {
+  (void)total_tiles;  // the partial-sum rows of item i start at items[i].tile0
+  for (int c0 = 0; c0 < n; c0 += AMF_MANY_CHUNK) {
+    AmfDotChunk chunk;
+    int64_t first = 0;
+    const int64_t tiles = fill_chunk(chunk, items, n, c0, AMF_DOT_TILE, first);
+    if (tiles > 0) dot_many_kernel<<<grid1(tiles), kThreads, 0, stream>>>(chunk, first, K, partials);
+    reduce_chunk_kernel<<<grid1(static_cast<int64_t>(chunk.n) * K), kThreads, 0, stream>>>(
+        partials, chunk, first, K, out + static_cast<int64_t>(c0) * K);
+    const cudaError_t e = cudaGetLastError();
+    if (e != cudaSuccess) return e;
+  }
+  return cudaSuccess;
 }
 
 cudaError_t amf_merged_mm(const void* a, int a_dt, const void* w0, int w_dt, const void* tau, int tau_dt,
@@ -688,7 +750,7 @@ cudaError_t amf_dcoef_w(const void* dy, int dy_dt, const void* x, int x_dt, cons
       dcoef_w_kernel<float><<<grid1(tiles), kThreads, 0, stream>>>(dy, dy_dt, x, x_dt, tau, tau_dt, tau_kstride, K,
                                                                    M, OUT, IN, partials);
   }
-  reduce_partials_kernel<<<grid1(K), kThreads, 0, stream>>>(partials, nullptr, tiles, K, out);
+  reduce_rows(partials, tiles, K, out, stream);
   return cudaGetLastError();
 }
 

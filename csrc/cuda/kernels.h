@@ -41,10 +41,17 @@ static inline int64_t amf_merge_tiles(int64_t numel) { return (numel + AMF_MERGE
 /* One tensor: coefs is a device array of K doubles. */
 cudaError_t amf_merge_one(AmfMergeItem item, const double* coefs, int K, cudaStream_t stream);
 
-/* Many tensors in one launch: items_dev is a device array of n items sorted by tile0, total_tiles the sum
- * of their tiles; coefs a device array of n*K doubles. */
-cudaError_t amf_merge_many(const AmfMergeItem* items_dev, int n, int64_t total_tiles, const double* coefs, int K,
-                           cudaStream_t stream);
+/* Many tensors, one launch per AMF_MANY_CHUNK of them: items is a HOST array of n items whose tile0 is the running
+ * sum of the tiles before them; coefs a device array of n*K doubles. The items travel as a kernel parameter
+ * (by value, no device table and no host-to-device copy), so the launches can be captured into a CUDA graph. */
+#define AMF_MANY_CHUNK 40 /* items per launch: 40 x 72 bytes of parameters, under the 4 KB kernel-parameter limit */
+
+typedef struct AmfMergeChunk {
+  AmfMergeItem items[AMF_MANY_CHUNK]; /* tile0 relative to the chunk's first item */
+  int32_t n;
+} AmfMergeChunk;
+
+cudaError_t amf_merge_many(const AmfMergeItem* items, int n, const double* coefs, int K, cudaStream_t stream);
 
 /* ------------------------------------------------------------------------------------------------- dcoef */
 #define AMF_DOT_TILE 8192 /* elements per block: 256 threads x 8 x 4 */
@@ -64,13 +71,29 @@ typedef struct AmfDotItem {
 
 static inline int64_t amf_dot_tiles(int64_t numel) { return (numel + AMF_DOT_TILE - 1) / AMF_DOT_TILE; }
 
-/* partials: device scratch of max(1, tiles) * K doubles; out: device array of K doubles. */
+/* The per-tile partial sums of one output are reduced in two levels when there are more than AMF_REDUCE_CHUNK
+ * tiles (chunks of AMF_REDUCE_CHUNK rows in parallel, then the chunk sums; fixed order): the scratch holds the
+ * tiles' rows and the chunks' rows. amf_reduce_rows(tiles) rows of K doubles, at least 1. */
+#define AMF_REDUCE_CHUNK 2048
+
+static inline int64_t amf_reduce_rows(int64_t tiles) {
+  const int64_t chunks = tiles > AMF_REDUCE_CHUNK ? (tiles + AMF_REDUCE_CHUNK - 1) / AMF_REDUCE_CHUNK : 0;
+  return tiles + chunks > 0 ? tiles + chunks : 1;
+}
+
+/* partials: device scratch of amf_reduce_rows(tiles) * K doubles; out: device array of K doubles. */
 cudaError_t amf_dcoef_one(AmfDotItem item, int K, double* partials, double* out, cudaStream_t stream);
 
-/* items_dev: device array of n items sorted by tile0; partials: max(1, total_tiles) * K doubles;
+typedef struct AmfDotChunk {
+  AmfDotItem items[AMF_MANY_CHUNK]; /* tile0 relative to the chunk's first item */
+  int32_t n;
+} AmfDotChunk;
+
+/* items: HOST array of n items, tile0 the running sum of the tiles before them (as for amf_merge_many, one launch
+ * pair per AMF_MANY_CHUNK items, the items passed by value); partials: max(1, total_tiles) * K doubles;
  * out: n * K doubles (row i = item i). */
-cudaError_t amf_dcoef_many(const AmfDotItem* items_dev, int n, int64_t total_tiles, int K, double* partials,
-                           double* out, cudaStream_t stream);
+cudaError_t amf_dcoef_many(const AmfDotItem* items, int n, int64_t total_tiles, int K, double* partials, double* out,
+                           cudaStream_t stream);
 
 /* ----------------------------------------------------------------------------------------- merged matmul */
 /* C[M, N] = A[M, R] @ B[R, N] (+ bias[N]) where B is the merged weight W = w0 + sum_k coefs[k] * tau[k]:
@@ -91,7 +114,7 @@ cudaError_t amf_merged_mm(const void* a, int a_dt, const void* w0, int w_dt, con
 /* --------------------------------------------------------------------------------------------- dcoef_w */
 /* out[k] = <dy^T x, tau[k]> = sum_{o,i} (sum_m dy[m,o] x[m,i]) tau[k,o,i], without forming dy^T x in memory:
  * each block computes a 32x32 tile of dy^T x and reduces it against the K tau tiles (partials per tile).
- * dy [M, OUT], x [M, IN], tau slices [OUT, IN]; partials: max(1, tiles) * K doubles; out: K doubles. */
+ * dy [M, OUT], x [M, IN], tau slices [OUT, IN]; partials: amf_reduce_rows(tiles) * K doubles; out: K doubles. */
 #define AMF_DW_TILE 32
 
 static inline int64_t amf_dcoef_w_tiles(int64_t OUT, int64_t IN) {

@@ -1,7 +1,10 @@
-"""Helpers shared by the Triton kernel modules: interpreter flag, dtype maps, block-size helpers."""
+"""Helpers shared by the Triton kernel modules: interpreter flag, dtype maps, block-size helpers, the matmul
+precision torch is set to, the device guard and CUDA-graph capture detection."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 import torch
@@ -45,12 +48,45 @@ def dot_dtype(*dtypes: torch.dtype) -> tl.dtype:
 
 
 def fp32_dot_precision() -> str:
-    """``tl.dot`` input precision for fp32 operands, following torch's own matmul setting.
+    """``tl.dot`` input precision for fp32 operands, following torch's own CUDA matmul setting.
 
-    torch's default (``torch.get_float32_matmul_precision() == "highest"``) is a true fp32 product, so the
-    kernels use ``"ieee"``; with "high"/"medium" torch itself allows TF32, and so do we.
+    Read without raising: ``torch.backends.cuda.matmul.fp32_precision`` (the API torch recommends since 2.9:
+    ``"ieee"``, ``"tf32"``, or ``"none"`` = not set) first; when it is not set or does not exist, the legacy
+    ``torch.get_float32_matmul_precision()`` (``"highest"`` -> ``"ieee"``; ``"high"``/``"medium"`` -> ``"tf32"``),
+    which raises once the legacy and the new API have both been used: that counts as not set, i.e. ``"ieee"``
+    (torch's default, a true fp32 product). Setting either API is honoured: the legacy setter also updates the new
+    attribute.
     """
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+    try:
+        p = torch.backends.cuda.matmul.fp32_precision  # "ieee" | "tf32" | "none"; AttributeError before torch 2.9
+    except (AttributeError, RuntimeError):
+        p = "none"
+    if p in ("ieee", "tf32"):
+        return p
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # mixed legacy/new settings
+        return "ieee"
+    return "ieee" if legacy == "highest" else "tf32"
+
+
+def device_guard(device: torch.device):
+    """A context that makes ``device`` the current CUDA device while Triton launches on it (Triton launches on
+    the current device and stream); a no-op for CPU tensors and when it already is current."""
+    if device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device.index)
+
+
+def capturing(device: torch.device) -> bool:
+    """True while the current CUDA stream is being captured into a CUDA graph (never for CPU tensors)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(index: int) -> int:
+    """Multiprocessors of CUDA device ``index`` (132 for an H100/H200 SXM)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def int64_table(rows, device: torch.device) -> torch.Tensor:

@@ -31,7 +31,7 @@ MAX_BLOCK_C = 16384 if INTERPRET else 4096
 @triton.jit
 def _row_stats(z_row, C, stride_c, BLOCK_C: tl.constexpr):
     # one row z[C] -> (m, log S, H): running max, log-sum-exp relative to m, entropy (all fp32 scalars)
-    rc = tl.arange(0, BLOCK_C)  # [BLOCK_C]
+    rc = tl.arange(0, BLOCK_C).to(tl.int64)  # [BLOCK_C]; int64: cols * stride_c of a transposed view passes 2^31
     m = tl.full([], -float("inf"), tl.float32)
     s = tl.full([], 0.0, tl.float32)
     t = tl.full([], 0.0, tl.float32)
@@ -92,7 +92,7 @@ def _entropy_bwd_kernel(
 @triton.jit
 def _row_grad(z_row, stride_c, dz_row, C, m, log_s, h, g, BLOCK_C: tl.constexpr):
     # dz_row[c] = -p * (log p + H) * g for one row z[C] with its stats (m, log S, H); dz_row contiguous (may be z_row)
-    rc = tl.arange(0, BLOCK_C)
+    rc = tl.arange(0, BLOCK_C).to(tl.int64)  # cols * stride_c can pass 2^31
     for c0 in range(0, C, BLOCK_C):
         cols = c0 + rc
         mask = cols < C

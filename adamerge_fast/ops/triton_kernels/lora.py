@@ -243,11 +243,20 @@ def _tables(ranks, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return hit
 
 
+def _seg_pairs(ranks) -> list[tuple[int, int]]:
+    """Each task's rank-row range ``[(o_k, o_k + r_k)]`` on the host (``seg`` of :func:`_tables`)."""
+    o = [0]
+    for r in ranks:
+        o.append(o[-1] + int(r))
+    return list(zip(o[:-1], o[1:], strict=True))
+
+
 # ------------------------------------------------------------------------------------------------- launchers
 def _shrink(a, w, stride_wd: int, stride_wr: int, R: int, dcoef=None):
     """``(a[M, D] @ W[D, R]`` fp32, ``dc[K]`` fp32 or None``) with ``W`` seen in ``w``'s storage through
-    ``(stride_wd, stride_wr)``. ``dcoef = (u[M, R], rows[R], scale[K], seg[K, 2])`` asks for
-    ``dc[k] = scale[k] * sum((a @ W) * u)`` over task k's rank rows ``seg[k]`` (deterministic)."""
+    ``(stride_wd, stride_wr)``. ``dcoef = (u[M, R], rows[R], scale[K], seg[K, 2], pairs)`` asks for
+    ``dc[k] = scale[k] * sum((a @ W) * u)`` over task k's rank rows ``seg[k]`` (deterministic); ``pairs``: ``seg``
+    as a host list (the reduction plans its passes from it without reading the device)."""
     M, D = a.shape
     out = new_output((M, R), torch.float32, a.device)
     if M == 0 or R == 0:
@@ -270,12 +279,13 @@ def _shrink(a, w, stride_wd: int, stride_wr: int, R: int, dcoef=None):
         torch.sum(c, 0, out=out)
     if dcoef is None:
         return out, None
-    u, rows, scale, seg = dcoef
+    u, rows, scale, seg, pairs = dcoef
     K = seg.shape[0]
     if fuse:  # partial[r, tile]: task k owns rows [o_k * n_mt, (o_k + r_k) * n_mt) of partial.reshape(-1, 1)
-        return out, segment_sum(partial.reshape(-1, 1), seg * n_mt, K).reshape(K)
+        pairs_t = [(a * n_mt, b * n_mt) for a, b in pairs]
+        return out, segment_sum(partial.reshape(-1, 1), pairs_t, K, _seg_t=seg * n_mt).reshape(K)
     per_row = (out * u).sum(0) * scale.float()[rows.long()]  # [R]; torch reductions are deterministic
-    return out, segment_sum(per_row.reshape(-1, 1), seg, K).reshape(K)
+    return out, segment_sum(per_row.reshape(-1, 1), pairs, K, _seg_t=seg).reshape(K)
 
 
 def _expand(a, w0_strides, w0, base, u, e, e_strides, rows, coef, scale, bias, out):
@@ -353,7 +363,7 @@ def merged_lora_linear_bwd(dy, x, w0, lora_a, lora_b, ranks, coef_w, scale, u, t
         coef_w, scale = coef_w.contiguous(), scale.contiguous()
         rows, seg = _tables(ranks, dy.device)
         g, dc = _shrink(dy, lora_b, lora_b.stride(0), lora_b.stride(1), R,
-                        (u, rows, scale, seg) if need_dcoef_w else None)  # fmt: skip
+                        (u, rows, scale, seg, _seg_pairs(ranks)) if need_dcoef_w else None)  # fmt: skip
         if need_dcoef_w:
             dcw = dc
         if need_dx:
