@@ -3,7 +3,8 @@
 PY := .venv/bin/python
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo test test-triton test-ext test-props test-compat bench lint clean gpu-check
+.PHONY: setup demo test test-triton test-ext test-props test-compat test-mergekit bench bench-mergekit setup-mergekit \
+	lint clean gpu-check
 
 setup:
 	@bash scripts/setup_venv.sh
@@ -19,6 +20,17 @@ test-triton: setup
 
 test-ext: setup
 	$(PY) -m pytest -q -m ext tests
+
+# Optional: mergekit 0.1.5 in its own environment (.venv-mergekit, under the same torch pin) for the comparison
+# with mergekit; nothing of it is needed by `make test`.
+setup-mergekit:
+	@bash scripts/setup_mergekit_venv.sh
+
+test-mergekit: setup setup-mergekit
+	ADAMERGE_TEST_MERGEKIT=1 $(PY) -m pytest -q tests/test_mergekit_compat.py
+
+bench-mergekit: setup setup-mergekit
+	$(PY) -m benchmarks.bench_mergekit
 
 # The hypothesis property tests of the ops at full size (>= 1000 drawn cases per backend; make test runs a small
 # derandomized profile of the same tests). Cases run per backend: runs/props_cases.json.

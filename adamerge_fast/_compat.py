@@ -72,3 +72,35 @@ def import_transformers():
 
 
 __all__ = ["import_torchvision_safely", "import_open_clip", "import_transformers"]
+
+
+def malloc_trim() -> None:
+    """glibc's ``malloc_trim(0)``: hand the heap's free-but-resident memory back to the OS (no-op without glibc).
+
+    A process that allocates and frees many tensors of a few MB (a streamed merge) otherwise keeps freed heap
+    pages resident: glibc raises its mmap threshold after such frees, so later buffers come from the heap."""
+    fn = getattr(malloc_trim, "fn", None)
+    if fn is None:
+        try:
+            import ctypes
+
+            fn = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            fn = False
+        malloc_trim.fn = fn
+    if fn:
+        fn(0)
+
+
+def mmap_large_allocations(threshold: int = 1 << 20) -> bool:
+    """glibc's ``mallopt(M_MMAP_THRESHOLD, threshold)`` for this process: every allocation of at least ``threshold``
+    bytes is its own mapping, returned to the OS when freed (glibc otherwise raises the threshold to 32 MB after
+    such frees, and a long run of tensor-sized buffers fragments the heap: measured on a streamed TIES merge of a
+    307M-parameter model with a 1B Llama's tensor shapes, peak RSS 2.1 GB against 1.2 GB). Fixes the threshold
+    for the rest of the process; returns whether it was set (False without glibc)."""
+    try:
+        import ctypes
+
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, int(threshold)))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False

@@ -123,34 +123,60 @@ def build_parser() -> argparse.ArgumentParser:
 
     # ---- merge
     m = sub.add_parser("merge", help="data-free merge of checkpoints (average, task arithmetic, TIES, DARE)",
-                       description="Merge fine-tuned checkpoints of one architecture without data; write "
-                       "safetensors. Every floating tensor of the pretrained checkpoint is merged; other tensors "
-                       "are copied from it.")
+                       description="Merge fine-tuned checkpoints of one architecture without data, one tensor at a "
+                       "time (peak memory about K+2 times the largest tensor): a .safetensors file, or a Hugging "
+                       "Face directory (sharded, with the pretrained directory's config and tokenizer files). Every "
+                       "floating tensor of the pretrained checkpoint is merged from float32 task vectors and rounded "
+                       "to its dtype once; other tensors are copied from it.")
     m.add_argument("--method", required=True, choices=["average", "task-arithmetic", "ties", "dare"],
-                   help="average: theta0 + mean_k tau_k; task-arithmetic: theta0 + scale*sum_k tau_k; ties: "
+                   help="average: theta0 + mean_k tau_k; task-arithmetic: theta0 + scale*sum_k w_k tau_k; ties: "
                    "TIES-merging; dare: drop-and-rescale the task vectors, then task arithmetic (or TIES with "
                    "--dare-then ties)")
     m.add_argument("--pretrained", required=True, metavar="PATH",
                    help="pretrained checkpoint (safetensors, HF dir, or torch state dict)")
     m.add_argument("--finetuned", required=True, nargs="+", metavar="PATH", help="fine-tuned checkpoints, one per task")
-    m.add_argument("-o", "--output", required=True, metavar="FILE", help="merged checkpoint to write (.safetensors)")
-    m.add_argument("--scale", type=_finite_float, default=0.3,
-                   help="task-arithmetic / TIES / DARE scaling coefficient (default 0.3)")
-    m.add_argument("--ties-k", type=_fraction, default=0.2,
-                   help="TIES: fraction of each task vector kept (default 0.2)")
-    m.add_argument("--ties-merge", choices=["mean", "sum"], default="mean",
+    m.add_argument("-o", "--output", required=True, metavar="PATH",
+                   help="FILE.safetensors (one file) or a directory (Hugging Face layout)")
+    m.add_argument("--like", choices=["mergekit"], default=None,
+                   help="mergekit 0.1.5's semantics and float32 arithmetic (scale = its lambda, default 1; "
+                   "per-tensor TIES keeping exactly int(k*n) entries; +1 for zero sign sums; L1 DARE rescaling; "
+                   "see docs/cli.md)")
+    m.add_argument("--scale", type=_finite_float, default=None,
+                   help="task-arithmetic / TIES / DARE scaling coefficient (mergekit's lambda; default 0.3, "
+                   "--like mergekit: 1)")
+    m.add_argument("--weights", type=_finite_float, nargs="+", default=None, metavar="W",
+                   help="one weight per fine-tuned checkpoint (task arithmetic, TIES, DARE; default 1 each)")
+    m.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="divide by the sum of the weights (TIES: the weighted disjoint mean, same as --ties-merge "
+                   "mean)")
+    m.add_argument("--ties-k", type=_fraction, default=None,
+                   help="TIES: fraction of each task vector kept (default 0.2; mergekit's density)")
+    m.add_argument("--ties-merge", choices=["mean", "sum"], default=None,
                    help="TIES: disjoint mean or sum (default mean)")
-    m.add_argument("--ties-scope", choices=["global", "tensor"], default="global",
-                   help="TIES: trim over the whole vector or per tensor")
-    m.add_argument("--dare-p", type=_drop_rate, default=0.5, help="DARE: drop probability (default 0.5)")
-    m.add_argument("--dare-then", choices=["task-arithmetic", "ties"], default="task-arithmetic",
-                   help="DARE: merge the sparsified vectors with")
+    m.add_argument("--ties-scope", choices=["global", "tensor"], default=None,
+                   help="TIES: trim over each task's whole vector (default; the official AdaMerging++ code) or per "
+                   "tensor (mergekit)")
+    m.add_argument("--ties-keep", choices=["ties", "exact"], default=None,
+                   help="TIES: keep every entry tied with the threshold (default; official) or exactly "
+                   "max(1, int(k*n)) entries (mergekit; ties broken by position)")
+    m.add_argument("--sign-tie", choices=["majority", "positive"], default=None,
+                   help="TIES: sign of entries whose sign sum is zero: the majority sign (default; official) or +1 "
+                   "(mergekit)")
+    m.add_argument("--dare-p", type=_drop_rate, default=None, help="DARE: drop probability (default 0.5)")
+    m.add_argument("--dare-then", choices=["task-arithmetic", "ties"], default=None,
+                   help="DARE: merge the sparsified vectors with (default task-arithmetic; --like mergekit: ties)")
+    m.add_argument("--dare-rescale", choices=["inverse", "l1", "none"], default=None,
+                   help="DARE: rescale kept entries by 1/(1-p) (default), to the tensor's L1 norm (mergekit), or not")
     m.add_argument("--seed", type=int, default=0, help="DARE random seed")
     m.add_argument("--task-vector-dtype", choices=_TV_DTYPES, default=None,
-                   help="storage dtype of the task vectors (int8/int4: quantized, then dequantized per tensor for the "
-                   "merge, as in task vector quantization)")
+                   help="round the task vectors to this dtype before merging (default: keep them in float32; "
+                   "int8/int4: quantized and dequantized per tensor, as in task vector quantization)")
+    m.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="directory output: largest shard (e.g. 5GB, 500MB, 2GiB; default 5GB)")
+    m.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     m.add_argument("--trust-pickle", action="store_true",
                    help="allow checkpoints that are whole pickled objects (runs code from the file)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
     m.set_defaults(func=cmd_merge)
 
     # ---- adamerge
@@ -232,7 +258,10 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--seed", type=int, default=0, help="data shuffling seed (default 0)")
     a.add_argument("--workers", type=_nonneg_int, default=0, help="DataLoader worker processes (default 0)")
     a.add_argument("-o", "--output-dir", required=True, metavar="DIR",
-                   help="where merged.safetensors, coefficients.safetensors, history.json, checkpoint.pt go")
+                   help="where the merged model (merged.safetensors; merged/ for Hugging Face models; also "
+                   "merged_clip.safetensors for open_clip), coefficients.safetensors, history.json, checkpoint.pt go")
+    a.add_argument("--max-shard-size", default="5GB", metavar="SIZE",
+                   help="Hugging Face output: largest weight shard of merged/ (default 5GB)")
     a.add_argument("--checkpoint-every", type=_nonneg_int, default=0, metavar="N",
                    help="write a resumable checkpoint every N steps (0: only at the end)")
     a.add_argument("--resume", nargs="?", const="auto", metavar="CHECKPOINT",
@@ -337,72 +366,30 @@ def _check_backend(name: str, device) -> None:
 
 # ------------------------------------------------------------------------------------------------- merge
 def cmd_merge(args) -> int:
-    import torch
-
-    from .io import check_finite, check_not_input, existing, load_state_dict, save_safetensors
-    from .merging import dare, task_arithmetic, ties_merge, weight_average
-    from .merging.task_vectors import floating_keys
-    from .models.spec import load_finetuned
+    from ._compat import mmap_large_allocations
+    from .export import parse_size
+    from .io import check_not_input
+    from .merging.stream import format_summary, merge_checkpoints
 
     t0 = time.perf_counter()
+    mmap_large_allocations()  # this process streams tensor-sized buffers: keep freed ones from staying resident
     out = Path(args.output)
-    if out.suffix != ".safetensors":
-        _die(f"{out}: the output must be a .safetensors file")
-    if out.is_dir():
-        _die(f"-o {out}: is a directory (the output is a .safetensors file)")
+    parse_size(args.max_shard_size)  # a bad size fails before any reading
     check_not_input(out, [args.pretrained, *args.finetuned], "merged checkpoint (-o)")
-    _check_writable_dir(out.parent, "-o")
-    base = load_state_dict(existing(args.pretrained, "pretrained checkpoint"), trust_pickle=args.trust_pickle)
-    keys = floating_keys(base)
-    if not keys:
-        _die(f"{args.pretrained}: no floating-point tensors to merge")
-    fts = load_finetuned(args.finetuned, base, keys=keys, trust_pickle=args.trust_pickle,
-                         ref_name=f"the pretrained checkpoint {args.pretrained}")
-    _log(f"{PROG} merge: {len(fts)} task(s), {len(keys)} tensors, method {args.method}")
-    tv = _merge_task_vectors(base, fts, keys, _dtype(args.task_vector_dtype),
-                             names=[str(args.pretrained), *map(str, args.finetuned)])
-    meta = {"producer": "adamerge_fast", "method": args.method, "tasks": str(len(fts))}
-    ties_opts = dict(k=args.ties_k, scale=args.scale, merge=args.ties_merge, scope=args.ties_scope)
-    if args.method == "average":
-        merged = weight_average(base, tv)
-    elif args.method == "task-arithmetic":
-        merged = task_arithmetic(base, tv, args.scale)
-        meta["scale"] = str(args.scale)
-    elif args.method == "ties":
-        merged = ties_merge(base, tv, **ties_opts)
-        meta.update(scale=str(args.scale), ties_k=str(args.ties_k), ties_merge=args.ties_merge,
-                    ties_scope=args.ties_scope)
-    else:
-        tv = dare(tv, args.dare_p, seed=args.seed)
-        if args.dare_then == "ties":
-            merged = ties_merge(base, tv, **ties_opts)
-        else:
-            merged = task_arithmetic(base, tv, args.scale)
-        meta.update(scale=str(args.scale), dare_p=str(args.dare_p), dare_then=args.dare_then, seed=str(args.seed))
-    result = {}
-    for k in base.keys():
-        t = merged[k] if k in merged else base[k]
-        result[k] = t.to(base[k].dtype) if isinstance(t, torch.Tensor) else t
-        if k in merged:  # checked in the stored dtype, before anything is written
-            check_finite(result[k], f"merged tensor {k!r} ({str(result[k].dtype).replace('torch.', '')})",
-                         " (--scale too large for the checkpoint's dtype?)")
-    save_safetensors(result, out, meta)
-    _log(f"{PROG} merge: wrote {out} ({len(result)} tensors) in {time.perf_counter() - t0:.1f}s")
+    _check_writable_dir(out.parent if out.parent != Path("") else Path("."), "-o")
+    _log(f"{PROG} merge: {len(args.finetuned)} task(s), method {args.method}"
+         f"{' (like mergekit)' if args.like else ''} -> {out}")
+    merge_checkpoints(
+        args.pretrained, args.finetuned, args.method, out, scale=args.scale, weights=args.weights,
+        normalize=args.normalize, ties_k=args.ties_k, ties_merge=args.ties_merge, ties_scope=args.ties_scope,
+        ties_keep=args.ties_keep, sign_tie=args.sign_tie, dare_p=args.dare_p,
+        dare_then=args.dare_then, dare_rescale=args.dare_rescale, seed=args.seed,
+        task_vector_dtype=_dtype(args.task_vector_dtype), like=args.like, max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
+        trust_pickle=args.trust_pickle,
+    )
+    _log(f"{PROG} merge: wrote {out} in {format_summary(time.perf_counter() - t0)}")
     return 0
-
-
-def _merge_task_vectors(base, fts, keys, dtype, names):
-    """The task vectors of ``merge``: stacked in ``dtype`` (``names``: the checkpoints, for messages); a quantized
-    format stores them quantized (built one model at a time) and dequantizes each to fp32 for the static merge, so the
-    merge sees the quantization error as task vector quantization (Kim et al., ICCV 2025) does."""
-    from .merging import task_vectors
-    from .merging.quantized import is_quantized_format, quantize_task_vectors
-    from .ops.quant import QuantizedTensor
-
-    if not is_quantized_format(dtype):
-        return task_vectors(base, fts, keys=keys, dtype=dtype, names=names)
-    tv = quantize_task_vectors(base, fts, dtype, keys=keys)
-    return {k: t.dequantize() if isinstance(t, QuantizedTensor) else t for k, t in tv.items()}
 
 
 # ---------------------------------------------------------------------------------------------- adamerge
@@ -560,7 +547,7 @@ def cmd_adamerge(args) -> int:
         sys.stderr.write(f"{PROG} adamerge: interrupted{where}\n")
         return 130
     t_opt = time.perf_counter() - t1
-    merged.save_merged(out / "merged.safetensors")
+    written = _write_merged(args, spec, merged, out)
     merged.save_coefficients(out / "coefficients.safetensors")
     options = {k: (v if isinstance(v, (int, float, str, bool, list, type(None))) else str(v))
                for k, v in vars(args).items() if k != "func"}
@@ -569,9 +556,44 @@ def cmd_adamerge(args) -> int:
                                                      "optimize_seconds": round(t_opt, 3)})
     last = f"{hist.loss[-1]:.4f}" if hist.loss else "n/a"
     _log(f"{PROG} adamerge: final loss {last}; optimization {t_opt:.1f}s, total {time.perf_counter() - t0:.1f}s; "
-         f"wrote {out / 'merged.safetensors'}, coefficients.safetensors, history.json")
+         f"wrote {', '.join(written)}, coefficients.safetensors, history.json")
     print(merged.format_coefficients(max_rows=24))
     return 0
+
+
+def _write_merged(args, spec, merged, out: Path) -> list[str]:
+    """The merged model as the user's library loads it: a Hugging Face directory ``merged/`` for HF models (with
+    ``mergekit_config.yml`` re-applying the coefficients for causal LMs without TIES); for open_clip the merged
+    image encoder's state dict ``merged.safetensors`` and the full CLIP state dict ``merged_clip.safetensors``;
+    else the backbone's state dict ``merged.safetensors``."""
+    from .export import export_merged, mergekit_config, write_mergekit_config
+
+    written = []
+    if spec.export is None or spec.export.files_from is None:
+        merged.save_merged(out / "merged.safetensors")
+        written.append(str(out / "merged.safetensors"))
+    if spec.export is None:
+        return written
+    path = export_merged(merged, spec.export, out / spec.export.name, max_shard_size=args.max_shard_size,
+                         overwrite=True)
+    written.append(str(path))
+    if args.hf_causal_lm:
+        from .adapters import is_lora_source
+
+        if args.ties:
+            _log(f"{PROG} adamerge: no mergekit_config.yml: mergekit's task arithmetic cannot re-apply coefficients "
+                 "learned over TIES-split task vectors")
+        elif any(is_lora_source(f) for f in args.finetuned):
+            _log(f"{PROG} adamerge: no mergekit_config.yml: the fine-tuned sources are LoRA adapters, which its "
+                 "models list does not take as they are")
+        else:
+            from .io import shape_dtype
+
+            dtype = shape_dtype(spec.export.source(), spec.export.key(merged.param_names[0]))[1]
+            cfg = mergekit_config(merged, spec.export, args.pretrained, args.finetuned,
+                                  str(dtype).removeprefix("torch."))
+            written.append(str(write_mergekit_config(out / "mergekit_config.yml", cfg)))
+    return written
 
 
 def _memory_plan(args, spec, data, limit: int | None):

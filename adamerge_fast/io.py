@@ -224,6 +224,28 @@ class LazyStateDict(Mapping[str, torch.Tensor]):
         return tuple(sl.get_shape()), _getdtype(sl.get_dtype())
 
 
+class StreamingStateDict(LazyStateDict):
+    """A :class:`LazyStateDict` that opens a tensor's file for each read and closes it after: the returned tensor
+    is a copy and no file stays mapped, so reading a whole checkpoint tensor by tensor never holds more than
+    the tensor at hand (a kept-open file's pages count as resident memory, up to the whole checkpoint).
+    Shapes and dtypes still come from the headers of the files opened once at construction."""
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if key not in self._where:
+            raise KeyError(key)
+        with safe_open(str(self.files[self._where[key]]), framework="pt", device="cpu") as h:
+            return h.get_tensor(key)
+
+
+def streaming(sd: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    """``sd`` as a :class:`StreamingStateDict` when it is a :class:`LazyStateDict`, else ``sd`` itself."""
+    if isinstance(sd, LazyStateDict) and not isinstance(sd, StreamingStateDict):
+        return StreamingStateDict(sd.files)
+    return sd
+
+
 class PrefixView(Mapping[str, torch.Tensor]):
     """A lazy view of ``sd``: its keys that start with ``strip``, with ``strip`` removed and ``add`` put in
     front. Tensors are read from ``sd`` only when indexed; :func:`shape_dtype` reads through the view."""

@@ -203,8 +203,15 @@ def test_adamerge_open_clip(tmp_path, capsys):
             "--data", str(tmp_path / "t0"), str(tmp_path / "t1"), "--steps", "2", "--batch-size", "3",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress", "-o", str(out)]
     assert main(args) == 0
-    merged = load_file(str(out / "merged.safetensors"))
-    assert merged.keys() == vis.keys()
+    assert load_file(str(out / "merged.safetensors")).keys() == vis.keys()
+    # the full CLIP model (merged image encoder, pretrained text tower), read back by open_clip's own loader
+    merged = load_file(str(out / "merged_clip.safetensors"))
+    assert merged.keys() == clip.state_dict().keys()
+    back = oc.small_clip(seed=1)
+    oc.import_open_clip().load_checkpoint(back, str(out / "merged_clip.safetensors"))
+    assert all(torch.equal(back.state_dict()[k], merged[k]) for k in merged)
+    assert not torch.equal(merged["visual.proj"], clip.state_dict()["visual.proj"])
+    assert torch.equal(merged["text_projection"], clip.state_dict()["text_projection"])
     assert len(list((tmp_path / "cache" / "heads").glob("*.safetensors"))) == 2
     h = json.loads((out / "history.json").read_text())
     assert h["tasks"] == ["t0", "t1"] and len(h["loss"]) == 2
@@ -258,8 +265,14 @@ def test_adamerge_hf_clip(tmp_path):
                  "--classnames", str(tmp_path / "c0.txt"), str(tmp_path / "c1.txt"),
                  "--data", str(tmp_path / "img0"), str(tmp_path / "img1"), "--steps", "2", "--batch-size", "2",
                  "--cache-dir", str(tmp_path / "cache"), "--no-progress", "-o", str(out)]) == 0
-    merged = load_file(str(out / "merged.safetensors"))
-    assert merged.keys() == hf.CLIPImageEncoder.from_model(clip).state_dict().keys()
+    # a CLIPModel directory like the pretrained one: its keys, config and tokenizer; the image encoder merged
+    back = tf.CLIPModel.from_pretrained(str(out / "merged"), local_files_only=True)
+    assert back.state_dict().keys() == clip.state_dict().keys()
+    assert (out / "merged" / "tokenizer.json").is_file()
+    enc = hf.CLIPImageEncoder.from_model(back).state_dict()
+    assert not torch.equal(enc["visual_projection.weight"], clip.state_dict()["visual_projection.weight"])
+    assert torch.equal(back.state_dict()["text_model.final_layer_norm.weight"],
+                       clip.state_dict()["text_model.final_layer_norm.weight"])
     assert len(list((tmp_path / "cache" / "heads").glob("*.safetensors"))) == 2
 
 
@@ -267,6 +280,7 @@ def test_adamerge_hf_clip(tmp_path):
 def test_adamerge_hf_causal_lm(tmp_path, capsys):
     from adamerge_fast.models import hf
 
+    tf = hf.import_transformers()
     fast, vocab = _word_tokenizer("the a cat dog sat ran on under mat log big small".split())
     pre = hf.tiny_causal_lm("gpt2", seed=0, vocab_size=len(vocab))
     pre.save_pretrained(tmp_path / "pre")
@@ -283,8 +297,9 @@ def test_adamerge_hf_causal_lm(tmp_path, capsys):
             "--data", str(tmp_path / "text0.txt"), str(tmp_path / "text1.txt"),
             "--max-length", "8", "--steps", "3", "--batch-size", "2", "--no-progress", "-o", str(out)]
     assert main(args) == 0
-    merged = load_file(str(out / "merged.safetensors"))
-    assert any(k.startswith("lm.transformer.h.0.") for k in merged)
+    back = tf.AutoModelForCausalLM.from_pretrained(str(out / "merged"), local_files_only=True)
+    assert type(back) is type(pre) and back.state_dict().keys() == pre.state_dict().keys()  # no wrapper prefix
+    assert (out / "merged" / "tokenizer.json").is_file() and (out / "mergekit_config.yml").is_file()
 
     # every token's logits are a row: concatenated batches are split by task through rows_per_example, so concat
     # batching learns what sequential batching learns; the fused head + entropy too

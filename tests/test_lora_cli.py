@@ -44,16 +44,19 @@ def test_adamerge_hf_causal_lm_with_adapter_dirs(llama_dirs):
             "--data", str(root / "t0.txt"), str(root / "t1.txt"), "--max-length", "8", "--steps", "3",
             "--batch-size", "2", "--no-progress", "-o", str(out)]  # fmt: skip
     assert main(args) == 0
-    merged = load_file(str(out / "merged.safetensors"))
+    tf = hf.import_transformers()  # the merged model is a Hugging Face directory of the LM's own class and keys
+    back = tf.AutoModelForCausalLM.from_pretrained(str(out / "merged"), local_files_only=True)
+    assert type(back) is type(base) and not (out / "merged.safetensors").exists()
+    assert not (out / "mergekit_config.yml").exists()  # mergekit's models list takes no adapter directories
+    merged = back.state_dict()
     coefs = load_file(str(out / "coefficients.safetensors"))["coefficients"]
     names = [n for n, _ in base.named_parameters()]
     assert coefs.shape == (len(names), 2)  # one row per base parameter tensor
     # the merged q_proj of layer 0 is W0 + sum_k c_k s_k B_k A_k with the learned coefficients (PEFT's cat merge)
-    row = names.index("model.layers.0.self_attn.q_proj.weight")
-    oracle = cat_merge(base, dirs, coefs[row].tolist()).state_dict()
-    key = "lm.model.layers.0.self_attn.q_proj.weight"
-    assert_close(merged[key], oracle["model.layers.0.self_attn.q_proj.weight"].double(), torch.float32, key)
-    assert torch.equal(merged["lm.model.layers.0.mlp.down_proj.weight"], base.model.layers[0].mlp.down_proj.weight)
+    key = "model.layers.0.self_attn.q_proj.weight"
+    oracle = cat_merge(base, dirs, coefs[names.index(key)].tolist()).state_dict()
+    assert_close(merged[key], oracle[key].double(), torch.float32, key)
+    assert torch.equal(merged["model.layers.0.mlp.down_proj.weight"], base.model.layers[0].mlp.down_proj.weight)
 
 
 def test_merge_with_adapter_dirs_equals_peft(llama_dirs, tmp_path, capsys):
@@ -90,3 +93,25 @@ def test_adapters_read_without_importing_peft(llama_dirs):
             "assert 'peft' not in sys.modules, 'peft was imported'")  # fmt: skip
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_export_adamerged_with_adapters_roundtrip(llama_dirs, tmp_path):
+    """An AdaMergedModel over adapter directories (LoRA storage) written as the LM's own Hugging Face directory:
+    from_pretrained loads exactly the merged state dict (LoRA layers W0 + sum_k c_k s_k B_k A_k included)."""
+    from adamerge_fast.export import export_merged
+    from adamerge_fast.merging import AdaMergedModel
+
+    root, base, dirs = llama_dirs
+    spec = hf.build_causal_lm(root / "pre", dirs, ["a", "b"])
+    model = AdaMergedModel(spec.backbone, spec.finetuned)
+    assert model._lora is not None
+    with torch.no_grad():
+        model.raw_coefficients.uniform_(0.1, 0.9, generator=torch.Generator().manual_seed(2))
+    out = export_merged(model, spec.export, tmp_path / "merged", max_shard_size="40KB")
+    back = hf.import_transformers().AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True)
+    sd, merged = back.state_dict(), model.merged_state_dict()
+    assert sd.keys() == base.state_dict().keys()
+    for n in model.param_names:
+        assert torch.equal(sd[n[len("lm."):]], merged[n]), n
+    key = "model.layers.0.self_attn.q_proj.weight"  # both adapters touch it
+    assert not torch.equal(sd[key], base.state_dict()[key])

@@ -146,3 +146,31 @@ def test_parameter_filter_and_coefficient_layout():
     x = torch.randn(3, 64)
     with torch.no_grad():
         assert torch.equal(ref(x), tr(x))
+
+
+def test_dense_task_vectors_rounded_once():
+    """The dense task vectors of LoRA runs (trained biases / norms, materialized adapters, full fine-tuned models)
+    in a bf16 storage: ``value - W0`` rounded once (``rounded_difference_``), bit for bit; a NaN in an adapter's
+    dense value is named by the adapter and key."""
+    from adamerge_fast.io import NonFiniteCheckpointError
+    from adamerge_fast.merging.task_vectors import rounded_difference_
+
+    net = _mlp()
+    srcs = _sources(net)
+    full = {n: p.detach() + 1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(5))
+            for n, p in net.named_parameters()}  # fmt: skip
+    m = af.AdaMergedModel(net, [*srcs, full], task_vector_dtype=torch.bfloat16)
+    params = dict(net.named_parameters())
+    for n, want_value in (("0.bias", srcs[1].dense["0.bias"]), ("2.weight", srcs[1].dense["2.weight"])):
+        row = m._lora.dense_tasks[n].index(1)
+        want = rounded_difference_(torch.empty(params[n].shape, dtype=torch.bfloat16), want_value, params[n], "t")
+        assert torch.equal(m._lora.dense[n][row].view(torch.int16), want.view(torch.int16)), n
+    n = "3.weight"  # the full model makes every parameter dense: task 0's adapter is materialized (s B A) there
+    for task, value, base in ((3, full[n], params[n]), (0, srcs[0]["3.weight"][2] * srcs[0]["3.weight"][1]
+                                                        @ srcs[0]["3.weight"][0], None)):
+        want = rounded_difference_(torch.empty(params[n].shape, dtype=torch.bfloat16), value, base, "t")
+        got = m._lora.dense[n][m._lora.dense_tasks[n].index(task)]
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (n, task)
+    bad = LoraAdapter({}, {"0.bias": torch.full_like(net[0].bias, float("nan"))}, "bad adapter")
+    with pytest.raises(NonFiniteCheckpointError, match="bad adapter: key '0.bias' has NaN or inf values"):
+        af.AdaMergedModel(net, [srcs[0], bad])

@@ -253,6 +253,34 @@ def test_memory_plan_counts_quantized_bytes(fmt):
     assert before.items["loading"] > f32.items["loading"]  # the quantizer's fp32 temporaries of one tensor
 
 
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_streamed_merge_quantizes_whole_rows(fmt, monkeypatch):
+    """merge_checkpoints(task_vector_dtype="int8"|"int4") streams tensors in chunks of whole rows: with chunks smaller
+    than a row (one row per chunk) or than the tensor (three rows), the result equals the merge of the task vectors
+    quantized whole (1-D tensors: float32 differences); TIES sees the same dequantized task vectors."""
+    from adamerge_fast.merging import stream
+    from adamerge_fast.merging.static import task_arithmetic, ties_merge
+
+    monkeypatch.setattr(stream, "CHUNK", 100)
+    g = torch.Generator().manual_seed(0)
+    pre = {"a": torch.randn(7, 300, generator=g), "b": torch.randn(20, 33, generator=g),
+           "c": torch.randn(50, generator=g)}
+    fts = [{k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in pre.items()} for _ in range(3)]
+    tv = {k: torch.stack([f[k] - pre[k] for f in fts]) for k in pre}
+    deq = {k: quantize(t, fmt).dequantize() if t.dim() >= 3 else t for k, t in tv.items()}
+    got = stream.merge_checkpoints(pre, fts, "task_arithmetic", scale=0.4, task_vector_dtype=fmt)
+    want = task_arithmetic(pre, deq, 0.4)
+    for k in pre:
+        assert_close(got[k], want[k].double(), F32, f"task arithmetic {k}")
+    got = stream.merge_checkpoints(pre, fts, "ties", scale=0.7, ties_k=0.3, task_vector_dtype=fmt)
+    want = ties_merge(pre, {k: v.double() for k, v in deq.items()}, k=0.3, scale=0.7)
+    for k in pre:
+        assert_close(got[k], want[k].double(), F32, f"ties {k}")
+    with pytest.raises(ValueError, match="not with like='mergekit'"):
+        stream.merge_checkpoints(pre, fts, "task_arithmetic", task_vector_dtype=fmt, like="mergekit")
+
+
 # ------------------------------------------------------------------------------------------------- CLI
 def test_cli_merge_and_adamerge_quantized(request, tmp_path, capsys):
     d = request.getfixturevalue("fixture_dir")  # test_cli's module fixture (imported above)

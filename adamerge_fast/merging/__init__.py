@@ -3,6 +3,7 @@
 from .adamerged import AdaMergedModel, MergedLinear, MergedMultiheadAttention
 from .lora import MergedLoRALinear
 from .static import dare, task_arithmetic, ties_merge, ties_split, weight_average
+from .stream import merge_checkpoints
 from .task_vectors import check_task_vectors, task_vectors, unstack
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "ties_merge",
     "ties_split",
     "dare",
+    "merge_checkpoints",
 ]

@@ -744,16 +744,25 @@ class AdaMergedModel(nn.Module):
         return _quantized.nbytes({n: self._row_tensors(n)[1] for n in self.param_names})
 
     @torch.no_grad()
+    def merged_parameter(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``theta_0 + sum_k lambda_k tau_k`` of parameter ``name`` (a ``param_names`` entry), accumulated in
+        float32 (float64 when ``dtype`` differs from the parameter's) and rounded once to ``dtype`` (default: the
+        parameter's dtype)."""
+        base, tau, r = self._row_tensors(name)
+        coef = self.coefficients.detach()[r]
+        if dtype is None or dtype == base.dtype:
+            return ops.merge(base, tau, coef, backend=self.backend)
+        return ops.merge(base.double(), tau, coef.double(), backend=self.backend).to(dtype)
+
+    @torch.no_grad()
     def merged_state_dict(self) -> dict[str, torch.Tensor]:
         """The merged model's full state dict (the pretrained architecture's keys), materialized once (each tensor
         merged in fp32 from its task vectors, dequantized in the kernel when quantized, and rounded once)."""
         coefs = self.coefficients.detach()
         merged = {} if self._lora is None else self._lora_merged_parameters(coefs)
         for name in self.param_names:
-            if name in merged:
-                continue
-            base, tau, r = self._row_tensors(name)
-            merged[name] = ops.merge(base, tau, coefs[r], backend=self.backend)
+            if name not in merged:
+                merged[name] = self.merged_parameter(name)
         out = {}
         for key in self._template.state_dict(keep_vars=True):
             if key in self._aliases:

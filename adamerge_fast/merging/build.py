@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterable, Mapping, Protocol, Sequence, Union
 import torch
 from torch import nn
 
+from .._compat import malloc_trim
 from ..io import NonFiniteCheckpointError, check_finite, check_fits, existing, load_state_dict
 from .task_vectors import Source, rounded_difference_, source_name
 
@@ -98,21 +99,9 @@ def _open(src: FinetunedSource, k: int, trust_pickle: bool) -> tuple[Mapping[str
                     f"returning one, got {type(src).__name__}")
 
 
-def return_free_memory() -> None:
-    """glibc's ``malloc_trim(0)``: hand the free pages inside the heap back to the OS. Tensors of a few MiB often
-    live on the heap (glibc raises its mmap threshold up to 32 MiB as such blocks are freed), and freeing them
-    leaves the pages resident otherwise. A no-op without glibc."""
-    fn = getattr(return_free_memory, "_fn", None)
-    if fn is None:
-        try:
-            import ctypes
-
-            fn = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            fn = False
-        return_free_memory._fn = fn
-    if fn:
-        fn(0)
+#: glibc's ``malloc_trim(0)`` (:func:`adamerge_fast._compat.malloc_trim`): hands the free pages inside the heap
+#: back to the OS (tensors of a few MiB often live on the heap, and freeing them leaves the pages resident otherwise)
+return_free_memory = malloc_trim
 
 
 def release(obj: nn.Module | Mapping[str, torch.Tensor], keep: Iterable[torch.Tensor] = ()) -> int:

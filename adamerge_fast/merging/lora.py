@@ -28,8 +28,8 @@ from ..adapters import (
     resolve,
     transposed_parameters,
 )
-from ..io import CheckpointError, check_fits
-from .task_vectors import as_state_dict
+from ..io import check_fits
+from .task_vectors import as_state_dict, rounded_difference_
 
 # -------------------------------------------------------------------------------------- the model's view
 _LINEARS = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
@@ -96,7 +96,8 @@ def collect(
     shapes = {n: tuple(p.shape) for n, p in pretrained.named_parameters() if torch.is_floating_point(p)}
     transposed, rewritable = transposed_parameters(pretrained), rewritable_weights(pretrained)
     lora_of: dict[str, list[tuple[int, LoraModule]]] = {}
-    dense_of: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    # per parameter, (task, fine-tuned value or exact difference, pretrained value or None, entry name, source name)
+    dense_of: dict[str, list[tuple[int, torch.Tensor, torch.Tensor | None, str, str | None]]] = {}
     for i, src in enumerate(sources):
         if is_lora_source(src):
             res = resolve(as_adapter(src, i), shapes, transposed)
@@ -105,19 +106,22 @@ def collect(
                     lora_of.setdefault(n, []).append((i, m))
             for n, v in res.dense.items():
                 if n in params:
-                    dense_of.setdefault(n, []).append((i, _difference(v, params[n], f"{res.source}: {n!r}")))
+                    dense_of.setdefault(n, []).append((i, v, params[n], f"task vector {i}: key {n!r}",
+                                                       f"{res.source}: key {n!r}"))
         else:  # a full fine-tuned model: every parameter a dense task vector
             sd = as_state_dict(src, trust_pickle=trust_pickle)
             what = src if isinstance(src, (str, os.PathLike)) else f"fine-tuned model {i}"
             check_fits(params, sd, str(what), check_dtype=True, ref_name="the pretrained model")
             for n in params:
-                dense_of.setdefault(n, []).append((i, _difference(sd[n], params[n], f"{what}: {n!r}")))
+                dense_of.setdefault(n, []).append((i, sd[n], params[n], f"task vector {i}: key {n!r}",
+                                                   f"{what}: key {n!r}"))
     out = LoraTaskVectors(len(sources), {}, {}, {})
     for n in params:  # named_parameters order
         entries = lora_of.get(n, [])
         dense = dense_of.get(n, [])
         if entries and (dense or n not in rewritable):  # this weight takes the dense path: materialize the adapters
-            dense = sorted(dense + [(i, m.delta()) for i, m in entries], key=lambda e: e[0])
+            dense = sorted(dense + [(i, m.delta(), None, f"task vector {i}: key {n!r}", None) for i, m in entries],
+                           key=lambda e: e[0])
             entries = []
         if entries:
             a = torch.cat([m.a.detach().to(dtype or m.a.dtype) for _, m in entries])
@@ -127,18 +131,11 @@ def collect(
                                     torch.tensor([m.scale for _, m in entries], dtype=torch.float32, device=device),
                                     bool(entries[0][1].transposed))  # fmt: skip
         if dense:
-            st = torch.stack([d.to(dtype or params[n].dtype) for _, d in dense]).to(params[n].device)
-            out.dense[n], out.dense_tasks[n] = st.contiguous(), [i for i, _ in dense]
+            st = torch.empty((len(dense), *params[n].shape), dtype=dtype or params[n].dtype, device=params[n].device)
+            for j, (_, value, base, what, source) in enumerate(dense):  # each rounded once into the storage dtype
+                rounded_difference_(st[j], value, None if base is None else base.detach(), what, source)
+            out.dense[n], out.dense_tasks[n] = st, [e[0] for e in dense]
     return out
-
-
-def _difference(value: torch.Tensor, base: torch.Tensor, what: str) -> torch.Tensor:
-    """``value - base`` in fp32 (fp64 for fp64), checked finite."""
-    acc = torch.float64 if torch.float64 in (value.dtype, base.dtype) else torch.float32
-    d = value.detach().to(base.device, acc) - base.detach().to(acc)
-    if not torch.isfinite(d).all():
-        raise CheckpointError(f"{what}: task vector has NaN or inf values")
-    return d
 
 
 # -------------------------------------------------------------------------------------------- the layer

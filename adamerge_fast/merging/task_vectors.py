@@ -152,8 +152,9 @@ def task_vectors(
     """Stacked task vectors ``{name: [K, *shape]}`` of ``finetuned`` against ``pretrained``.
 
     ``keys``: which tensors (default: every floating-point parameter of ``pretrained`` — for a module, in
-    ``named_parameters()`` order). ``dtype``: storage dtype of the task vectors (e.g. ``torch.bfloat16``);
-    the difference is taken in the checkpoints' own precision first. Keys of the fine-tuned checkpoints that the
+    ``named_parameters()`` order). ``dtype``: storage dtype of the task vectors (default: the pretrained
+    tensor's; e.g. ``torch.bfloat16``). The difference is rounded to the storage dtype once
+    (:func:`rounded_difference_`). Keys of the fine-tuned checkpoints that the
     pretrained lacks (e.g. classification heads) are ignored. ``names``: how messages name the pretrained and each
     fine-tuned checkpoint (default: their paths where known). Raises :class:`CheckpointError` naming the key on a
     missing key or a shape or dtype mismatch, and :class:`~adamerge_fast.io.NonFiniteCheckpointError` (a
@@ -183,16 +184,11 @@ def task_vectors(
         st = torch.empty((len(fts), *b.shape), dtype=dtype or b.dtype, device=dev)
         for i, ft in enumerate(fts):
             exact = getattr(ft, "task_vector", None)  # a view that knows its difference (adapters.AdapterCheckpoint)
-            t = None if exact is not None else ft[k].detach()
-            d = exact(k).to(dev) if exact is not None else t.to(dev) - b.to(dev)
-            if not bool(torch.isfinite(d).all()):  # b is finite: t has the NaN/inf, or the difference overflows
-                if t is not None:
-                    check_finite(t, f"{names[i + 1]}: key {k!r}", error=NonFiniteCheckpointError)
-                check_finite(d, f"task vector {i}: key {k!r} (fine-tuned minus pretrained, in {d.dtype})",
-                             error=NonFiniteCheckpointError)
-            st[i].copy_(d)
-            if st.dtype != d.dtype:
-                check_stored_finite(st[i], f"task vector {i}: key {k!r}", d, error=NonFiniteCheckpointError)
+            what = f"task vector {i}: key {k!r}"
+            if exact is not None:
+                rounded_difference_(st[i], exact(k), None, what)
+            else:
+                rounded_difference_(st[i], ft[k], b, what, f"{names[i + 1]}: key {k!r}")
         out[k] = st
     return out
 

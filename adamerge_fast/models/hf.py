@@ -34,10 +34,10 @@ import torch
 from torch import nn
 
 from .._compat import import_transformers
-from ..io import CheckpointError, add_prefix, existing
+from ..io import CheckpointError, add_prefix, existing, load_state_dict
 from .heads import ClassificationHead, Template, cached_head, file_identity, head_key, zero_shot_weights
 from .lm_head import LinearHeadInputs
-from .spec import Source, TaskSpec, load_finetuned, load_heads, per_task, text_list
+from .spec import ExportSpec, Source, TaskSpec, load_finetuned, load_heads, per_task, text_list
 
 
 def _from_pretrained(cls, path, what: str, **kw):
@@ -259,7 +259,15 @@ def build_clip(
     transform = ImageTransform(config.image_size if config is not None else image_size, CLIP_MEAN, CLIP_STD)
     fts = load_finetuned(finetuned, backbone, trust_pickle=trust_pickle)
     return TaskSpec(backbone, fts, head_map, transform=transform, head_files=head_files,
-                    metadata={"model": "hf-clip", "component": "vision_model+visual_projection"})
+                    metadata={"model": "hf-clip", "component": "vision_model+visual_projection"},
+                    export=_hf_export(pretrained, ""))
+
+
+def _hf_export(pretrained, prefix: str) -> ExportSpec:
+    """The merged backbone written as the pretrained Hugging Face directory's model (its keys, config, tokenizer);
+    backbone parameter names lose ``prefix``."""
+    return ExportSpec(source=lambda: load_state_dict(pretrained), key=lambda n: n[len(prefix):] if n.startswith(prefix)
+                      else n, files_from=Path(pretrained), name="merged")
 
 
 def build_causal_lm(
@@ -284,7 +292,8 @@ def build_causal_lm(
     fts = load_finetuned(finetuned, backbone, transform_keys=lambda sd: add_prefix(sd, "lm."),
                          trust_pickle=trust_pickle)
     return TaskSpec(backbone, fts, {t: IdentityHead() for t in tasks}, tokenizer=tok,
-                    rows_per_example=positions == "last", metadata={"model": "hf-causal-lm", "component": "lm"})
+                    rows_per_example=positions == "last", metadata={"model": "hf-causal-lm", "component": "lm"},
+                    export=_hf_export(pretrained, "lm."))
 
 
 def tiny_gpt2_config(**overrides):

@@ -26,7 +26,7 @@ from torch import nn
 from .._compat import import_open_clip
 from ..io import existing, load_into, load_state_dict, strip_prefix
 from .heads import ClassificationHead, Template, cached_head, file_identity, head_key, zero_shot_weights
-from .spec import Source, TaskSpec, load_finetuned, load_heads, per_task, text_list
+from .spec import ExportSpec, Source, TaskSpec, load_finetuned, load_heads, per_task, text_list
 
 #: the paper's names -> open_clip's
 MODEL_NAMES = {"ViT-B/32": "ViT-B-32", "ViT-B/16": "ViT-B-16", "ViT-L/14": "ViT-L-14"}
@@ -193,6 +193,7 @@ def build(
             under ``cache_dir`` (:func:`cached_zero_shot_head`).
     """
     model = create_clip(name, existing(pretrained, "pretrained checkpoint"), trust_pickle=trust_pickle)
+    full_keys = list(model.state_dict())
     backbone = image_encoder(model)
     try:
         transform = preprocess_for(model)
@@ -221,8 +222,20 @@ def build(
             for t, c in zip(tasks, classes, strict=True)
         }
     model.transformer = None  # the text tower is not needed after the zero-shot heads
+    export = ExportSpec(source=lambda: full_state_dict(pretrained, full_keys, trust_pickle=trust_pickle),
+                        key=lambda n: f"visual.{n}", name="merged_clip.safetensors")
     return TaskSpec(backbone, fts, head_map, transform=transform, head_files=head_files,
-                    metadata={"model": f"open_clip:{canonical_name(name)}", "component": "visual"})
+                    metadata={"model": f"open_clip:{canonical_name(name)}", "component": "visual"}, export=export)
+
+
+def full_state_dict(pretrained, keys: Sequence[str], *, trust_pickle: bool = False) -> Mapping[str, torch.Tensor]:
+    """The full CLIP state dict of a pretrained checkpoint with the model's own key names (``module.``/``model.``
+    prefixes removed as :func:`create_clip` does), restricted to ``keys`` in that order: what open_clip's own
+    loader (``create_model(name, pretrained=file)``) reads back."""
+    sd = load_state_dict(pretrained, trust_pickle=trust_pickle)
+    sd = strip_prefix(sd, ["module."])
+    sd = strip_prefix(sd, ["model."]) if any(k.startswith("model.visual.") for k in sd.keys()) else sd
+    return {k: sd[k] for k in keys if k in sd}
 
 
 def small_clip(seed: int = 0) -> nn.Module:
@@ -242,6 +255,7 @@ __all__ = [
     "zero_shot_head",
     "cached_zero_shot_head",
     "visual_state_dict",
+    "full_state_dict",
     "build",
     "small_clip",
     "file_identity",

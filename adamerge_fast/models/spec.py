@@ -44,6 +44,8 @@ class TaskSpec:
         rows_per_example: the backbone gives one output row per example, so the tasks' batches may run
             through one forward (``task_batching="concat"``); ``False`` for a causal LM scoring every token.
         head_files: ``{task: file}`` for heads read from files (named in error messages).
+        export: how to write the merged backbone as the model the user came with (:class:`ExportSpec`);
+            ``None``: its own state dict (``merged.safetensors``).
     """
 
     backbone: nn.Module
@@ -54,6 +56,7 @@ class TaskSpec:
     metadata: dict[str, str] = field(default_factory=dict)
     rows_per_example: bool = True
     head_files: dict[str, str] = field(default_factory=dict)
+    export: "ExportSpec | None" = None
 
     @property
     def tasks(self) -> list[str]:
@@ -92,6 +95,25 @@ class TaskSpec:
                     src = f" ({self.head_files[t]})" if t in self.head_files else ""
                     raise ValueError(f"task {t!r}: its head{src} expects {want}, the model outputs shape "
                                      f"{list(feats.shape[1:])}") from None
+
+
+@dataclass
+class ExportSpec:
+    """Where the merged backbone goes in the checkpoint the user came with.
+
+    Attributes:
+        source: reads the original model's full state dict (lazily), as its own loader expects the keys; the
+            merged tensors replace their entries, every other entry is copied.
+        key: backbone parameter name -> its key in ``source()`` (e.g. ``lm.model.x`` -> ``model.x``).
+        files_from: a Hugging Face directory: the output is a directory of that model class with its config,
+            tokenizer/processor and generation files copied; ``None``: one ``.safetensors`` file.
+        name: the output's name inside the run directory (``merged`` for a directory, ``merged.safetensors``).
+    """
+
+    source: Callable[[], Mapping[str, torch.Tensor]]
+    key: Callable[[str], str]
+    files_from: Path | None = None
+    name: str = "merged.safetensors"
 
 
 def _first_example(loader) -> Any:
@@ -179,4 +201,4 @@ def text_list(value: str | os.PathLike | Sequence[str], what: str) -> list[str]:
     return list(value)
 
 
-__all__ = ["TaskSpec", "Source", "per_task", "load_finetuned", "load_heads", "text_list"]
+__all__ = ["TaskSpec", "ExportSpec", "Source", "per_task", "load_finetuned", "load_heads", "text_list"]

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from adamerge_fast import ops
+from adamerge_fast._compat import malloc_trim
 from adamerge_fast.merging import AdaMergedModel
 from adamerge_fast.optim import adamerge
 
@@ -34,21 +35,6 @@ def share_module(m: nn.Module) -> nn.Module:
     """A structural copy of ``m`` whose parameters and buffers are ``m``'s own tensors (no memory)."""
     memo = {id(t): t for t in list(m.parameters()) + list(m.buffers())}
     return copy.deepcopy(m, memo)
-
-
-def malloc_trim() -> None:
-    """glibc's ``malloc_trim(0)``: hand the heap's free-but-resident memory back to the OS (no-op without glibc)."""
-    fn = getattr(malloc_trim, "fn", None)
-    if fn is None:
-        try:
-            import ctypes
-
-            fn = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            fn = False
-        malloc_trim.fn = fn
-    if fn:
-        fn(0)
 
 
 class Runner:
