@@ -104,6 +104,21 @@ def test_ties(models, normalize, density, lam):
     _equal(ours, ref)
 
 
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties"])
+def test_chunked_and_threaded_equal_mergekit(models, monkeypatch, method):
+    """The mergekit preset's arithmetic over chunks of 97 elements, and TIES's magnitude masks found two tasks at a
+    time in threads (every tensor of at least one chunk), still equal mergekit's whole-tensor result."""
+    d, base, fts = models
+    w = [0.7, 1.2, 0.4]
+    monkeypatch.setattr(stream, "CHUNK", 97)
+    params = {"normalize": True, "lambda": 0.8}
+    density = 0.3 if method == "ties" else None
+    ref = run_mergekit(_cfg(method, base, fts, w, params, density), d / f"chunked-{method}")
+    kw = {"ties_k": density} if method == "ties" else {}
+    ours = stream.merge_checkpoints(base, fts, method, like="mergekit", weights=w, normalize=True, scale=0.8, **kw)
+    _equal(ours, ref)
+
+
 def test_dare_ties_consensus(models):
     """At density 1 DARE keeps every entry: mergekit's sign consensus and (non-normalized) sum are reproduced."""
     d, base, fts = models

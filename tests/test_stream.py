@@ -259,6 +259,54 @@ def test_chunked_equals_whole(llama_dirs, monkeypatch):
         assert all(torch.equal(got[k], w[k]) for k in w), (m, kw)
 
 
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("chunk", [None, 97])
+def test_mergekit_magnitude_masks_follow_argsort(dt, chunk, monkeypatch):
+    """mergekit's magnitude trimming keeps the first int(density * n) positions of torch.argsort(|tau|,
+    descending=True): on heavily tied magnitudes (a few distinct values) the masks, found in threads or not and
+    through the selection shortcut where the kept set has no tie, keep exactly those positions."""
+    if chunk:
+        monkeypatch.setattr(stream, "CHUNK", chunk)
+    g = torch.Generator().manual_seed(3)
+    n = 3001
+    base = (torch.randint(-3, 4, (n,), generator=g) * 0.25).to(dt)
+    rows = [base + (torch.randint(-4, 5, (n,), generator=g) * 0.125).to(dt) for _ in range(3)]
+    rows.append(base + torch.randn(n, generator=g).to(dt))  # few ties
+    for density in (0.01, 0.2, 0.55):
+        m = max(1, int(density * n))
+        masks = stream._magnitude_masks("w", base, rows, density, None)
+        for f, mask in zip(rows, masks):
+            want = torch.zeros(n, dtype=torch.bool)
+            want[torch.argsort((f.float() - base.float()).abs(), descending=True)[:m]] = True
+            assert mask.dtype == torch.bool and int(mask.sum()) == m and torch.equal(mask, want), density
+
+
+def test_like_mergekit_chunked_equals_whole_and_names_nonfinite(llama_dirs, monkeypatch, tmp_path):
+    """The mergekit preset's arithmetic over chunks of a tensor (97 elements) and its threaded TIES masks give the
+    whole-tensor result; a NaN in an input is an error naming the file (or the pretrained one) and the key."""
+    pre, fts = _paths(llama_dirs)
+    kws = [("task_arithmetic", {"weights": [0.5, 0.3, 0.2], "normalize": True}), ("ties", {"ties_k": 0.3}),
+           ("dare", {"dare_p": 0.4, "seed": 1})]
+    whole = [stream.merge_checkpoints(pre, fts, m, like="mergekit", **kw) for m, kw in kws]
+    monkeypatch.setattr(stream, "CHUNK", 97)
+    for (m, kw), w in zip(kws, whole):
+        got = stream.merge_checkpoints(pre, fts, m, like="mergekit", **kw)
+        assert all(torch.equal(got[k], w[k]) for k in w), m
+    key = "model.layers.1.mlp.up_proj.weight"
+    for i, name in ((0, "pretrained"), (2, "ft2")):
+        src = pre if i == 0 else fts[1]
+        sd = load_state_dict(src)
+        sd = {k: sd[k].clone() for k in sd}
+        sd[key][1, 2] = float("nan")
+        bad = tmp_path / name / "model.safetensors"
+        bad.parent.mkdir()
+        af.io.save_safetensors(sd, bad)
+        args = (bad, fts) if i == 0 else (pre, [fts[0], bad, fts[2]])
+        for m in ("task_arithmetic", "ties", "dare"):
+            with pytest.raises(CheckpointError, match=f"{bad}: key '{key}'.*NaN"):
+                stream.merge_checkpoints(*args, m, like="mergekit")
+
 # ------------------------------------------------------------------------------ rounding, LoRA adapter sources
 def _tie_inputs(dt, n=1 << 12, seed=1):
     """fp32 pretrained / fine-tuned tensors whose differences over many binades include ones that a float32

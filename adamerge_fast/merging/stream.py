@@ -382,47 +382,77 @@ def merge_tensor(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts
     return out.reshape(base.shape)
 
 
-def merge_tensor_mergekit(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
-                          plan: TiesPlan | None = None, gen: torch.Generator | None = None,
-                          backend=None, names: Sequence[str] | None = None) -> torch.Tensor:
-    """One tensor merged with mergekit 0.1.5's semantics and float32 order of operations (``dtype: float32``):
-    the fine-tuned deltas (sparsified per tensor: magnitude for TIES, seeded random for DARE), times their
-    weights, sign consensus (TIES), summed, divided by the (masked) weight sum with ``normalize``, times
-    ``lambda``, added to the base, rounded once to ``base.dtype``."""
-    dt = torch.float32
-    b = base.to(dt)
-    K = len(fts)
-    deltas = b.new_empty((K, *b.shape))
-    keep = torch.rand((K, *b.shape), generator=gen) >= opts.dare_p if opts.method == "dare" else None
-    check_finite(b, f"{names[0] if names else 'the pretrained checkpoint'}: key {key!r}",
-                 error=NonFiniteCheckpointError)
-    for i in range(K):
-        d = fts[i].to(dt) - b
-        if not _all_finite(d):
-            check_finite(fts[i], f"{names[i + 1] if names else f'fine-tuned checkpoint {i}'}: key {key!r}",
-                         error=NonFiniteCheckpointError)
-            check_finite(d, f"task vector {i}: key {key!r}", error=NonFiniteCheckpointError)
-        if opts.method == "ties" and opts.ties_k < 1.0:
-            m = max(1, int(opts.ties_k * d.numel()))
-            mask = torch.zeros(d.numel(), dtype=dt)
-            mask[torch.argsort(d.abs().reshape(-1).float(), descending=True)[:m]] = 1
-            d = d * mask.reshape_as(d)
-        elif keep is not None:
-            masked = d * keep[i].to(dt)
-            if opts.dare_rescale == "l1":
-                before, after = d.abs().sum(), masked.abs().sum()
-                if not (before < 1e-7 or after < 1e-7):
-                    masked = masked * (before / after)
-            elif opts.dare_rescale == "inverse":
-                masked = masked / (1.0 - opts.dare_p)
-            d = masked
-        deltas[i] = d
-    w = torch.tensor(list(opts.weights) if opts.weights is not None else [1.0] * K, dtype=dt)
-    w = w.reshape(K, *([1] * b.dim()))
+SORT_THREADS = 2  # tasks whose magnitudes are sorted side by side (torch's CPU sort of one row is single-threaded)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """An operand whose arithmetic with float32 tensors equals that of ``t.float()``: ``t`` itself when it widens
+    to float32 exactly (bf16, fp16, fp32), else ``t.float()`` (a float64 operand would make the arithmetic
+    float64)."""
+    return t if t.dtype in (torch.bfloat16, torch.float16, torch.float32) else t.to(torch.float32)
+
+
+def _explain_nonfinite(key: str, b: torch.Tensor, rows: Sequence[torch.Tensor], names: Sequence[str] | None) -> None:
+    """Raise :class:`~adamerge_fast.io.NonFiniteCheckpointError` naming the first input of one tensor that is not
+    finite (the pretrained ``b``, then each fine-tuned row), or the first task vector whose float32 difference
+    overflows; return when every one is finite."""
+    _check_base(b, key, names)
+    for i, f in enumerate(rows):
+        check_finite(f, _source(names, i, key), error=NonFiniteCheckpointError)
+        check_finite(f.to(torch.float32, copy=True).sub_(_f32(b)), f"task vector {i}: key {key!r}",
+                     error=NonFiniteCheckpointError)
+
+
+def _magnitude_mask(f: torch.Tensor, b: torch.Tensor, m: int) -> torch.Tensor | None:
+    """mergekit's ``magnitude`` sparsification of one flat task vector ``f - b`` (in float32) as a boolean mask:
+    the first ``m`` positions of ``torch.argsort(|f - b|, descending=True)`` (so ties in magnitude at the threshold
+    fall as that unstable sort orders them); ``None`` when ``f - b`` is not finite. Where the ``m`` largest
+    magnitudes are all larger than the rest (no tie at the threshold, e.g. float32 checkpoints), a selection
+    (``kthvalue``) gives the same set without the sort."""
+    n = f.numel()
+    a = f.to(torch.float32, copy=True).sub_(_f32(b)).abs_()
+    if not _all_finite(a):
+        return None
+    if f.dtype not in (torch.bfloat16, torch.float16) and n:
+        v = a.kthvalue(n - m + 1).values
+        keep = a >= v
+        if int(keep.sum()) == m:
+            return keep
+        del keep
+    idx = torch.empty(n, dtype=torch.long)
+    torch.sort(a, descending=True, out=(a, idx))  # argsort's order; sorting in place saves a copy of the values
+    del a
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[idx[:m]] = True
+    return mask
+
+
+def _magnitude_masks(key: str, b: torch.Tensor, rows: Sequence[torch.Tensor], density: float,
+                     names: Sequence[str] | None) -> list[torch.Tensor]:
+    """:func:`_magnitude_mask` of every task's flat row (``max(1, int(density * n))`` entries each), up to
+    :data:`SORT_THREADS` tasks at a time (each holds 12 bytes per element while it sorts)."""
+    m = max(1, int(density * b.numel()))
+    if len(rows) > 1 and SORT_THREADS > 1 and b.numel() >= CHUNK:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(min(len(rows), SORT_THREADS)) as ex:
+            masks = list(ex.map(lambda f: _magnitude_mask(f, b, m), rows))
+    else:
+        masks = [_magnitude_mask(f, b, m) for f in rows]
+    if any(mask is None for mask in masks):
+        _explain_nonfinite(key, b, rows, names)
+    return masks
+
+
+def _mergekit_mix(deltas: torch.Tensor, w: torch.Tensor, b: torch.Tensor, opts: MergeOptions) -> torch.Tensor:
+    """mergekit 0.1.5's combination of sparsified float32 deltas ``[K, c]`` (overwritten) with weights ``w``
+    (``[K, 1]``) onto the float32 base ``b`` (``[c]``), its operations in its order: weighted deltas, TIES's sign
+    consensus (+1 where the sum is >= 0), sum over tasks, ``normalize`` by the (masked) weight sum, ``lambda``
+    (``opts.scale``). Elementwise, so chunks of the elements give the whole tensor's values."""
     deltas.mul_(w)
     if opts.uses_ties:
-        majority = (deltas.sum(dim=0) >= 0).to(dt) * 2 - 1
-        mask = deltas.sign().to(dt) == majority
+        majority = (deltas.sum(dim=0) >= 0).to(torch.float32) * 2 - 1
+        mask = deltas.sign() == majority
         mixed = (deltas * mask).sum(dim=0)
         divisor = (w * mask).sum(dim=0)
         divisor[divisor == 0] = 1
@@ -436,7 +466,66 @@ def merge_tensor_mergekit(key: str, base: torch.Tensor, fts: Sequence[torch.Tens
         mixed /= divisor
     if opts.scale != 1:
         mixed *= opts.scale
-    return (b + mixed).to(base.dtype)
+    return mixed.add_(b)
+
+
+def _mergekit_dare_deltas(b: torch.Tensor, rows: Sequence[torch.Tensor], opts: MergeOptions,
+                          gen: torch.Generator | None) -> torch.Tensor:
+    """mergekit's DARE sparsification of whole flat rows (one ``[K, n]`` draw of the masks from ``gen``; the
+    rescaling uses the whole task vector's L1 norm): the float32 deltas ``[K, n]``."""
+    keep = torch.rand((len(rows), b.numel()), generator=gen) >= opts.dare_p
+    deltas = torch.empty((len(rows), b.numel()), dtype=torch.float32)
+    for i, f in enumerate(rows):
+        d = f.to(torch.float32, copy=True).sub_(b)
+        masked = d * keep[i].to(torch.float32)
+        if opts.dare_rescale == "l1":
+            before, after = d.abs().sum(), masked.abs().sum()
+            if not (before < 1e-7 or after < 1e-7):
+                masked = masked * (before / after)
+        elif opts.dare_rescale == "inverse":
+            masked = masked / (1.0 - opts.dare_p)
+        deltas[i] = masked
+    return deltas
+
+
+def merge_tensor_mergekit(key: str, base: torch.Tensor, fts: Sequence[torch.Tensor], opts: MergeOptions,
+                          plan: TiesPlan | None = None, gen: torch.Generator | None = None,
+                          backend=None, names: Sequence[str] | None = None) -> torch.Tensor:
+    """One tensor merged with mergekit 0.1.5's semantics and float32 order of operations (``dtype: float32``):
+    the fine-tuned deltas (sparsified per tensor: magnitude for TIES, seeded random for DARE), times their
+    weights, sign consensus (TIES), summed, divided by the (masked) weight sum with ``normalize``, times
+    ``lambda``, added to the base, rounded once to ``base.dtype``.
+
+    Each fine-tuned tensor is read once. TIES's magnitude masks need a whole task vector each
+    (:func:`_magnitude_masks`); the arithmetic is elementwise and runs over :data:`CHUNK` elements at a time
+    (DARE: the whole tensor, its masks being one draw), so the values equal mergekit's whole-tensor ones."""
+    K = len(fts)
+    b = base.reshape(-1)
+    n = b.numel()
+    rows = [fts[i].reshape(-1) for i in range(K)]
+    w = torch.tensor(list(opts.weights) if opts.weights is not None else [1.0] * K, dtype=torch.float32)
+    w = w.reshape(K, 1)
+    masks = None
+    if opts.method == "ties" and opts.ties_k < 1.0:
+        masks = _magnitude_masks(key, b, rows, opts.ties_k, names)
+    out = torch.empty_like(b)
+    step = max(n, 1) if opts.method == "dare" else CHUNK
+    for a in range(0, max(n, 1), step):
+        sl = slice(a, min(n, a + step))
+        b32 = b[sl].to(torch.float32)
+        if opts.method == "dare":
+            deltas = _mergekit_dare_deltas(b32, [f[sl] for f in rows], opts, gen)
+        else:
+            deltas = torch.empty((K, b32.numel()), dtype=torch.float32)
+            for i, f in enumerate(rows):
+                torch.sub(_f32(f[sl]), b32, out=deltas[i])  # f.float() - b32
+                if masks is not None:
+                    deltas[i].mul_(masks[i][sl])
+        out[sl] = _mergekit_mix(deltas, w, b32, opts)
+        del deltas, b32
+    if not _all_finite(out):
+        _explain_nonfinite(key, b, rows, names)
+    return out.reshape(base.shape)
 
 
 # --------------------------------------------------------------------------------------------- the merge
