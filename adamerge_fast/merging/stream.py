@@ -17,7 +17,10 @@ passes before the merge pass (plus one for the majority sign of ``sign_tie="majo
 ``like="mergekit"`` reproduces mergekit 0.1.5 (configured with ``dtype: float32``): its task arithmetic, TIES
 and DARE-TIES semantics (weights, ``normalize``, ``lambda``, per-tensor magnitude trimming to exactly
 ``max(1, int(density*n))`` entries, the +1 sign for zero sums, DARE's L1-norm rescaling) and its float32
-order of operations, so that outputs equal mergekit's element by element (DARE's random masks excepted).
+order of operations, so that outputs equal mergekit's element by element (DARE's random masks excepted). Which of
+the entries tied in magnitude at TIES's threshold are kept is what ``torch.argsort(descending=True)`` (an unstable
+sort) puts first, as in mergekit: the same torch build on the same CPU kind gives the same order (torch's x86 CPU
+sort is vectorized per instruction set, AVX2 or AVX-512), so equality with a mergekit run holds on such a machine.
 """
 
 from __future__ import annotations
@@ -195,7 +198,8 @@ def _difference_(out: torch.Tensor, ft: torch.Tensor, base: torch.Tensor | None,
     return out.copy_(rounded_difference_(torch.empty(out.shape, dtype=low), ft, base, what, source))
 
 
-CHUNK = 1 << 22  # elements per chunk of the task vectors of one tensor (methods that work element by element)
+CHUNK = 1 << 18  # elements per chunk of the task vectors of one tensor (methods that work element by element):
+# small enough that the elementwise passes over a chunk's float32/float64 temporaries stay in cache
 
 
 def _all_finite(t: torch.Tensor) -> bool:
