@@ -19,8 +19,8 @@ and DARE-TIES semantics (weights, ``normalize``, ``lambda``, per-tensor magnitud
 ``max(1, int(density*n))`` entries, the +1 sign for zero sums, DARE's L1-norm rescaling) and its float32
 order of operations, so that outputs equal mergekit's element by element (DARE's random masks excepted). Which of
 the entries tied in magnitude at TIES's threshold are kept is what ``torch.argsort(descending=True)`` (an unstable
-sort) puts first, as in mergekit: the same torch build on the same CPU kind gives the same order (torch's x86 CPU
-sort is vectorized per instruction set, AVX2 or AVX-512), so equality with a mergekit run holds on such a machine.
+sort) puts first, as in mergekit, so equality with a mergekit run holds where both use the same torch build (torch
+2.13.0+cpu gave the same tie order with ``ATEN_CPU_CAPABILITY`` default, avx2 and avx512).
 """
 
 from __future__ import annotations
