@@ -7,11 +7,15 @@
 #include <cstring>
 #include <type_traits>
 
+#include <immintrin.h>
+
 #pragma GCC push_options
 #pragma GCC target("avx2")
 #define AMF_ISA avx2
+#define AMF_Q_AVX2 1
 #include "merge_kernels.inc"
 #include "qmerge_kernels.inc"
+#undef AMF_Q_AVX2
 #undef AMF_ISA
 #pragma GCC pop_options
 #endif
