@@ -503,21 +503,29 @@ import adamerge_fast._C  # noqa: F401
 ops = torch.ops.adamerge_fast
 inp = torch.load(sys.argv[1])
 res = {"isa": ops.k_cpu_isa(), "merge": [ops.k_merge_q(b, *p, c, bits, gs) for b, p, c, bits, gs in inp],
-       "dcoef": [ops.k_dcoef_q(b.float(), *p, bits, gs) for b, p, c, bits, gs in inp]}
+       "dcoef": [ops.k_dcoef_q(b.float().nan_to_num(0, 0, 0).clamp(-1e3, 1e3), *p, bits, gs)
+                 for b, p, c, bits, gs in inp]}
 torch.save(res, sys.argv[2])
 """
 
 
 @pytest.mark.ext
 def test_cpu_isa_copies_agree(tmp_path):
-    """The quantized loops are compiled twice too (baseline, AVX2): merges bitwise equal, dots to rounding."""
+    """The quantized loops are compiled twice too (baseline, AVX2): merges bitwise equal (bf16 rounding, NaN, +-inf
+    and overflow of the last two cases included: the AVX2 loops round bf16 with integer SIMD), dots to rounding."""
     if not HAVE_EXT:
         pytest.skip("adamerge_fast._C is not built")
     inp = []
     for i, (bd, fmt, K, shape) in enumerate([(F32, "int8", 8, (7, 1001)), (BF16, "int4", 3, (5, 257)),
-                                             (F16, "int4", 11, (3, 129)), (F32, "int8", 11, (2, 33))]):
+                                             (F16, "int4", 11, (3, 129)), (F32, "int8", 11, (2, 33)),
+                                             (BF16, "int8", 8, (3, 300)), (BF16, "int4", 8, (3, 300))]):
         qt = _qt(K, shape, fmt, i)
-        inp.append((_rand(shape, bd, "cpu"), qt.components(), torch.rand(K), qt.bits, qt.group_size))
+        base, coef = _rand(shape, bd, "cpu"), torch.rand(K)
+        if i >= 4:  # specials, values that round up to inf in bf16, and huge coefficients
+            flat = base.view(-1)
+            flat[::7], flat[1::11], flat[2::13], flat[3::5] = float("nan"), float("inf"), -float("inf"), 3.3895e38
+            coef = coef * 1e38
+        inp.append((base, qt.components(), coef, qt.bits, qt.group_size))
     torch.save(inp, tmp_path / "in.pt")
     runs = {}
     for isa in ("base", "auto"):
@@ -531,7 +539,8 @@ def test_cpu_isa_copies_agree(tmp_path):
         runs[isa] = torch.load(tmp_path / f"{isa}.pt")
     assert runs["base"]["isa"] == "base"
     for a, b in zip(runs["base"]["merge"], runs["auto"]["merge"], strict=True):
-        assert torch.equal(a, b)
+        assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32), b.view(
+            torch.int16 if b.element_size() == 2 else torch.int32))
     for a, b in zip(runs["base"]["dcoef"], runs["auto"]["dcoef"], strict=True):
         assert_close(a, b.double(), F32, "dcoef isa")
 

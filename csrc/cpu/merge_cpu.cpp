@@ -45,7 +45,7 @@ Isa detect_isa() {
   if (env != nullptr && std::string(env) == "base") return Isa::base;
 #if AMF_CPU_AVX2
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2")) return Isa::avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::avx2;
 #endif
   return Isa::base;
 }

@@ -65,7 +65,7 @@ using MergeDotFn = void (*)(const MergeItem&, const float*, int64_t, int64_t, do
 struct QItem;
 // merge: out[r][c] = base[r][c] + sum_k cf[k] * deq_k[r][c] over rows [r0, r1), columns [c0, c1) (c0 even)
 using QMergeFn = void (*)(const QItem&, int64_t r0, int64_t r1, int64_t c0, int64_t c1);
-// dot: part[k] = sum over the same range of g[r][c] * deq_k[r][c], k < K (the item's K <= 8; int4: <= 4)
+// dot: part[k] = sum over the same range of g[r][c] * deq_k[r][c], k < K (K <= 8; generic int4 loop: <= 4)
 using QDotFn = void (*)(const QItem&, int64_t r0, int64_t r1, int64_t c0, int64_t c1, double* part);
 
 struct QItem {

@@ -30,8 +30,6 @@ namespace {
 constexpr int64_t QSEG = 1 << 15;  // elements per work unit (even: int4 pieces start on a byte)
 constexpr int QMAXK = 8;           // partial-sum slots per work unit: the most tasks of one dot kernel call
 
-// Tasks per dot kernel call (larger K: groups of this many): 8 for int8, 4 for int4 (qmerge_kernels.inc).
-int dot_tasks(int bits) { return bits == 8 ? 8 : 4; }
 
 QMergeFn pick_qmerge_isa(at::ScalarType b, int bits, int64_t K) {
 #if AMF_CPU_AVX2
@@ -53,6 +51,10 @@ QDotFn pick_qmerge_dot_isa(at::ScalarType b, int bits, int64_t K) {
 #endif
   return base::pick_qmerge_dot(b, bits, K);
 }
+
+// Tasks per dot kernel call (larger K: groups of this many): 8 where the loops of this ISA take eight tasks for
+// these dtypes, else 4 (the generic int4 loop; qmerge_kernels.inc).
+int dot_tasks(at::ScalarType g, int bits) { return pick_qdot_isa(g, bits, QMAXK) != nullptr ? QMAXK : 4; }
 
 // ----------------------------------------------------------------------------------------------- work
 struct QWork {
@@ -271,7 +273,7 @@ void dot_items(const QStack& st, const at::Tensor& g, int64_t row, std::vector<Q
                std::vector<std::pair<int64_t, int>>& dest) {
   QItem it = qitem(st, g);
   it.bytes_per_elem = static_cast<int>(g.element_size() + (st.K * (st.bits == 8 ? 2 : 1) + 1) / 2);
-  const int step = dot_tasks(st.bits);
+  const int step = dot_tasks(g.scalar_type(), st.bits);
   for (int k0 = 0; k0 < st.K; k0 += step) {
     const int n = static_cast<int>(std::min<int64_t>(step, st.K - k0));
     QItem t = task_group(it, k0, n);
