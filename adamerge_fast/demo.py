@@ -383,7 +383,9 @@ def _static_rows(cfg: DemoConfig, pre: nn.Module, fts, heads, data: DigitsTasks)
 
 
 def _test_loaders(cfg: DemoConfig, data: DigitsTasks) -> dict:
-    """Per task, the shuffled (seeded) batches of unlabeled test inputs that AdaMerging sees."""
+    """Per task, the shuffled (seeded) batches of unlabeled test inputs that AdaMerging sees. Each AdaMerging run
+    takes fresh loaders: a loader's generator advances with every pass, so shared loaders would hand each later run
+    another batch order."""
     loaders = {}
     for t in cfg.tasks:
         g = torch.Generator().manual_seed(cfg.seed)
@@ -411,7 +413,6 @@ def evaluate_methods(cfg: DemoConfig, *, cache_dir: Path | None = None, backend:
     rows += _static_rows(cfg, pre, fts, heads, data)
     timings["static merges"] = round(time.perf_counter() - t0, 2)
 
-    test_loaders = _test_loaders(cfg, data)
     layerwise = None
     for label, gran, ties in (("Task-wise AdaMerging", "task", None), ("Layer-wise AdaMerging", "layer", None),
                               ("Layer-wise AdaMerging++", "layer", {"k": cfg.ties_k})):
@@ -419,7 +420,7 @@ def evaluate_methods(cfg: DemoConfig, *, cache_dir: Path | None = None, backend:
         torch.manual_seed(cfg.seed)
         merged = AdaMergedModel(pre, [fts[t] for t in tasks], granularity=gran, init=cfg.init, ties=ties,
                                 backend=backend, task_names=tasks)
-        hist = adamerge(merged, heads, test_loaders, steps=cfg.steps, lr=cfg.lr, progress=progress)
+        hist = adamerge(merged, heads, _test_loaders(cfg, data), steps=cfg.steps, lr=cfg.lr, progress=progress)
         rows.append(Row(label, _evaluate(_with_state(pre, merged.merged_state_dict()), heads, data, tasks)[0]))
         timings[label] = round(time.perf_counter() - t0, 2)
         log(f"{label}: {cfg.steps} steps in {timings[label]:.1f}s")
@@ -543,7 +544,6 @@ def evaluate_compact(cfg: DemoConfig, rows: list[CompactRow] | None = None, *, c
     tasks = list(cfg.tasks)
     data = DigitsTasks(cfg)
     pre, fts, heads, _ = create_models(cfg, data, cache_dir, log)
-    loaders = _test_loaders(cfg, data)
     out, nbytes, timings = [], {}, {}
     for row in rows:
         t0 = time.perf_counter()
@@ -552,7 +552,7 @@ def evaluate_compact(cfg: DemoConfig, rows: list[CompactRow] | None = None, *, c
         if "task_vectors" in kw:
             kw.pop("finetuned")
         merged = AdaMergedModel(pre, granularity="layer", init=cfg.init, backend=backend, task_names=tasks, **kw)
-        adamerge(merged, heads, loaders, steps=cfg.steps, lr=cfg.lr, progress=progress)
+        adamerge(merged, heads, _test_loaders(cfg, data), steps=cfg.steps, lr=cfg.lr, progress=progress)
         out.append(Row(f"Layer-wise AdaMerging, {row.label}",
                        _evaluate(_with_state(pre, merged.merged_state_dict()), heads, data, tasks)[0]))
         nbytes[out[-1].name] = merged.task_vector_bytes()

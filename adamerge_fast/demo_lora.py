@@ -129,7 +129,6 @@ def evaluate_lora(cfg: DemoConfig, rank: int = 8, *, cache_dir: Path | None = No
     adapters = lora_finetune(cfg, rank, data, pre, heads, cache_dir, log)
     loras = {t: _materialized(pre, adapters[t]) for t in tasks}
     base = dict(pre.named_parameters())
-    loaders = _test_loaders(cfg, data)
     rows, nbytes, timings = [], {}, {}
     for kind, models, sources in (("full fine-tunes", fts, [fts[t] for t in tasks]),
                                   (f"LoRA r={rank}", loras, [adapters[t] for t in tasks])):  # fmt: skip
@@ -140,7 +139,7 @@ def evaluate_lora(cfg: DemoConfig, rank: int = 8, *, cache_dir: Path | None = No
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed)
         merged = AdaMergedModel(pre, sources, granularity="layer", init=cfg.init, backend=backend, task_names=tasks)
-        adamerge(merged, heads, loaders, steps=cfg.steps, lr=cfg.lr, progress=progress)
+        adamerge(merged, heads, _test_loaders(cfg, data), steps=cfg.steps, lr=cfg.lr, progress=progress)
         name = f"Layer-wise AdaMerging, {kind}"
         rows.append(Row(name, _evaluate(_with_state(pre, merged.merged_state_dict()), heads, data, tasks)[0]))
         timings[name] = round(time.perf_counter() - t0, 2)

@@ -326,3 +326,26 @@ def test_demo_compact_quick(tmp_path, capsys):
         assert set(r["acc"]) == set(res["tasks"]) and r["name"] in printed
         assert r["delta_avg"] == pytest.approx(r["avg"] - rows[0]["avg"])
     assert "| Layer-wise AdaMerging, int8" in (out / "demo_compact.md").read_text()
+
+
+@pytest.mark.slow
+def test_demo_compact_rows_see_the_same_batches(tmp_path, monkeypatch):
+    """Every row of ``demo --compact`` runs AdaMerging on fresh loaders with the same seed, so rows differ only in
+    the storage (loaders shared across rows handed the second row another batch order)."""
+    import dataclasses
+
+    import adamerge_fast.optim as optim
+    from adamerge_fast.demo import QUICK, CompactRow, evaluate_compact
+
+    seen, real = [], optim.adamerge
+
+    def spy(model, heads, loaders, **kw):
+        seen.append([next(iter(loaders[t])).clone() for t in loaders])  # each task's first batch
+        return real(model, heads, loaders, **kw)
+
+    monkeypatch.setattr(optim, "adamerge", spy)
+    cfg = dataclasses.replace(QUICK, steps=2)
+    same = CompactRow("fp32", lambda pre, fts: {"task_vector_dtype": None})
+    res = evaluate_compact(cfg, [same, same], cache_dir=tmp_path / "cache", progress=False, log=lambda s: None)
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(*seen, strict=True))
+    assert res.rows[0].acc == res.rows[1].acc
