@@ -78,6 +78,18 @@ inline void check_out(const char* op, const std::string& name, const at::Tensor&
   TORCH_CHECK(out.is_contiguous(), op, ": ", name, " must be contiguous (the kernel writes it densely)");
 }
 
+// The output of a single-tensor op: the caller's ``out`` (checked against ``like``) when given and defined, else a
+// fresh contiguous tensor like ``like``; ``fresh`` tells which (a fresh output's pages are not yet touched).
+inline at::Tensor out_or_new(const char* op, const std::optional<at::Tensor>& out, const at::Tensor& like,
+                             bool& fresh) {
+  fresh = !(out.has_value() && out->defined());
+  if (!fresh) {
+    check_out(op, "out", *out, like);
+    return *out;
+  }
+  return at::empty(like.sizes(), like.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 inline std::string idx(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
 
 // The list-level arguments of merge_many: n bases, n task-vector stacks, coefs [n, K], outs (if given) n tensors.

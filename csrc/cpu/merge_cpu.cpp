@@ -196,14 +196,8 @@ at::Tensor k_merge_cpu(const at::Tensor& base, const at::Tensor& deltas, const a
   check_cpu_float(op, "coef", coef);
   const int64_t K = check_stack(op, "deltas", deltas, "base", base);
   check_coef(op, "coef", coef, K);
-  at::Tensor o;
-  const bool fresh = !(out.has_value() && out->defined());
-  if (!fresh) {
-    check_out(op, "out", *out, base);
-    o = *out;
-  } else {
-    o = at::empty(base.sizes(), base.options().memory_format(at::MemoryFormat::Contiguous));
-  }
+  bool fresh = false;
+  const at::Tensor o = out_or_new(op, out, base, fresh);
   if (base.numel() == 0) return o;
   const at::Tensor b = base.contiguous();
   const Stack d = as_stack(deltas);

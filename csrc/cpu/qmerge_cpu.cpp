@@ -247,14 +247,8 @@ at::Tensor k_merge_q_cpu(const at::Tensor& base, const at::Tensor& qdata, const 
   check_device_type(op, "coef", coef, at::kCPU);
   const QStack st = check_qstack(op, "", base, qdata, scales, zeros, bits, group_size);
   check_coef(op, "coef", coef, st.K);
-  at::Tensor o;
-  const bool fresh = !(out.has_value() && out->defined());
-  if (!fresh) {
-    check_out(op, "out", *out, base);
-    o = *out;
-  } else {
-    o = at::empty(base.sizes(), base.options().memory_format(at::MemoryFormat::Contiguous));
-  }
+  bool fresh = false;
+  const at::Tensor o = out_or_new(op, out, base, fresh);
   if (base.numel() == 0) return o;
   const at::Tensor b = base.contiguous();
   const at::Tensor cf = coef.to(at::kFloat).contiguous();
