@@ -2,12 +2,14 @@
 
 :func:`env_info` is what goes into each result file: date, device, versions (python, torch, CUDA, Triton,
 adamerge_fast), CPU model and threads, platform, git revision, load average and the status of every registered
-backend. :func:`measured_backends` names the backends a benchmark times on a device.
+backend. :func:`measured_backends` names the backends a benchmark times on a device. :func:`write_results` writes a
+run's JSON and markdown pair.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import subprocess
@@ -17,6 +19,7 @@ import torch
 
 import adamerge_fast
 from adamerge_fast import ops
+from adamerge_fast.io import write_text_atomic
 
 ROOT = Path(__file__).resolve().parent.parent  # the checkout: benchmarks/ and adamerge_fast/ side by side
 
@@ -110,3 +113,14 @@ def measured_backends(device: torch.device) -> list[str]:
     """The registered backends (registration order) that are timed on ``device``."""
     status = ops.backend_status(device)
     return [b for b in ops.BACKEND_NAMES if skip_reason(b, device, status) is None]
+
+
+def write_results(out: str | os.PathLike, data: dict, markdown: str, *, indent: int = 1) -> tuple[Path, Path]:
+    """Write ``out.json`` (``data``; values JSON cannot hold as their ``str``) and ``out.md`` (``markdown``), each
+    atomically, creating the folder; returns both paths."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    js, md = out.with_suffix(".json"), out.with_suffix(".md")
+    write_text_atomic(js, json.dumps(data, indent=indent, default=str) + "\n")
+    write_text_atomic(md, markdown if markdown.endswith("\n") else markdown + "\n")
+    return js, md

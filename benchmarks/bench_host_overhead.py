@@ -17,7 +17,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
@@ -25,10 +24,9 @@ from pathlib import Path
 import torch
 
 import adamerge_fast.ops as amf
-from adamerge_fast.io import write_text_atomic
 from adamerge_fast.ops import _library
 
-from ._env import env_info, loadavg
+from ._env import env_info, loadavg, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -109,9 +107,6 @@ def main(argv=None):
         "env": env,
         "results": res,
     }
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
     lines = [
         "# Host time per op call: eager fast path vs custom op",
         "",
@@ -126,8 +121,8 @@ def main(argv=None):
         m = r["us_per_call_fwd_bwd"]
         lines.append(f"| {name} | {m['fast path (autograd.Function)']:.1f} | {m['custom op']:.1f} | "
                      f"{r['saved_us']:.1f} |")
-    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    js, md = write_results(args.out, data, "\n".join(lines))
+    print(f"wrote {js} and {md}")
 
 
 if __name__ == "__main__":

@@ -38,10 +38,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adamerge_fast.io import write_text_atomic
 from adamerge_fast.merging import AdaMergedModel
 
-from ._env import ROOT, env_info, loadavg
+from ._env import ROOT, env_info, loadavg, write_results
 from .adamerging_step.protocol import (
     MMAP_THRESHOLD,
     RESULT_TAG,
@@ -286,11 +285,8 @@ def main(argv=None) -> int:
     }  # fmt: skip
     res["census"] = census
     res["loadavg_end"] = loadavg()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out.with_suffix(".json"), json.dumps(res, indent=1) + "\n")
     md = render(res)
-    write_text_atomic(out.with_suffix(".md"), md)
+    write_results(args.out, res, md)
     print(md)
     return 0
 

@@ -303,12 +303,9 @@ def _machine() -> str:
 
 
 def _write(name: str, rows: list[dict], md: str, extra: dict | None = None) -> None:
-    from adamerge_fast.io import write_text_atomic
+    from benchmarks._env import write_results
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(RESULTS / f"memory_{name}.json", json.dumps({"env": _env(), "rows": rows, **(extra or {})},
-                                                                  indent=1, default=str) + "\n")
-    write_text_atomic(RESULTS / f"memory_{name}.md", md)
+    write_results(RESULTS / f"memory_{name}", {"env": _env(), "rows": rows, **(extra or {})}, md)
     print(md)
 
 

@@ -49,9 +49,9 @@ from pathlib import Path
 import torch
 
 from adamerge_fast.export import CheckpointWriter
-from adamerge_fast.io import load_state_dict, streaming, write_text_atomic
+from adamerge_fast.io import load_state_dict, streaming
 
-from ._env import ROOT, env_info, loadavg
+from ._env import ROOT, env_info, loadavg, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MERGEKIT_PYTHON = ROOT / ".venv-mergekit" / "bin" / "python"
@@ -321,9 +321,9 @@ def main(argv=None) -> int:
         done = {s["size"] for s in res["sizes"]}
         res["earlier"] = [{k: old[k] for k in ("command", "env", "loadavg_end") if k in old}] + old.get("earlier", [])
         res["sizes"] = [s for s in old["sizes"] if s["size"] not in done] + res["sizes"]
-    write_text_atomic(out.with_suffix(".json"), json.dumps(res, indent=2) + "\n")
-    write_text_atomic(out.with_suffix(".md"), report(res))
-    print(report(res))
+    md = report(res)
+    write_results(out, res, md, indent=2)
+    print(md)
     return 0
 
 

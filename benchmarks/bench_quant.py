@@ -34,11 +34,10 @@ from pathlib import Path
 
 import torch
 
-from adamerge_fast.io import write_text_atomic
 from adamerge_fast.merging.quantized import nbytes
 from adamerge_fast.ops.quant import quantize
 
-from ._env import ROOT, env_info, loadavg
+from ._env import ROOT, env_info, loadavg, write_results
 from .adamerging_step.protocol import (
     RESULT_TAG,
     _proc_status_kb,
@@ -243,11 +242,8 @@ def main(argv=None) -> int:
             print(json.dumps({k: v for k, v in res["memory"][s].items() if k != "step_times"}), flush=True)
     res["loadavg_end"] = loadavg()
     res["goals"] = goals(res)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out.with_suffix(".json"), json.dumps(res, indent=1, default=str) + "\n")
     md = render(res)
-    write_text_atomic(out.with_suffix(".md"), md)
+    write_results(args.out, res, md)
     print(md)
     return 0
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import tempfile
 import time
@@ -32,9 +31,8 @@ from torch import nn
 
 import adamerge_fast as af
 from adamerge_fast.data import ImageTransform, load_task_data
-from adamerge_fast.io import write_text_atomic
 
-from ._env import env_info, loadavg
+from ._env import env_info, loadavg, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ("a", "b")
@@ -132,9 +130,6 @@ def main(argv=None):
     cmd = "python -m benchmarks.bench_resume_startup" + (" " + " ".join(argv) if argv else "")
     data = {"date": env["date"], "command": cmd, "machine": f"{env['cpu_model']}, {env['nproc']} logical CPUs",
             "options": vars(args), "env": env, "results": res}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(out.with_suffix(".json"), json.dumps(data, indent=1) + "\n")
     m = res["median_s"]
     lines = [
         "# Start-up of a resumed image-folder run: skipping vs decoding the fast-forwarded batches",
@@ -153,9 +148,9 @@ def main(argv=None):
         f"{res['decode_over_fresh']:.1f}x; the two resumed runs give the same coefficients: "
         f"{res['same_coefficients']}.",
     ]
-    write_text_atomic(out.with_suffix(".md"), "\n".join(lines) + "\n")
+    js, md = write_results(args.out, data, "\n".join(lines))
     print("\n".join(lines[-6:]))
-    print(f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    print(f"wrote {js} and {md}")
 
 
 if __name__ == "__main__":
